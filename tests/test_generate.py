@@ -1,0 +1,252 @@
+"""Batched KV-cache generation (mogu_jax.generate) and prompt templates (mogu_jax.templates)."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from mogu_jax import generate as G  # noqa: E402
+from mogu_jax import model as M  # noqa: E402
+from mogu_jax import templates as T  # noqa: E402
+from mogu_jax.config import ModelConfig  # noqa: E402
+from mogu_jax.errors import MoguError  # noqa: E402
+
+VOCAB = 128
+PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 7, 120], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [33]]
+
+
+def params_from_hf(hf_model, cfg: ModelConfig) -> dict:
+    """Our params pytree from a transformers Llama state dict (kernels [in, out], layers stacked on axis 0)."""
+    sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+
+    def stack(fmt, transpose=True):
+        return np.stack([sd[fmt.format(i)].T if transpose else sd[fmt.format(i)] for i in range(cfg.num_layers)])
+
+    return {
+        "embedding": sd["model.embed_tokens.weight"],
+        "final_norm": {"scale": sd["model.norm.weight"]},
+        "lm_head": {"kernel": sd["lm_head.weight"].T},
+        "layers": {
+            "attn": {f"{n}_proj": {"kernel": stack("model.layers.{}.self_attn.%s_proj.weight" % n)}
+                     for n in ("q", "k", "v", "o")},
+            "input_norm": {"scale": stack("model.layers.{}.input_layernorm.weight", False)},
+            "post_attn_norm": {"scale": stack("model.layers.{}.post_attention_layernorm.weight", False)},
+            "mlp": {f"{n}_proj": {"kernel": stack("model.layers.{}.mlp.%s_proj.weight" % n)}
+                    for n in ("gate", "up", "down")},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random GQA Llama in transformers (the reference) and the same weights as our params."""
+    torch.manual_seed(0)
+    hcfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf = transformers.LlamaForCausalLM(hcfg).eval()
+    cfg = ModelConfig.from_hf(hcfg.to_dict())
+    params = jax.tree_util.tree_map(jnp.asarray, params_from_hf(hf, cfg))
+    return cfg, params, hf
+
+
+def hf_greedy(hf, prompts, max_new, eos=None):
+    """HF generate, left-padded with an attention mask; rows cut after their first EOS."""
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        att[r, width - len(p):] = 1
+    hf.generation_config.eos_token_id = eos
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new, do_sample=False,
+                          pad_token_id=0, eos_token_id=eos)
+    rows = []
+    for row in out[:, width:].tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos) + 1]
+        rows.append(row)
+    return rows
+
+
+def test_greedy_matches_hf_and_per_row_eos(tiny):
+    cfg, params, hf = tiny
+    n = 12
+    ours = G.generate(cfg, params, PROMPTS, max_new_tokens=n, eos_ids=())
+    ref = hf_greedy(hf, PROMPTS, n)
+    assert ours.tokens == ref
+    assert ours.steps == n and not any(ours.finished)
+
+    # an EOS that some rows emit early and others never: those rows stop, the rest run on
+    eos = next((t for t in ref[0][1:6] if any(t not in row for row in ref[1:])), None)
+    assert eos is not None, ref
+    ours = G.generate(cfg, params, PROMPTS, max_new_tokens=n, eos_ids=(eos,), pad_id=0)
+    ref_eos = hf_greedy(hf, PROMPTS, n, eos=eos)
+    assert ours.tokens == ref_eos
+    assert ours.finished == [eos in row for row in ref_eos]
+    assert ours.finished[0] and not all(ours.finished)
+    assert all(len(row) == n for row, f in zip(ours.tokens, ours.finished) if not f)
+
+
+def test_all_rows_stop_early(tiny):
+    cfg, params, _ = tiny
+    free = G.generate(cfg, params, PROMPTS[:2], max_new_tokens=16, eos_ids=())
+    eos = {free.tokens[0][1], free.tokens[1][2]}
+    out = G.generate(cfg, params, PROMPTS[:2], max_new_tokens=16, eos_ids=tuple(eos))
+    assert all(out.finished)
+    assert out.steps == max(len(r) for r in out.tokens) < 16
+    for row, ref in zip(out.tokens, free.tokens):
+        assert row == ref[: len(row)] and row[-1] in eos
+
+
+def _reference_forward(params, tokens, positions, kv_mask, cache, cache_index, cfg=None):
+    return M.apply(cfg, params, tokens, positions, kv_mask, cache, cache_index, last_only=True)
+
+
+def test_cached_decoding_equals_full_recomputation(tiny):
+    cfg, params, _ = tiny
+    n = 10
+    out = G.generate(cfg, params, PROMPTS, max_new_tokens=n, eos_ids=(), return_logits=True)
+    full = jax.jit(lambda p, t, pos, m: M.apply(cfg, p, t, pos, m)[0][:, -1])
+    worst = 0.0
+    for i in range(n):
+        seqs = [p + row[:i] for p, row in zip(PROMPTS, out.tokens)]
+        width = max(map(len, seqs))
+        toks = np.zeros((len(seqs), width), np.int32)
+        mask = np.zeros((len(seqs), width), bool)
+        for r, s in enumerate(seqs):
+            toks[r, width - len(s):] = s
+            mask[r, width - len(s):] = True
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        ref = np.asarray(full(params, toks, pos, mask))
+        got = np.stack([lg[i] for lg in out.logits])
+        worst = max(worst, float(np.max(np.abs(got - ref))))
+    assert worst <= 1e-4, worst
+
+
+def test_pluggable_forward_and_scan_model_agree(tiny):
+    """A plain forward function (here the stacked-cache base model) runs in the same loop with the same result."""
+    import functools
+
+    cfg, params, _ = tiny
+    fwd = functools.partial(_reference_forward, cfg=cfg)
+    a = G.generate(cfg, params, PROMPTS, max_new_tokens=8, eos_ids=(), forward=fwd)
+    b = G.generate(cfg, params, PROMPTS, max_new_tokens=8, eos_ids=(), forward=G.scan_forward(cfg))
+    c = G.generate(cfg, params, PROMPTS, max_new_tokens=8, eos_ids=())
+    assert a.tokens == b.tokens == c.tokens
+
+
+def test_no_recompilation_within_buckets(tiny):
+    cfg, params, _ = tiny
+    G.generate(cfg, params, [[1, 2, 3, 4, 5], [9] * 9], max_new_tokens=10, eos_ids=())
+    before = G.compile_count()
+    # other prompt lengths, max_new_tokens, sampling settings, EOS ids and pad id in the same buckets
+    G.generate(cfg, params, [[3, 4, 5], [6] * 12], max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3,
+               eos_ids=(7,))
+    G.generate(cfg, params, [[8] * 16, [1]], max_new_tokens=11, temperature=0.0, eos_ids=(2, 5), pad_id=1)
+    assert G.compile_count() == before
+    G.generate(cfg, params, [[8] * 2], max_new_tokens=3, temperature=1.5, top_p=0.5, seed=9)  # batch bucket 1
+    before = G.compile_count()
+    G.generate(cfg, params, [[4] * 7], max_new_tokens=9, temperature=0.3)
+    assert G.compile_count() == before
+    G.generate(cfg, params, [[4] * 17], max_new_tokens=9)  # a longer prompt bucket compiles both again
+    assert G.compile_count() == before + 2
+    assert G.bucket(3, 16) == 16 and G.bucket(17, 16) == 32 and G.bucket(3, 1) == 4
+
+
+def test_sampling(tiny):
+    cfg, params, _ = tiny
+    kw = dict(max_new_tokens=16, eos_ids=())
+    a = G.generate(cfg, params, PROMPTS, temperature=5.0, seed=1, **kw)
+    b = G.generate(cfg, params, PROMPTS, temperature=5.0, seed=1, **kw)
+    c = G.generate(cfg, params, PROMPTS, temperature=5.0, seed=2, **kw)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    greedy = G.generate(cfg, params, PROMPTS, **kw)
+    nucleus = G.generate(cfg, params, PROMPTS, temperature=1.0, top_p=1e-6, seed=4, **kw)
+    assert nucleus.tokens == greedy.tokens
+    assert a.tokens != greedy.tokens
+
+
+def test_bad_inputs(tiny):
+    cfg, params, _ = tiny
+    with pytest.raises(MoguError, match="at least one token"):
+        G.generate(cfg, params, [[1, 2], []])
+    with pytest.raises(MoguError, match="vocabulary"):
+        G.generate(cfg, params, [[1, VOCAB]])
+    with pytest.raises(MoguError, match="top_p"):
+        G.generate(cfg, params, [[1]], top_p=0.0)
+    assert G.generate(cfg, params, [[1]], max_new_tokens=0).tokens == [[]]
+    assert G.generate(cfg, params, []).tokens == []
+
+
+# ------------------------------------------------------------------------------------------- templates
+LLAMA2_SYS = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. "
+    "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
+    "Please ensure that your responses are socially unbiased and positive in nature.\n\nIf a question does not make "
+    "any sense, or is not factually coherent, explain why instead of answering something not correct. If you don't "
+    "know the answer to a question, please don't share false information.")
+
+
+def test_named_templates_exact():
+    ins = "Tell me a joke."
+    assert T.format_prompt(None, ins, "llama2-chat") == (
+        "<s>[INST] <<SYS>>\n" + LLAMA2_SYS + "\n<</SYS>>\n\nTell me a joke.[/INST]")
+    assert T.format_prompt(None, ins, "vicuna") == (
+        "<s> A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: Tell me a joke. ASSISTANT:")
+    assert T.format_prompt(None, ins, "falcon") == "User: Tell me a joke.\n\nAssistant:"
+    assert T.format_prompt(None, ins, "llama2-chat", system="Be brief.") == (
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nTell me a joke.[/INST]")
+    with pytest.raises(MoguError) as e:
+        T.format_prompt(None, ins, "alpaca")
+    assert all(name in str(e.value) for name in ("llama2-chat", "vicuna", "falcon"))
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """A tiny word-level fast tokenizer that adds <s> like Llama's, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + ["hello", "world", "User:", "Assistant:", "tell", "me", "a", "joke",
+                                                 "[INST]", "[/INST]", "hi"]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="<pad>")
+    return fast
+
+
+def test_encode_prompt_single_bos(word_tokenizer):
+    tok = word_tokenizer
+    assert T.encode_prompt(tok, "hello world") == [1, 4, 5]
+    assert T.encode_prompt(tok, "<s> hello world") == [1, 4, 5]
+    assert T.format_prompt(tok, "hello") == "hello"  # no chat template: the raw instruction
+    tok2 = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tok2.chat_template = ("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+                          "{% if add_generation_prompt %} Assistant:{% endif %}")
+    assert T.format_prompt(tok2, "hello") == "[INST] hello [/INST] Assistant:"
+    assert T.format_prompt(tok2, "hello", "falcon") == "User: hello\n\nAssistant:"
+
+
+def test_generate_text(tiny, word_tokenizer):
+    cfg, params, _ = tiny
+    tok = word_tokenizer
+    instructions = ["hello world", "tell me a joke", "hi"]
+    res = G.generate_text(cfg, params, tok, instructions, template="falcon", batch_size=2, max_new_tokens=5,
+                          eos_ids=(), progress=False)
+    assert len(res) == 3 and all(r["tokens"] == 5 for r in res)
+    for ins, r in zip(instructions, res):
+        ids = T.encode_prompt(tok, T.format_prompt(tok, ins, "falcon"))
+        want = G.generate(cfg, params, [ids], max_new_tokens=5, eos_ids=()).tokens[0]
+        assert r["response"] == tok.decode(want, skip_special_tokens=True)
