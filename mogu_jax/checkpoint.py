@@ -57,7 +57,9 @@ def _checkpointer():
 def save_checkpoint(out_dir: str, cfg: ModelConfig, params: dict, hf_config: dict, tokenizer=None,
                     generation_config: Optional[dict] = None, fingerprint: Optional[str] = None,
                     overwrite: bool = False, extra_meta: Optional[dict] = None) -> str:
-    dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree_util.tree_leaves(params)})
+    from mogu_jax.model import split_params
+    base, parts = split_params(params)
+    dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree_util.tree_leaves(base)})
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -66,12 +68,15 @@ def save_checkpoint(out_dir: str, cfg: ModelConfig, params: dict, hf_config: dic
         "generation_config": generation_config,
         "source_fingerprint": fingerprint,
         "param_dtypes": dtypes,
+        "parts": sorted(parts),
     }
     if extra_meta:
         meta.update(extra_meta)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         ckptr = _checkpointer()
-        ckptr.save(os.path.join(tmp, "params"), params)
+        ckptr.save(os.path.join(tmp, "params"), base)
+        for name, tree in parts.items():
+            ckptr.save(os.path.join(tmp, name), tree)
         ckptr.wait_until_finished()
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
@@ -117,9 +122,32 @@ def load_checkpoint(path: str, shardings=None, cast=None, **cfg_overrides):
         params = ckptr.restore(pdir, abstract)
     except Exception as e:  # noqa: BLE001
         raise MoguError(f"cannot restore checkpoint parameters from {pdir}: {e}") from None
+    parts = {}
+    for name in meta.get("parts", []):
+        parts[name] = _restore_part(ckptr, os.path.join(path, name), cfg, name)
     if cast is not None:
         params = jax.tree_util.tree_map(lambda x: x.astype(cast), params)
+    if parts:
+        params = {"base": params, **parts}
     return cfg, params, meta
+
+
+def _restore_part(ckptr, pdir: str, cfg: ModelConfig, name: str):
+    from mogu_jax import mogu as mogu_lib
+    if not os.path.isdir(pdir):
+        raise MoguError(f"checkpoint lists MoGU part {name!r} but has no {os.path.basename(pdir)}/ folder")
+    try:
+        stored = ckptr.metadata(pdir)
+        stored = getattr(stored, "item_metadata", stored)
+    except Exception as e:  # noqa: BLE001
+        raise MoguError(f"cannot read {pdir}: {e}") from None
+    init = mogu_lib.init_router if name == "router" else mogu_lib.init_branch
+    expected = jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(0)))
+    _validate_tree(stored, expected, pdir)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
+                                    _as_dict(stored))
+    return ckptr.restore(pdir, target)
 
 
 def _as_dict(tree):

@@ -25,6 +25,25 @@ def _add_convert(sub):
     b.add_argument("out_dir")
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard (default 5)")
+    c = csub.add_parser("mogu-to-jax", help="base model + published MoGU adapters/router -> our checkpoint")
+    c.add_argument("out_dir")
+    c.add_argument("--base", required=True, help="HF folder, .gguf, 'smollm2' or one of our checkpoints")
+    c.add_argument("--glad", help="glad PEFT adapter folder")
+    c.add_argument("--unwilling", help="unwilling PEFT adapter folder")
+    c.add_argument("--router", help="router file (torch.save .pth, or .safetensors)")
+    c.add_argument("--mogu-dir", help="released layout: resp_glad/<N>_lora, resp_unwill/<N>_lora, "
+                                      "router_layer/<N>_router.pth")
+    c.add_argument("--release", choices=["llama2", "vicuna", "falcon"],
+                   help="with --mogu-dir: use the checkpoint numbers the authors used for this model")
+    c.add_argument("--glad-step", type=int)
+    c.add_argument("--unwilling-step", type=int)
+    c.add_argument("--router-step", type=int)
+    c.add_argument("--router-layers", help="comma-separated layer ids that carry a router (MoGU v2 subset)")
+    c.add_argument("--overwrite", action="store_true")
+    d = csub.add_parser("jax-to-mogu", help="our MoGU checkpoint -> glad/ and unwilling/ PEFT folders + router.pth")
+    d.add_argument("ckpt_dir")
+    d.add_argument("out_dir")
+    d.add_argument("--overwrite", action="store_true")
 
 
 def _add_generate(sub):
@@ -42,6 +61,8 @@ def _add_generate(sub):
     p.add_argument("--system", default=None, help="system prompt for chat templates")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--mode", default="base", choices=["base", "glad", "unwilling", "routed"],
+                   help="MoGU mode every new token is decoded in (default base)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
@@ -95,6 +116,20 @@ def cmd_convert(args) -> int:
     from mogu_jax import api
     if args.direction == "hf-to-jax":
         api.convert_hf_to_jax(args.src, args.out_dir, overwrite=args.overwrite, dtype=args.dtype, progress=True)
+    elif args.direction == "mogu-to-jax":
+        layers = None
+        if args.router_layers:
+            try:
+                layers = tuple(int(x) for x in args.router_layers.split(","))
+            except ValueError:
+                raise MoguError(f"--router-layers takes comma-separated integers, got {args.router_layers!r}") from None
+        steps = {"glad": args.glad_step, "unwilling": args.unwilling_step, "router": args.router_step}
+        api.convert_mogu_to_jax(args.base, args.out_dir, glad=args.glad, unwilling=args.unwilling,
+                                router=args.router, mogu_dir=args.mogu_dir, release=args.release,
+                                steps={k: v for k, v in steps.items() if v is not None}, router_layers=layers,
+                                overwrite=args.overwrite, progress=True)
+    elif args.direction == "jax-to-mogu":
+        api.convert_jax_to_mogu(args.ckpt_dir, args.out_dir, overwrite=args.overwrite)
     else:
         api.convert_jax_to_hf(args.ckpt_dir, args.out_dir, overwrite=args.overwrite, progress=True,
                               max_shard_bytes=int(args.max_shard_size * 1024**3))
@@ -119,7 +154,7 @@ def cmd_generate(args) -> int:
     outs = generate_text(cfg, params, tok, [r["prompt"] for r in rows], template=args.template, system=args.system,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         progress=len(rows) > 1)
+                         progress=len(rows) > 1, mode=args.mode)
     if args.prompts:
         out_rows = [{"id": r["id"], "prompt": r["prompt"], "response": o["response"], "tokens": o["tokens"]}
                     for r, o in zip(rows, outs)]

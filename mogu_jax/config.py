@@ -26,6 +26,7 @@ _DTYPES = {
     "bf16": jnp.bfloat16,
     "float16": jnp.float16,
     "fp16": jnp.float16,
+    "float64": jnp.float64,  # numerics debugging only (needs JAX_ENABLE_X64)
 }
 
 
@@ -61,6 +62,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
     pad_token_id: int | None = None
+    # MoGU: LoRA rank / alpha of both branches (scaling s = alpha / rank), router hidden width, and the
+    # layers that get a router (empty = every layer, as published; a subset = MoGU v2)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    router_hidden: int = 512
+    router_layers: tuple = ()
     # numerics / execution (not part of the checkpoint; chosen at load time)
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype for matmuls; accumulation is always fp32
@@ -70,6 +77,14 @@ class ModelConfig:
     @property
     def rope_scaling_dict(self) -> dict:
         return dict(self.rope_scaling)
+
+    @property
+    def router_layer_ids(self) -> tuple:
+        return tuple(self.router_layers) if self.router_layers else tuple(range(self.num_layers))
+
+    @property
+    def routers_everywhere(self) -> bool:
+        return self.router_layer_ids == tuple(range(self.num_layers))
 
     @property
     def compute_dtype(self):
@@ -82,12 +97,15 @@ class ModelConfig:
     def replace(self, **kw) -> "ModelConfig":
         if "rope_scaling" in kw and isinstance(kw["rope_scaling"], Mapping):
             kw["rope_scaling"] = _freeze(kw["rope_scaling"])
+        if "router_layers" in kw:
+            kw["router_layers"] = tuple(sorted(int(i) for i in kw["router_layers"] or ()))
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["rope_scaling"] = dict(self.rope_scaling)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["router_layers"] = list(self.router_layers)
         return d
 
     @classmethod
@@ -95,6 +113,7 @@ class ModelConfig:
         d = dict(d)
         d["rope_scaling"] = _freeze(d.get("rope_scaling") or {})
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        d["router_layers"] = tuple(d.get("router_layers") or ())
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

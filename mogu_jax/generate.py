@@ -106,123 +106,68 @@ class DecodeModel:
 
 
 class ScanBase(DecodeModel):
-    """The base decoder exactly as :func:`mogu_jax.model.apply` runs it (``nn.scan`` over stacked layers)."""
+    """The decoder exactly as :func:`mogu_jax.model.forward` runs it (``nn.scan`` over stacked layers)."""
+
+    def __init__(self, cfg: ModelConfig, mode: str = "base"):
+        super().__init__(cfg)
+        self.mode = mode
 
     def __call__(self, params, tokens, positions, kv_mask, cache, cache_index):
-        return model_lib.apply(self.cfg, params, tokens, positions, kv_mask, cache, cache_index, last_only=True)
+        out = model_lib.forward(self.cfg, params, tokens, positions, kv_mask, cache, cache_index, last_only=True,
+                                mode=self.mode)
+        return out.logits, out.cache
 
 
 class UnrolledBase(DecodeModel):
-    """The base decoder for decoding: the same maths as :mod:`mogu_jax.model` (its RoPE, attention and mask
-    functions, the same dtypes and precisions), with the layers unrolled over per-layer weight buffers and a
-    per-layer KV cache. On CPU, XLA copies every weight slice a scan over stacked layers reads (and runs the
-    fused dot slowly): a SmolLM2-135M decode step took ~1.5x as long at batch 1 and ~2x at batch 8 with
-    long prompts; unrolled it is at the memory-bandwidth floor of reading the fp32 weights once.
+    """The decoder for decoding: :func:`mogu_jax.model.forward_unrolled` (the same ``DecoderLayer`` maths)
+    over per-layer weight buffers and a per-layer KV cache. On CPU, XLA copies every weight slice a scan
+    over stacked layers reads (and runs the fused dot slowly): a SmolLM2-135M decode step took ~1.5x as
+    long at batch 1 and ~2x at batch 8 with long prompts; unrolled it is at the memory-bandwidth floor
+    of reading the fp32 weights once.
 
     ``prepare`` splits the stacked ``layers`` params into a tuple of per-layer pytrees (a copy of the layer
     weights; :func:`generate` keeps the copy for the last params it saw, identified by their leaves, until
-    :func:`clear_caches`)."""
+    :func:`clear_caches`). ``mode`` is the MoGU mode every token is decoded in."""
+
+    def __init__(self, cfg: ModelConfig, mode: str = "base"):
+        super().__init__(cfg)
+        self.mode = mode
 
     def prepare(self, params):
-        if isinstance(params.get("layers"), tuple):
+        base, _ = model_lib.split_params(params)
+        if isinstance(base.get("layers"), tuple):
             return params
         return _unstack_layers(params, self.cfg.num_layers)
 
     def init_cache(self, batch: int, max_len: int):
-        """Per layer ``{"k", "v"}`` of shape [B, KVH, S, Dh]: heads before slots, so attention reads the
-        cache as it is stored (the stacked [L, B, S, KVH, Dh] layout needs a transposed copy per layer)."""
-        cfg = self.cfg
-        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        return tuple({"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-                     for _ in range(cfg.num_layers))
+        return model_lib.init_cache_unrolled(self.cfg, batch, max_len)
 
     def __call__(self, params, tokens, positions, kv_mask, cache, cache_index):
-        cfg = self.cfg
-        cdt = cfg.compute_dtype
-        prec = model_lib._precision(cfg)
-
-        def linear(p, x):
-            y = jnp.einsum("...d,df->...f", x.astype(cdt), p["kernel"].astype(cdt),
-                           preferred_element_type=jnp.float32, precision=prec)
-            if "bias" in p:
-                y = y + p["bias"].astype(jnp.float32)
-            return y
-
-        def norm(p, x):
-            x = x.astype(jnp.float32)
-            var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-            return p["scale"].astype(jnp.float32) * (x * jax.lax.rsqrt(var + cfg.rms_norm_eps))
-
-        b, t = tokens.shape
-        hd = cfg.head_dim
-        x = jnp.take(params["embedding"], tokens, axis=0).astype(jnp.float32)
-        cos, sin = model_lib.rope_cos_sin(cfg, positions)
-        mask = model_lib.attention_mask(cfg, kv_mask, t, cache_index)
-        new_cache = []
-        for lp, kv in zip(params["layers"], cache):
-            a = lp["attn"]
-            h = norm(lp["input_norm"], x)
-            q = model_lib.apply_rope(linear(a["q_proj"], h).reshape(b, t, cfg.num_heads, hd), cos, sin)
-            k = model_lib.apply_rope(linear(a["k_proj"], h).reshape(b, t, cfg.num_kv_heads, hd), cos, sin)
-            v = linear(a["v_proj"], h).reshape(b, t, cfg.num_kv_heads, hd)
-            ck = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.transpose(0, 2, 1, 3).astype(kv["k"].dtype),
-                                                     cache_index, axis=2)
-            cv = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.transpose(0, 2, 1, 3).astype(kv["v"].dtype),
-                                                     cache_index, axis=2)
-            new_cache.append({"k": ck, "v": cv})
-            x = x + linear(a["o_proj"], _attention(cfg, q, ck, cv, mask))
-            m = lp["mlp"]
-            h = norm(lp["post_attn_norm"], x)
-            x = x + linear(m["down_proj"], jax.nn.silu(linear(m["gate_proj"], h)) * linear(m["up_proj"], h))
-        x = norm(params["final_norm"], x)[:, -1:]
-        if cfg.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x.astype(cdt), params["embedding"].astype(cdt),
-                                preferred_element_type=jnp.float32, precision=prec)
-        else:
-            logits = linear(params["lm_head"], x)
-        return logits, tuple(new_cache)
-
-
-def _attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """:func:`mogu_jax.model.dot_attention` for a cache laid out [B, KVH, S, Dh]: q [B,T,H,Dh], mask
-    [B,1,T,S] -> [B,T,H*Dh] fp32 (same dtypes, scaling, masking and softmax)."""
-    b, t, h, d = q.shape
-    kvh = k.shape[1]
-    g = h // kvh
-    cdt = cfg.compute_dtype
-    prec = model_lib._precision(cfg)
-    q = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).astype(cdt)  # [B,KVH,G,T,D]
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(cdt), preferred_element_type=jnp.float32,
-                        precision=prec) * (1.0 / math.sqrt(d))
-    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(cdt), v.astype(cdt), preferred_element_type=jnp.float32,
-                     precision=prec)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
+        out = model_lib.forward_unrolled(self.cfg, params, tokens, positions, kv_mask, cache, cache_index,
+                                         last_only=True, mode=self.mode)
+        return out.logits, out.cache
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _unstack_layers(params, num_layers: int):
-    out = {k: v for k, v in params.items() if k != "layers"}
-    out["layers"] = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], params["layers"]) for i in range(num_layers))
-    return out
+    return model_lib.unstack_layers(params, num_layers)
 
 
 @functools.lru_cache(maxsize=None)
-def base_forward(cfg: ModelConfig) -> DecodeModel:
-    """The default decode model for ``cfg`` (one stable object per config): the unrolled base decoder."""
-    return UnrolledBase(cfg)
+def base_forward(cfg: ModelConfig, mode: str = "base") -> DecodeModel:
+    """The default decode model for ``cfg`` and MoGU ``mode`` (one stable object each): unrolled layers."""
+    return UnrolledBase(cfg, mode)
 
 
 @functools.lru_cache(maxsize=None)
-def scan_forward(cfg: ModelConfig) -> DecodeModel:
-    """The base decoder through :func:`mogu_jax.model.apply` (stacked params and cache, ``nn.scan``)."""
-    return ScanBase(cfg)
+def scan_forward(cfg: ModelConfig, mode: str = "base") -> DecodeModel:
+    """The decoder through :func:`mogu_jax.model.forward` (stacked params and cache, ``nn.scan``)."""
+    return ScanBase(cfg, mode)
 
 
-def as_decode_model(cfg: ModelConfig, forward) -> DecodeModel:
+def as_decode_model(cfg: ModelConfig, forward, mode: str = "base") -> DecodeModel:
     if forward is None:
-        return base_forward(cfg)
+        return base_forward(cfg, mode)
     if isinstance(forward, DecodeModel):
         return forward
     return _wrap_forward(cfg, forward)
@@ -346,8 +291,8 @@ class _Compiled:
 _COMPILED: dict = {}
 
 
-def _compiled(cfg: ModelConfig, forward) -> _Compiled:
-    dm = as_decode_model(cfg, forward)
+def _compiled(cfg: ModelConfig, forward, mode: str = "base") -> _Compiled:
+    dm = as_decode_model(cfg, forward, mode)
     if dm not in _COMPILED:
         _COMPILED[dm] = _Compiled(dm)
     return _COMPILED[dm]
@@ -389,13 +334,14 @@ def resolve_pad(cfg: ModelConfig, pad_id, eos: Sequence[int]) -> int:
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_ids=None, pad_id=None,
              progress: bool = False, forward: Optional[Forward] = None,
-             return_logits: bool = False) -> GenerationOutput:
+             return_logits: bool = False, mode: str = "base") -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids), as one batch.
 
     Greedy when ``temperature == 0``, else temperature + top-p sampling from ``seed``. Each row stops at
     its first EOS (``eos_ids``: default the config's; ``()`` disables stopping); finished rows emit
     ``pad_id`` until all rows are done. ``forward`` replaces the base model (see the module doc).
     ``return_logits`` also returns the logits each token was chosen from (a separate compilation).
+    ``mode``: the MoGU mode every token is decoded in (``params`` must hold the parts it needs).
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -432,7 +378,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     eos_arr = np.full((e,), -1, np.int32)
     eos_arr[: len(eos)] = eos
 
-    comp = _compiled(cfg, forward)
+    if forward is None:
+        model_lib.mogu_inputs(cfg, mode, model_lib.split_params(params)[1])  # clear error for missing parts
+    comp = _compiled(cfg, forward, mode)
     run_params = comp.prepared(params)
     cache = comp.dm.init_cache(b, p + n)
     seed_a = np.asarray(seed, np.uint32) if seed >= 0 else np.asarray(seed & 0xFFFFFFFF, np.uint32)

@@ -8,27 +8,38 @@ Numerics: matmuls run in ``config.dtype`` (fp32 or bf16) with fp32 accumulation;
 RoPE, softmax and the residual stream are fp32. RoPE uses Hugging Face's half-split
 ("rotate_half") layout, so q/k weights load from HF checkpoints without permutation.
 
-The KV cache is a fixed-shape pytree ``{"k": [L, B, S, KVH, Dh], "v": ...}``. Tokens passed
-in one call are written at slots ``cache_index .. cache_index+T`` (the same for every row:
-prompts are left-padded) and attend to every valid (``kv_mask``) slot at or before their own.
+The KV cache is a fixed-shape pytree ``{"k": [L, B, KVH, S, Dh], "v": ...}`` (heads before slots, so
+attention reads it as stored). Tokens passed in one call are written at slots
+``cache_index .. cache_index+T`` (the same for every row: prompts are left-padded) and attend to every
+valid (``kv_mask``) slot at or before their own.
+
+MoGU (``mogu_jax.mogu``) lives in the attention output projection: ``mode`` selects ``base``, ``glad``,
+``unwilling`` or ``routed``; the branch and router parameters are separate subtrees passed beside the
+base parameters, so each training stage can differentiate exactly one of them.
+
+Two drivers run the same ``DecoderLayer``: ``nn.scan`` over the stacked layers (training, init) and an
+unrolled loop over per-layer parameters (:func:`forward_unrolled`, for decoding: on CPU a scan copies
+each layer's weight slice every step).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mogu_jax import mogu as mogu_lib
 from mogu_jax.config import ModelConfig
+from mogu_jax.errors import MoguError
 
 Array = Any
 
 # Logical axis names of the KV cache (params carry theirs in the declarations below).
-CACHE_AXES = ("layers", "batch", "cache_len", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_len", "head_dim")
 
 
 def _precision(cfg: ModelConfig):
@@ -114,26 +125,27 @@ class RMSNorm(nn.Module):
 
 
 def dot_attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """q [B,T,H,Dh], k/v [B,S,KVH,Dh], mask [B,1,T,S] bool -> [B,T,H*Dh] fp32. GQA without repeating k/v."""
+    """q [B,T,H,Dh], k/v [B,KVH,S,Dh], mask [B,1,T,S] bool -> [B,T,H*Dh] fp32. GQA without repeating k/v."""
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1]
     g = h // kvh
     cdt = cfg.compute_dtype
     q = q.reshape(b, t, kvh, g, d).astype(cdt)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(cdt), preferred_element_type=jnp.float32,
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(cdt), preferred_element_type=jnp.float32,
                         precision=_precision(cfg)) * (1.0 / math.sqrt(d))
     scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(cdt), v.astype(cdt), preferred_element_type=jnp.float32,
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(cdt), v.astype(cdt), preferred_element_type=jnp.float32,
                      precision=_precision(cfg))
     return out.reshape(b, t, h * d)
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    mode: str = "base"
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv, cache_index):
+    def __call__(self, x, cos, sin, mask, kv, cache_index, mogu):
         cfg = self.cfg
         b, t, _ = x.shape
         hd = cfg.head_dim
@@ -142,17 +154,19 @@ class Attention(nn.Module):
         v = Linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, cfg.qkv_bias, name="v_proj")(x)
         q = apply_rope(q.reshape(b, t, cfg.num_heads, hd), cos, sin)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), cos, sin)
-        v = v.reshape(b, t, cfg.num_kv_heads, hd)
+        k = k.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]
+        v = v.reshape(b, t, cfg.num_kv_heads, hd).transpose(0, 2, 1, 3)
         if kv is not None:
             ck, cv = kv
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
             new_kv = (k, v)
         else:
             new_kv = None
         attn = dot_attention(cfg, q, k, v, mask)  # the per-token attention output before o_proj
         out = Linear(cfg.hidden_size, ("heads", "embed"), cfg, cfg.o_bias, name="o_proj")(attn)
-        return out, new_kv
+        out, a, b_ = mogu_lib.project(cfg, self.mode, attn, out, **mogu)
+        return out, new_kv, (a, b_)
 
 
 class MLP(nn.Module):
@@ -167,16 +181,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer. ``mogu``: this layer's slices of the MoGU subtrees the mode needs
+    (``glad``, ``unwilling``, ``router``, and ``routed``: whether this layer has a router)."""
+
     cfg: ModelConfig
+    mode: str = "base"
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv, cache_index):
-        h, new_kv = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="input_norm")(x), cos, sin, mask, kv,
-                                                     cache_index)
+    def __call__(self, x, cos, sin, mask, kv, cache_index, mogu):
+        h, new_kv, ab = Attention(self.cfg, self.mode, name="attn")(
+            RMSNorm(self.cfg, name="input_norm")(x), cos, sin, mask, kv, cache_index, mogu)
         x = x + h
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return x, new_kv
+        return x, (new_kv, ab)
 
 
 def attention_mask(cfg: ModelConfig, kv_mask: Array, t: int, cache_index) -> Array:
@@ -190,25 +208,33 @@ def attention_mask(cfg: ModelConfig, kv_mask: Array, t: int, cache_index) -> Arr
     return allowed[None, None] & kv_mask[:, None, None, :].astype(bool)
 
 
+def embed(cfg: ModelConfig, embedding: Array, tokens: Array) -> Array:
+    return jnp.take(embedding, tokens, axis=0).astype(jnp.float32)
+
+
+def tied_logits(cfg: ModelConfig, x: Array, embedding: Array) -> Array:
+    return jnp.einsum("btd,vd->btv", x.astype(cfg.compute_dtype), embedding.astype(cfg.compute_dtype),
+                      preferred_element_type=jnp.float32, precision=_precision(cfg))
+
+
 class Decoder(nn.Module):
-    """tokens [B,T] -> logits [B,T,V] (fp32), and the updated KV cache when one is given."""
+    """tokens [B,T] -> (logits [B,T,V] fp32, new cache or None, (a, b) each [L,B,T]).
+
+    ``mogu``: the MoGU subtrees the mode needs, each stacked over all L layers (see :func:`mogu_inputs`)."""
 
     cfg: ModelConfig
+    mode: str = "base"
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Optional[Array] = None, kv_mask: Optional[Array] = None,
-                 cache: Optional[dict] = None, cache_index: Array | int = 0, last_only: bool = False):
+                 cache: Optional[dict] = None, cache_index: Array | int = 0, last_only: bool = False,
+                 mogu: Optional[dict] = None):
         cfg = self.cfg
         b, t = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if kv_mask is None:
-            s = cache["k"].shape[2] if cache is not None else t
-            kv_mask = jnp.ones((b, s), bool)
+        positions, kv_mask = _defaults(tokens, positions, kv_mask, cache["k"].shape[3] if cache is not None else t)
         embedding = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size),
                                cfg.weight_dtype)
-        x = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(embed(cfg, embedding, tokens), ("batch", "length", "embed"))
         cos, sin = rope_cos_sin(cfg, positions)
         mask = attention_mask(cfg, kv_mask, t, cache_index)
 
@@ -216,26 +242,144 @@ class Decoder(nn.Module):
         if cfg.remat:
             layer = nn.remat(DecoderLayer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         kv = (cache["k"], cache["v"]) if cache is not None else None
-        x, new_kv = stack(cfg, name="layers")(x, cos, sin, mask, kv, cache_index)
+        x, (new_kv, ab) = stack(cfg, self.mode, name="layers")(x, cos, sin, mask, kv, cache_index, mogu or {})
 
         x = RMSNorm(cfg, name="final_norm")(x)
         if last_only:
             x = x[:, -1:]
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x.astype(cfg.compute_dtype), embedding.astype(cfg.compute_dtype),
-                                preferred_element_type=jnp.float32, precision=_precision(cfg))
+            logits = tied_logits(cfg, x, embedding)
         else:
             logits = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
         new_cache = {"k": new_kv[0], "v": new_kv[1]} if new_kv is not None else None
-        return logits, new_cache
+        return logits, new_cache, ab
+
+
+def _defaults(tokens, positions, kv_mask, s):
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if kv_mask is None:
+        kv_mask = jnp.ones((b, s), bool)
+    return positions, kv_mask
 
 
 # ------------------------------------------------------------------------ functional API
+class ModelOutput(NamedTuple):
+    logits: Array  # [B, T, V] fp32 (T = 1 with last_only)
+    cache: Any  # the updated KV cache, or None
+    alphas: Array  # [R, B, T]: the unwilling weight a of each routed layer (zeros unless mode == "routed")
+    betas: Array  # [R, B, T]: the glad weight b
+
+
+def split_params(params: dict) -> tuple[dict, dict]:
+    """A MoGU tree {"base", "glad", "unwilling", "router"} or a plain base tree -> (base, mogu parts)."""
+    if "base" in params:
+        return params["base"], {k: params[k] for k in mogu_lib.PARTS if k in params}
+    return params, {}
+
+
+def mogu_inputs(cfg: ModelConfig, mode: str, parts: dict) -> dict:
+    """The per-layer MoGU inputs of ``mode``, stacked over all L layers (routers gathered to the layers
+    that have one; ``routed`` marks those layers)."""
+    if mode not in mogu_lib.MODES:
+        raise MoguError(f"unknown mode {mode!r}; one of {', '.join(mogu_lib.MODES)}")
+    need = {"base": (), "glad": ("glad",), "unwilling": ("unwilling",),
+            "routed": ("glad", "unwilling", "router")}[mode]
+    missing = [n for n in need if n not in parts]
+    if missing:
+        raise MoguError(f"mode {mode!r} needs the {', '.join(missing)} parameters, which these params lack")
+    out = {n: parts[n] for n in need}
+    if mode == "routed":
+        ids = cfg.router_layer_ids
+        if not cfg.routers_everywhere:
+            index = np.zeros(cfg.num_layers, np.int32)
+            index[list(ids)] = np.arange(len(ids))
+            out["router"] = jax.tree_util.tree_map(lambda r: r[index], parts["router"])
+        routed = np.zeros(cfg.num_layers, bool)
+        routed[list(ids)] = True
+        out["routed"] = jnp.asarray(routed)
+    return out
+
+
+def _router_rows(cfg: ModelConfig, mode: str, ab) -> tuple[Array, Array]:
+    a, b = ab
+    if mode == "routed" and not cfg.routers_everywhere:
+        ids = np.asarray(cfg.router_layer_ids)
+        return a[ids], b[ids]
+    return a, b
+
+
+def forward(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[Array] = None,
+            kv_mask: Optional[Array] = None, cache: Optional[dict] = None, cache_index: Array | int = 0,
+            last_only: bool = False, mode: str = "base") -> ModelOutput:
+    """Pure forward over the stacked layers (``nn.scan``). ``params``: a base tree, or a MoGU tree with
+    the parts ``mode`` needs. Differentiable and vmappable over ``params``."""
+    base, parts = split_params(params)
+    mogu = mogu_inputs(cfg, mode, parts)
+    logits, new_cache, ab = Decoder(cfg, mode).apply({"params": base}, tokens, positions, kv_mask, cache,
+                                                     cache_index, last_only, mogu)
+    return ModelOutput(logits, new_cache, *_router_rows(cfg, mode, ab))
+
+
+def apply(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[Array] = None,
+          kv_mask: Optional[Array] = None, cache: Optional[dict] = None, cache_index: Array | int = 0,
+          last_only: bool = False, mode: str = "base"):
+    """``(logits, new_cache)``: :func:`forward` without the router weights."""
+    out = forward(cfg, params, tokens, positions, kv_mask, cache, cache_index, last_only, mode)
+    return out.logits, out.cache
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Stacked per-layer leaves -> a tuple of per-layer pytrees (for :func:`forward_unrolled`)."""
+    base, parts = split_params(params)
+    out = {k: v for k, v in base.items() if k != "layers"}
+    out["layers"] = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], base["layers"]) for i in range(num_layers))
+    if not parts:
+        return out
+    return {"base": out, **parts}
+
+
+def forward_unrolled(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[Array] = None,
+                     kv_mask: Optional[Array] = None, cache: Optional[tuple] = None, cache_index: Array | int = 0,
+                     last_only: bool = False, mode: str = "base") -> ModelOutput:
+    """The same maths as :func:`forward` (the same ``DecoderLayer``), layer by layer over per-layer
+    parameters (``params["layers"]`` a tuple, see :func:`unstack_layers`, or stacked) and a per-layer
+    cache (a tuple of ``{"k", "v"}`` [B, KVH, S, Dh], see :func:`init_cache_unrolled`)."""
+    base, parts = split_params(params)
+    mogu = mogu_inputs(cfg, mode, parts)
+    b, t = tokens.shape
+    positions, kv_mask = _defaults(tokens, positions, kv_mask, cache[0]["k"].shape[2] if cache is not None else t)
+    x = embed(cfg, base["embedding"], tokens)
+    cos, sin = rope_cos_sin(cfg, positions)
+    mask = attention_mask(cfg, kv_mask, t, cache_index)
+    layers = base["layers"]
+    layer = DecoderLayer(cfg, mode)
+    new_cache, alphas, betas = [], [], []
+    for i in range(cfg.num_layers):
+        lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree_util.tree_map(lambda a: a[i], layers)
+        m = jax.tree_util.tree_map(lambda a: a[i], mogu)
+        kv = (cache[i]["k"], cache[i]["v"]) if cache is not None else None
+        x, (kv, (a, b_)) = layer.apply({"params": lp}, x, cos, sin, mask, kv, cache_index, m)
+        new_cache.append({"k": kv[0], "v": kv[1]} if kv is not None else None)
+        alphas.append(a)
+        betas.append(b_)
+    x = RMSNorm(cfg).apply({"params": base["final_norm"]}, x)
+    if last_only:
+        x = x[:, -1:]
+    if cfg.tie_word_embeddings:
+        logits = tied_logits(cfg, x, base["embedding"])
+    else:
+        logits = Linear(cfg.vocab_size, ("embed", "vocab"), cfg).apply({"params": base["lm_head"]}, x)
+    ab = (jnp.stack(alphas), jnp.stack(betas))
+    return ModelOutput(logits, tuple(new_cache) if cache is not None else None, *_router_rows(cfg, mode, ab))
+
+
 def init_params(cfg: ModelConfig, rng: Array | int = 0) -> dict:
-    """Random parameters (unboxed pytree) in the layout the converters produce."""
+    """Random base parameters (unboxed pytree) in the layout the converters produce."""
     if isinstance(rng, int):
         rng = jax.random.PRNGKey(rng)
     variables = Decoder(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))
@@ -243,23 +387,24 @@ def init_params(cfg: ModelConfig, rng: Array | int = 0) -> dict:
 
 
 def abstract_params(cfg: ModelConfig):
-    """Shapes/dtypes of the params with their logical partitioning boxes, without allocating."""
+    """Shapes/dtypes of the base params with their logical partitioning boxes, without allocating."""
     return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
 
 
 def param_logical_axes(cfg: ModelConfig):
-    """Pytree of logical axis-name tuples (PartitionSpec of names), matching the params pytree."""
+    """Pytree of logical axis-name tuples (PartitionSpec of names), matching the base params pytree."""
     return nn.get_partition_spec(abstract_params(cfg))
 
 
-def apply(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[Array] = None,
-          kv_mask: Optional[Array] = None, cache: Optional[dict] = None, cache_index: Array | int = 0,
-          last_only: bool = False):
-    """Pure forward: ``(logits, new_cache)``. Differentiable and vmappable over ``params``."""
-    return Decoder(cfg).apply({"params": params}, tokens, positions, kv_mask, cache, cache_index, last_only)
-
-
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """Stacked cache for :func:`forward`: ``{"k", "v"}`` of shape [L, B, KVH, S, Dh]."""
     dtype = dtype or cfg.compute_dtype
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_cache_unrolled(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> tuple:
+    """Per-layer cache for :func:`forward_unrolled`: a tuple of ``{"k", "v"}`` [B, KVH, S, Dh]."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers))

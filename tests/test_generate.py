@@ -12,33 +12,11 @@ transformers = pytest.importorskip("transformers")
 from mogu_jax import generate as G  # noqa: E402
 from mogu_jax import model as M  # noqa: E402
 from mogu_jax import templates as T  # noqa: E402
-from mogu_jax.config import ModelConfig  # noqa: E402
+from mogu_jax.convert.hf import params_from_torch  # noqa: E402
 from mogu_jax.errors import MoguError  # noqa: E402
 
 VOCAB = 128
 PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 7, 120], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [33]]
-
-
-def params_from_hf(hf_model, cfg: ModelConfig) -> dict:
-    """Our params pytree from a transformers Llama state dict (kernels [in, out], layers stacked on axis 0)."""
-    sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
-
-    def stack(fmt, transpose=True):
-        return np.stack([sd[fmt.format(i)].T if transpose else sd[fmt.format(i)] for i in range(cfg.num_layers)])
-
-    return {
-        "embedding": sd["model.embed_tokens.weight"],
-        "final_norm": {"scale": sd["model.norm.weight"]},
-        "lm_head": {"kernel": sd["lm_head.weight"].T},
-        "layers": {
-            "attn": {f"{n}_proj": {"kernel": stack("model.layers.{}.self_attn.%s_proj.weight" % n)}
-                     for n in ("q", "k", "v", "o")},
-            "input_norm": {"scale": stack("model.layers.{}.input_layernorm.weight", False)},
-            "post_attn_norm": {"scale": stack("model.layers.{}.post_attention_layernorm.weight", False)},
-            "mlp": {f"{n}_proj": {"kernel": stack("model.layers.{}.mlp.%s_proj.weight" % n)}
-                    for n in ("gate", "up", "down")},
-        },
-    }
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +28,7 @@ def tiny():
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     hf = transformers.LlamaForCausalLM(hcfg).eval()
-    cfg = ModelConfig.from_hf(hcfg.to_dict())
-    params = jax.tree_util.tree_map(jnp.asarray, params_from_hf(hf, cfg))
+    cfg, params = params_from_torch(hf)
     return cfg, params, hf
 
 

@@ -154,3 +154,13 @@ def iter_hf_state(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndar
     """(hf_name, array) pairs, one at a time: e.g. to feed a PyTorch model's load_state_dict."""
     for name, _, _, rule, layer in hf_tensor_specs(params, cfg):
         yield name, hf_tensor(params, rule, layer)
+
+
+def params_from_torch(model, cfg: Optional[ModelConfig] = None, dtype=None):
+    """(cfg, params as jax arrays) from an in-memory transformers model, through the same table."""
+    import jax.numpy as jnp
+
+    from mogu_jax.convert.sources import StateDictSource
+    src = StateDictSource(model)
+    cfg = cfg or ModelConfig.from_hf(src.hf_config())
+    return cfg, params_from_source(src, cfg, dtype=dtype, finish=lambda _, a: jnp.asarray(a))

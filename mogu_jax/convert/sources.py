@@ -194,3 +194,49 @@ def open_source(path: str | os.PathLike) -> TensorSource:
     if not os.path.exists(p):
         raise MoguError(f"{p} does not exist (expected a Hugging Face model folder, a .gguf file or 'smollm2')")
     return HFDirSource(p)
+
+
+def to_torch(arr: np.ndarray):
+    """numpy (bf16 included) -> torch tensor, bit for bit."""
+    import ml_dtypes
+    import torch
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype == np.dtype(ml_dtypes.bfloat16):
+        return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(arr.copy())
+
+
+class StateDictSource(TensorSource):
+    """An in-memory transformers model (or its state dict + config dict) as a source."""
+
+    description = "in-memory model"
+
+    def __init__(self, model_or_state_dict, hf_config: Optional[dict] = None):
+        if hasattr(model_or_state_dict, "state_dict"):
+            hf_config = hf_config or model_or_state_dict.config.to_dict()
+            model_or_state_dict = model_or_state_dict.state_dict()
+        if hf_config is None:
+            raise MoguError("StateDictSource needs the model's config dict")
+        self._sd = _TorchStateDict(model_or_state_dict) if _is_torch_dict(model_or_state_dict) else None
+        self._np = None if self._sd is not None else dict(model_or_state_dict)
+        self._config = dict(hf_config)
+
+    def keys(self):
+        return list(self._sd.sd if self._sd is not None else self._np)
+
+    def shape(self, key):
+        return self._sd.shape(key) if self._sd is not None else tuple(self._np[key].shape)
+
+    def dtype(self, key):
+        return self._sd.dtype(key) if self._sd is not None else np.dtype(self._np[key].dtype)
+
+    def get(self, key):
+        return self._sd.get(key) if self._sd is not None else np.asarray(self._np[key])
+
+    def hf_config(self):
+        return self._config
+
+
+def _is_torch_dict(d) -> bool:
+    v = next(iter(d.values()), None)
+    return v is not None and type(v).__module__.startswith("torch")

@@ -86,3 +86,21 @@ def ignored(key: str, cfg: ModelConfig) -> bool:
     if cfg.tie_word_embeddings and key == "lm_head.weight":
         return True
     return any(p.match(key) for p in IGNORED)
+
+
+# Where MoGU's branches attach (the attention output projection) and where the routers live, per
+# architecture, in the published PyTorch names. Our side is always layers/attn/o_proj.
+BRANCH_TARGETS: dict[str, str] = {
+    "llama": "model.layers.{i}.self_attn.o_proj",
+    "mistral": "model.layers.{i}.self_attn.o_proj",
+    "qwen2": "model.layers.{i}.self_attn.o_proj",
+}
+ROUTER_PREFIXES: dict[str, str] = {"llama": "model.", "mistral": "model.", "qwen2": "model."}
+
+
+def branch_target(cfg: ModelConfig) -> str:
+    return BRANCH_TARGETS[cfg.model_type]
+
+
+def router_prefix(cfg: ModelConfig) -> str:
+    return ROUTER_PREFIXES[cfg.model_type]

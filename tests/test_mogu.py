@@ -1,0 +1,322 @@
+"""MoGU core: the routed projection against an independent PyTorch statement of the formula, glad mode
+against peft.PeftModel, published artifacts in and out, layer-subset routers, bad artifacts."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mogu_jax import api
+from mogu_jax import mogu as mogu_lib
+from mogu_jax.checkpoint import read_meta
+from mogu_jax.cli import main
+from mogu_jax.convert import mogu_artifacts as art
+from mogu_jax.convert.hf import params_from_source
+from mogu_jax.convert.sources import HFDirSource
+from mogu_jax.config import ModelConfig
+from mogu_jax.model import forward, forward_unrolled, unstack_layers
+from tiny_models import make_hf_model, random_tokens, save_hf
+
+TOL = 1e-4
+
+
+def random_mogu(cfg, base, seed=0, router_std=0.3):
+    """MoGU params whose branches and routers all matter (B non-zero, routers away from 0.5)."""
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    p = mogu_lib.init_mogu(cfg, k[0], base)
+    for name, key in (("glad", k[1]), ("unwilling", k[2])):
+        p[name]["B"] = 0.05 * jax.random.normal(key, p[name]["B"].shape)
+    p["router"] = jax.tree_util.tree_map(lambda x, kk=k[3]: x + router_std * jax.random.normal(kk, x.shape),
+                                         p["router"])
+    p["router"] = jax.tree_util.tree_map(lambda x: x * 1.0, p["router"])
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("mogu") / "hf")
+    save_hf("llama_gqa", d)
+    src = HFDirSource(d)
+    cfg = ModelConfig.from_hf(src.hf_config())
+    base = params_from_source(src, cfg, finish=lambda _, a: jnp.asarray(a))
+    return d, cfg, base
+
+
+# ------------------------------------------------------------------ independent PyTorch reference
+class RefProjection(torch.nn.Module):
+    """(a + b) * W_o x + s * (a * dU(x) + b * dG(x)), written from MOGU_SPEC.md section 1."""
+
+    def __init__(self, o_proj, glad, unwilling, router_u, router_g, s):
+        super().__init__()
+        self.o_proj, self.glad, self.unwilling = o_proj, glad, unwilling
+        self.router_u, self.router_g, self.s = router_u, router_g, s
+
+    @staticmethod
+    def head(p, x):
+        h = x @ p["w0"]
+        h = h @ p["w1"] + p["b1"]
+        return torch.sigmoid(h @ p["w2"] + p["b2"])
+
+    def forward(self, x):
+        self.a, self.b = self.head(self.router_u, x), self.head(self.router_g, x)
+        d_u = (x @ self.unwilling["A"]) @ self.unwilling["B"]
+        d_g = (x @ self.glad["A"]) @ self.glad["B"]
+        return (self.a + self.b) * self.o_proj(x) + self.s * (self.a * d_u + self.b * d_g)
+
+
+def torch_reference(hf, cfg, params, tokens, layers):
+    t = lambda x: torch.tensor(np.asarray(x))  # noqa: E731
+    refs = []
+    for n, i in enumerate(layers):
+        attn = hf.model.layers[i].self_attn
+        glad = {k: t(v[i]) for k, v in params["glad"].items()}
+        unw = {k: t(v[i]) for k, v in params["unwilling"].items()}
+        ru = {k: t(v[n]) for k, v in params["router"]["unwilling"].items()}
+        rg = {k: t(v[n]) for k, v in params["router"]["glad"].items()}
+        ref = RefProjection(attn.o_proj, glad, unw, ru, rg, cfg.lora_alpha / cfg.lora_rank)
+        attn.o_proj = ref
+        refs.append(ref)
+    try:
+        with torch.no_grad():
+            logits = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+        a = np.stack([r.a[..., 0].numpy() for r in refs])
+        b = np.stack([r.b[..., 0].numpy() for r in refs])
+    finally:
+        for i, r in zip(layers, refs):
+            hf.model.layers[i].self_attn.o_proj = r.o_proj
+    return logits, a, b
+
+
+@pytest.mark.parametrize("subset", [None, (1,)])
+def test_routed_forward_matches_torch_formula(tiny, subset):
+    d, cfg, base = tiny
+    if subset:
+        cfg = cfg.replace(router_layers=subset)
+    params = random_mogu(cfg, base)
+    tokens = random_tokens(2, 12, seed=3)
+    out = forward(cfg, params, jnp.asarray(tokens), mode="routed")
+    layers = cfg.router_layer_ids
+    assert out.alphas.shape == (len(layers), 2, 12) == out.betas.shape
+    hf = make_hf_model("llama_gqa")
+    ref_logits, ref_a, ref_b = torch_reference(hf, cfg, params, tokens, layers)
+    assert np.abs(np.asarray(out.logits) - ref_logits).max() <= TOL
+    assert np.abs(np.asarray(out.alphas) - ref_a).max() <= TOL
+    assert np.abs(np.asarray(out.betas) - ref_b).max() <= TOL
+    # the routers really vary per token (not a constant 0.5)
+    assert float(jnp.std(out.alphas)) > 1e-3
+    # unrolled driver (decoding) computes the same
+    un = forward_unrolled(cfg, unstack_layers(params, cfg.num_layers), jnp.asarray(tokens), mode="routed")
+    np.testing.assert_allclose(np.asarray(un.logits), np.asarray(out.logits), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(un.alphas), np.asarray(out.alphas), atol=1e-6)
+
+
+def test_new_params_follow_conventions(tiny):
+    _, cfg, base = tiny
+    p = mogu_lib.init_mogu(cfg, 0, base)
+    assert p["glad"]["A"].shape == (cfg.num_layers, 64, 8) and p["glad"]["B"].shape == (cfg.num_layers, 8, 64)
+    assert float(jnp.abs(p["glad"]["B"]).max()) == 0.0 and float(jnp.abs(p["glad"]["A"]).max()) > 0
+    tokens = jnp.asarray(random_tokens(1, 6))
+    out = forward(cfg, p, tokens, mode="routed")
+    # fresh routers: a = b ~ 0.5, so (a+b) ~ 1 and the routed model starts near the base model
+    assert abs(float(out.alphas.mean()) - 0.5) < 0.05 and abs(float(out.betas.mean()) - 0.5) < 0.05
+    axes = mogu_lib.mogu_logical_axes(cfg)
+    assert axes["glad"]["A"] == jax.sharding.PartitionSpec("layers", "heads", "lora_rank")
+    assert axes["router"]["unwilling"]["w0"] == jax.sharding.PartitionSpec("layers", "heads", "router_hidden")
+
+
+# ------------------------------------------------------------------ PEFT parity and artifacts
+def peft_adapter(hf_model, out_dir, seed, r=8, target=("o_proj",)):
+    """A real PEFT LoRA on o_proj with random (non-zero) B, saved with save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    pm = get_peft_model(hf_model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target),
+                                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(out_dir)
+    return pm
+
+
+def test_glad_mode_equals_peft_and_forced_router_equals_glad(tiny, tmp_path):
+    d, cfg, base = tiny
+    hf = make_hf_model("llama_gqa")
+    pm = peft_adapter(hf, str(tmp_path / "glad"), seed=1)
+    tokens = random_tokens(2, 10, seed=4)
+    with torch.no_grad():
+        ref = pm(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    cfg2, parts = api.load_mogu_parts(cfg, glad=str(tmp_path / "glad"))
+    assert (cfg2.lora_rank, cfg2.lora_alpha) == (8, 16.0)
+    params = {"base": base, **jax.tree_util.tree_map(jnp.asarray, parts)}
+    glad = forward(cfg2, params, jnp.asarray(tokens), mode="glad")
+    assert np.abs(np.asarray(glad.logits) - ref).max() <= TOL
+
+    # routed with the router forced to a = 0, b = 1 is exactly glad mode
+    full = random_mogu(cfg2, base)
+    full["glad"] = params["glad"]
+    forced = jax.tree_util.tree_map(jnp.zeros_like, full["router"])
+    forced["unwilling"]["b2"] = jnp.full_like(forced["unwilling"]["b2"], -1e4)
+    forced["glad"]["b2"] = jnp.full_like(forced["glad"]["b2"], 1e4)
+    full["router"] = forced
+    routed = forward(cfg2, full, jnp.asarray(tokens), mode="routed")
+    assert float(routed.alphas.max()) == 0.0 and float(routed.betas.min()) == 1.0
+    np.testing.assert_allclose(np.asarray(routed.logits), np.asarray(glad.logits), atol=1e-6)
+
+
+def _export_router(cfg, router, path, dtype=torch.float32):
+    torch.save({k: torch.tensor(v).to(dtype) for k, v in art.router_tensors(router, cfg)}, path)
+
+
+def test_published_artifacts_round_trip(tiny, tmp_path):
+    d, cfg, base = tiny
+    peft_adapter(make_hf_model("llama_gqa"), str(tmp_path / "resp_glad" / "800_lora"), seed=1)
+    peft_adapter(make_hf_model("llama_gqa"), str(tmp_path / "resp_unwill" / "960_lora"), seed=2)
+    peft_adapter(make_hf_model("llama_gqa"), str(tmp_path / "resp_unwill" / "1200_lora"), seed=3)
+    os.makedirs(tmp_path / "router_layer")
+    router = jax.tree_util.tree_map(np.asarray, random_mogu(cfg, base)["router"])
+    _export_router(cfg, router, str(tmp_path / "router_layer" / "5920_router.pth"))
+    ck = str(tmp_path / "ck")
+    assert main(["convert", "mogu-to-jax", ck, "--base", d, "--mogu-dir", str(tmp_path), "--release",
+                 "llama2"]) == 0
+    assert sorted(read_meta(ck)["parts"]) == ["glad", "router", "unwilling"]
+    cfg1, params, tok = api.load(ck)
+    assert tok is not None and set(params) == {"base", "glad", "unwilling", "router"}
+
+    out = str(tmp_path / "export")
+    assert main(["convert", "jax-to-mogu", ck, out]) == 0
+    assert sorted(os.listdir(out)) == ["glad", "router.pth", "unwilling"]
+    # adapters: the same tensors, bit for bit, as the released ones (the authors' 960 checkpoint)
+    for ours, theirs in (("glad", "resp_glad/800_lora"), ("unwilling", "resp_unwill/960_lora")):
+        a = load_file(os.path.join(out, ours, "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / theirs / "adapter_model.safetensors"))
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        acfg = json.load(open(os.path.join(out, ours, "adapter_config.json")))
+        assert acfg["r"] == 8 and acfg["lora_alpha"] == 16 and acfg["target_modules"] == ["o_proj"]
+    # router: torch.load gives the published keys, shapes and dtypes
+    sd = torch.load(os.path.join(out, "router.pth"), weights_only=True)
+    orig = torch.load(str(tmp_path / "router_layer" / "5920_router.pth"), weights_only=True)
+    assert sorted(sd) == sorted(orig)
+    assert "model.routers.0.alpha_.linear_0.weight" in sd and "model.routers.1.beta_.linear_2.bias" in sd
+    assert sd["model.routers.0.alpha_.linear_0.weight"].shape == (512, 64)
+    assert all(torch.equal(sd[k], orig[k]) and sd[k].dtype == orig[k].dtype for k in sd)
+
+    # exported adapters load in PeftModel and reproduce our glad / unwilling outputs
+    from peft import PeftModel
+    tokens = random_tokens(2, 9, seed=5)
+    for mode in ("glad", "unwilling"):
+        pm = PeftModel.from_pretrained(make_hf_model("llama_gqa"), os.path.join(out, mode))
+        with torch.no_grad():
+            ref = pm(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+        ours = forward(cfg1, params, jnp.asarray(tokens), mode=mode).logits
+        assert np.abs(np.asarray(ours) - ref).max() <= TOL, mode
+
+    # import -> export -> import is bit-exact
+    ck2 = str(tmp_path / "ck2")
+    assert main(["convert", "mogu-to-jax", ck2, "--base", d, "--glad", os.path.join(out, "glad"),
+                 "--unwilling", os.path.join(out, "unwilling"), "--router", os.path.join(out, "router.pth")]) == 0
+    _, params2, _ = api.load(ck2)
+    for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_subset_router_file(tiny, tmp_path, capsys):
+    d, cfg, base = tiny
+    sub = cfg.replace(router_layers=(1,))
+    p = random_mogu(sub, base)
+    path = str(tmp_path / "r.pth")
+    _export_router(sub, jax.tree_util.tree_map(np.asarray, p["router"]), path)
+    assert sorted({k.split(".")[2] for k in torch.load(path, weights_only=True)}) == ["1"]
+    # without --router-layers the file is missing layer 0: a clear error
+    code = main(["convert", "mogu-to-jax", str(tmp_path / "ck"), "--base", d, "--router", path])
+    assert code == 2 and "missing: [0]" in capsys.readouterr().err
+    assert main(["convert", "mogu-to-jax", str(tmp_path / "ck"), "--base", d, "--router", path,
+                 "--router-layers", "1"]) == 0
+    cfg1, params, _ = api.load(str(tmp_path / "ck"))
+    assert cfg1.router_layer_ids == (1,)
+    np.testing.assert_array_equal(np.asarray(params["router"]["glad"]["w0"]), np.asarray(p["router"]["glad"]["w0"]))
+
+
+# ------------------------------------------------------------------ bad artifacts
+def _fails(capsys, argv, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = [ln for ln in err.splitlines() if "mogu-jax: error:" in ln]
+    assert len(line) == 1, err
+    for n in needles:
+        assert n in line[0], line[0]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    peft_adapter(make_hf_model("llama_gqa"), str(root / "good"), seed=1)
+    peft_adapter(make_hf_model("llama_gqa"), str(root / "r4"), seed=1, r=4)
+    peft_adapter(make_hf_model("llama_gqa"), str(root / "qproj"), seed=1, target=("q_proj",))
+    peft_adapter(make_hf_model("llama_mha"), str(root / "mha"), seed=1, target=("k_proj", "o_proj"))
+    return root
+
+
+def _write_adapter_variant(src, dst, edit):
+    os.makedirs(dst)
+    sd = load_file(os.path.join(src, "adapter_model.safetensors"))
+    edit(sd)
+    save_file(sd, os.path.join(dst, "adapter_model.safetensors"))
+    with open(os.path.join(src, "adapter_config.json")) as f, open(os.path.join(dst, "adapter_config.json"), "w") as g:
+        g.write(f.read())
+
+
+def test_bad_artifacts(tiny, adapters, tmp_path, capsys):
+    d, cfg, base = tiny
+    out = str(tmp_path / "out")
+    good = str(adapters / "good")
+    # an adapter for another model: the tensor and both shapes are named
+    wrong = str(tmp_path / "wrong")
+    _write_adapter_variant(good, wrong, lambda sd: sd.update(
+        {"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.zeros(8, 96)}))
+    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", wrong],
+           "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight", "[8, 96]", "[8, 64]")
+    # an adapter targeting other modules
+    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", str(adapters / "qproj")],
+           "q_proj", "o_proj")
+    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", str(adapters / "mha")],
+           "other modules", "k_proj")
+    # rank mismatch between the two adapters
+    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", good, "--unwilling",
+                    str(adapters / "r4")], "rank mismatch", "r=8", "r=4")
+    # missing and extra layers
+    missing = str(tmp_path / "missing")
+    _write_adapter_variant(good, missing, lambda sd: [sd.pop(k) for k in list(sd) if ".layers.1." in k])
+    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", missing], "missing layers [1]")
+    extra = str(tmp_path / "extra")
+    _write_adapter_variant(good, extra, lambda sd: sd.update(
+        {k.replace(".layers.1.", ".layers.5."): v.clone() for k, v in list(sd.items()) if ".layers.1." in k}))
+    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", extra], "layers [5]", "2 layers")
+    # a router file with unknown keys, and one whose width does not fit the base model
+    router = jax.tree_util.tree_map(np.asarray, random_mogu(cfg, base)["router"])
+    rpath = str(tmp_path / "router.pth")
+    sd = {k: torch.tensor(v) for k, v in art.router_tensors(router, cfg)}
+    sd["model.routers.0.gamma_.linear_0.weight"] = torch.zeros(512, 64)
+    torch.save(sd, rpath)
+    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--router", rpath], "unknown keys", "gamma_")
+    sd.pop("model.routers.0.gamma_.linear_0.weight")
+    sd["model.routers.1.beta_.linear_1.bias"] = torch.zeros(96)
+    torch.save(sd, rpath)
+    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--router", rpath],
+           "model.routers.1.beta_.linear_1.bias", "[96]", "[64]")
+    # nothing was written by any of these
+    assert not os.path.exists(out)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
+
+
+def test_routed_generation_needs_routers(tiny, tmp_path, capsys):
+    d, cfg, base = tiny
+    _fails(capsys, ["generate", d, "--prompt", "w5 w6", "--mode", "routed", "--max-new-tokens", "4"],
+           "routed", "router")
