@@ -16,8 +16,18 @@ import jax.numpy as jnp
 
 from mogu_jax.errors import MoguError
 
-# model_type -> architecture family handled by mogu_jax.model.Decoder
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# model_type -> architecture family handled by mogu_jax.model.Decoder (one decoder, config flags)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "falcon", "baichuan")
+
+# Baichuan checkpoints (trust_remote_code, not in transformers) do not say in config.json whether the model
+# uses rotary positions (Baichuan-7B, Baichuan2-7B) or ALiBi (Baichuan-13B, Baichuan2-13B): the released
+# modelling code differs per size. We decide by an explicit ``"alibi": true/false`` key in config.json (our
+# extension; Baichuan's own code ignores it) and otherwise only for the released shapes below
+# (hidden_size, num_hidden_layers, num_attention_heads) -> alibi; any other shape is an error.
+BAICHUAN_RELEASED_SHAPES = {(4096, 32, 32): False, (5120, 40, 40): True}
+# Baichuan 1 (vocabulary 64000) has a plain lm_head; Baichuan 2 a NormHead (rows L2-normalised at use).
+# An explicit ``"norm_head": true/false`` key wins.
+BAICHUAN1_VOCAB = 64000
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -49,7 +59,7 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # the epsilon of every norm (RMSNorm, or LayerNorm when norm == "layer")
     rope_theta: float
     # rope scaling as a sorted tuple of (key, value) pairs so the config stays hashable
     rope_scaling: tuple = ()
@@ -59,6 +69,14 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    # architecture flags (defaults = the Llama family; Falcon / Baichuan set some of them)
+    norm: str = "rms"  # "rms": RMSNorm (scale); "layer": LayerNorm (scale and bias)
+    parallel_residual: bool = False  # x + attn(n1(x)) + mlp(n2(x)) instead of two sequential residuals
+    shared_norm: bool = False  # parallel_residual with ONE norm feeding both attention and MLP (Falcon-7B)
+    mlp_act: str = "silu"  # silu | gelu (exact erf) | gelu_tanh
+    gated_mlp: bool = True  # down(act(gate(x)) * up(x)) (SwiGLU); False: down(act(up(x))) (Falcon)
+    alibi: str = ""  # "" = rotary positions; "falcon" / "baichuan" = ALiBi in that model's formulation
+    norm_head: bool = False  # lm_head columns L2-normalised at use (Baichuan 2's NormHead)
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
     pad_token_id: int | None = None
@@ -130,6 +148,9 @@ class ModelConfig:
             raise MoguError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        if model_type == "falcon":
+            cfg = _falcon_from_hf(cls, hf)
+            return cfg.replace(**overrides) if overrides else cfg
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise MoguError(f"unsupported hidden_act {act!r} (only silu/SwiGLU)")
@@ -151,6 +172,12 @@ class ModelConfig:
                 raise MoguError("qwen2 configs with use_sliding_window=true are not supported")
         elif model_type == "mistral":
             sliding = hf.get("sliding_window")
+        alibi, norm_head = "", False
+        if model_type == "baichuan":
+            alibi, norm_head = _baichuan_flags(hf)
+            if int(hf.get("num_key_value_heads") or n_heads) != n_heads:
+                raise MoguError("baichuan configs with num_key_value_heads != num_attention_heads are not supported "
+                                "(W_pack holds q, k and v of equal width)")
         if hf.get("pretraining_tp", 1) not in (1, None):
             pass  # tensor-parallel pretraining split only changes HF's compute order, not the maths
         cfg = cls(
@@ -165,12 +192,14 @@ class ModelConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta),
             rope_scaling=_freeze(rope_scaling),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            max_position_embeddings=int(hf.get("max_position_embeddings") or hf.get("model_max_length") or 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             sliding_window=int(sliding) if sliding else None,
+            alibi=alibi,
+            norm_head=norm_head,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos,
             pad_token_id=hf.get("pad_token_id"),
@@ -178,6 +207,97 @@ class ModelConfig:
         if n_heads % n_kv:
             raise MoguError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
         return cfg.replace(**overrides) if overrides else cfg
+
+
+def _eos(hf: Mapping) -> tuple:
+    eos = hf.get("eos_token_id")
+    return tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+
+
+def _baichuan_flags(hf: Mapping) -> tuple[str, bool]:
+    """(alibi, norm_head) of a Baichuan config; see BAICHUAN_RELEASED_SHAPES for the rule."""
+    if "alibi" in hf:
+        alibi = bool(hf["alibi"])
+    else:
+        shape = (int(hf["hidden_size"]), int(hf["num_hidden_layers"]), int(hf["num_attention_heads"]))
+        if shape not in BAICHUAN_RELEASED_SHAPES:
+            raise MoguError(
+                f"cannot tell whether this baichuan model uses rotary positions (7B) or ALiBi (13B): its shape "
+                f"(hidden_size, num_hidden_layers, num_attention_heads) = {shape} is none of the released ones "
+                f"{sorted(BAICHUAN_RELEASED_SHAPES)}; add \"alibi\": false (rotary, Baichuan-7B style) or "
+                "\"alibi\": true (ALiBi, Baichuan-13B style) to its config.json")
+        alibi = BAICHUAN_RELEASED_SHAPES[shape]
+    if "norm_head" in hf:
+        norm_head = bool(hf["norm_head"])
+    else:
+        norm_head = int(hf["vocab_size"]) != BAICHUAN1_VOCAB
+    return ("baichuan" if alibi else ""), norm_head
+
+
+_FALCON_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+def _falcon_from_hf(cls, hf: Mapping) -> "ModelConfig":
+    """transformers' FalconConfig (Falcon-7B/40B/180B, Falcon-RW with ALiBi) -> ModelConfig.
+
+    Layouts: ``new_decoder_architecture`` (40B/180B): GQA with ``num_kv_heads``, parallel attention + MLP
+    with two LayerNorms (``ln_attn``/``ln_mlp``; one if ``num_ln_in_parallel_attn == 1``); otherwise
+    ``multi_query`` (7B: one kv head) or full multi-head (RW), parallel (one LayerNorm) or sequential."""
+    hidden = int(hf.get("hidden_size") or hf["n_embed"])
+    n_heads = int(hf.get("num_attention_heads") or hf["n_head"])
+    n_layers = int(hf.get("num_hidden_layers") or hf["n_layer"])
+    new_arch = bool(hf.get("new_decoder_architecture", False))
+    multi_query = bool(hf.get("multi_query", True))
+    parallel = bool(hf.get("parallel_attn", True))
+    if new_arch:
+        n_kv = int(hf.get("num_kv_heads") or n_heads)
+        if not parallel:
+            raise MoguError("falcon new_decoder_architecture with parallel_attn=false is not a valid Falcon "
+                            "(transformers cannot run it either)")
+        n_ln = hf.get("num_ln_in_parallel_attn") or 2
+        shared = int(n_ln) == 1
+    else:
+        n_kv = 1 if multi_query else n_heads
+        if parallel and hf.get("num_ln_in_parallel_attn") not in (None, 1):
+            raise MoguError("falcon with num_ln_in_parallel_attn=2 needs new_decoder_architecture=true")
+        shared = parallel
+    if hidden % n_heads:
+        raise MoguError(f"falcon hidden_size={hidden} is not a multiple of num_attention_heads={n_heads}")
+    if n_heads % n_kv:
+        raise MoguError(f"num_attention_heads={n_heads} is not a multiple of num_kv_heads={n_kv}")
+    act = hf.get("activation") or "gelu"
+    if act not in _FALCON_ACTS:
+        raise MoguError(f"unsupported falcon activation {act!r}; supported: {', '.join(sorted(_FALCON_ACTS))}")
+    alibi = bool(hf.get("alibi", False))
+    rope_theta, rope_scaling = _rope_from_hf(hf)
+    bias = bool(hf.get("bias", False))
+    return cls(
+        model_type="falcon",
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(hf.get("ffn_hidden_size") or 4 * hidden),
+        num_layers=n_layers,
+        num_heads=n_heads,
+        num_kv_heads=n_kv,
+        head_dim=hidden // n_heads,
+        rms_norm_eps=float(hf.get("layer_norm_epsilon") or 1e-5),
+        rope_theta=float(rope_theta),
+        rope_scaling=_freeze(rope_scaling),
+        max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        norm="layer",
+        parallel_residual=parallel,
+        shared_norm=shared,
+        mlp_act=_FALCON_ACTS[act],
+        gated_mlp=False,
+        alibi="falcon" if alibi else "",
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos(hf),
+        pad_token_id=hf.get("pad_token_id"),
+    )
 
 
 def _freeze(d: Mapping) -> tuple:

@@ -134,10 +134,13 @@ class UnrolledBase(DecodeModel):
         self.mode = mode
 
     def prepare(self, params):
-        base, _ = model_lib.split_params(params)
+        base, parts = model_lib.split_params(params)
         if isinstance(base.get("layers"), tuple):
             return params
-        return _unstack_layers(params, self.cfg.num_layers)
+        params = _unstack_layers(params, self.cfg.num_layers)
+        if self.mode == "routed" and "router" in parts and "v" not in parts["router"]:
+            params["router"] = _fold_router(parts["router"])  # exact: the heads are affine maps
+        return params
 
     def init_cache(self, batch: int, max_len: int):
         return model_lib.init_cache_unrolled(self.cfg, batch, max_len)
@@ -146,6 +149,12 @@ class UnrolledBase(DecodeModel):
         out = model_lib.forward_unrolled(self.cfg, params, tokens, positions, kv_mask, cache, cache_index,
                                          last_only=True, mode=self.mode)
         return out.logits, out.cache
+
+
+@jax.jit
+def _fold_router(router):
+    from mogu_jax.mogu import fold_router
+    return fold_router(router)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))

@@ -1,11 +1,25 @@
-"""The frozen base decoder (Llama family: Llama-2/3, Mistral, Qwen2, SmolLM2) as Flax Linen modules.
+"""The frozen base decoder (Llama family: Llama-2/3, Mistral, Qwen2, SmolLM2; Falcon; Baichuan/Baichuan2) as
+Flax Linen modules: ONE decoder whose architecture differences are config flags (``ModelConfig``):
+
+* ``norm``: RMSNorm (``scale``) or LayerNorm (``scale`` + ``bias``);
+* ``parallel_residual`` / ``shared_norm``: ``x + attn(n(x)) + mlp(n(x))`` (Falcon-7B: one norm; Falcon
+  new_decoder_architecture: ``input_norm`` for attention and ``mlp_norm`` for the MLP) instead of the
+  sequential ``input_norm`` / ``post_attn_norm`` pair;
+* ``gated_mlp`` / ``mlp_act``: SwiGLU (``gate_proj``, ``up_proj``, ``down_proj``) or a plain GELU MLP
+  (``up_proj``, ``down_proj``);
+* ``alibi``: rotary positions (default) or an ALiBi bias on the attention scores (Falcon-RW, Baichuan-13B);
+* ``norm_head``: the lm_head's columns (HF rows) L2-normalised at use (Baichuan 2's NormHead), so the
+  stored weights stay exactly the checkpoint's.
+
+Fused checkpoint tensors (Falcon ``query_key_value``, Baichuan ``W_pack``) are split by the conversion
+table; the model always has separate ``q_proj`` / ``k_proj`` / ``v_proj`` kernels.
 
 One readable file. Every parameter is declared once with its shape, dtype and *logical axis
 names*; ``mogu_jax.sharding`` maps those names to mesh axes. Layers are stacked with
 ``nn.scan`` (leading ``layers`` axis on every per-layer parameter) and can be rematerialised.
 
 Numerics: matmuls run in ``config.dtype`` (fp32 or bf16) with fp32 accumulation; norms,
-RoPE, softmax and the residual stream are fp32. RoPE uses Hugging Face's half-split
+RoPE, ALiBi, softmax and the residual stream are fp32. RoPE uses Hugging Face's half-split
 ("rotate_half") layout, so q/k weights load from HF checkpoints without permutation.
 
 The KV cache is a fixed-shape pytree ``{"k": [L, B, KVH, S, Dh], "v": ...}`` (heads before slots, so
@@ -85,6 +99,77 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+# ----------------------------------------------------------------------------- ALiBi
+def alibi_slopes(cfg: ModelConfig) -> np.ndarray:
+    """Per-head ALiBi slopes [H] (fp32) as the reference implementations compute them: the geometric
+    sequence ``2^(-8/n)^k`` for the closest power of two n, then every other slope of 2n for the rest."""
+    h = cfg.num_heads
+    p2 = 2 ** math.floor(math.log2(h))
+    if cfg.alibi == "falcon":  # transformers' build_alibi_tensor: fp32 torch.pow of an fp32 base
+        base = np.float32(2 ** (-(2 ** -(math.log2(p2) - 3))))
+        slopes = [base ** np.float32(k) for k in range(1, p2 + 1)]
+        if p2 != h:
+            extra = np.float32(2 ** (-(2 ** -(math.log2(2 * p2) - 3))))
+            slopes += [extra ** np.float32(k) for k in range(1, 1 + 2 * min(p2, h - p2), 2)]
+        return np.asarray(slopes, np.float32)
+    if cfg.alibi == "baichuan":  # Baichuan-13B's _get_interleave: Python floats, then an fp32 tensor
+        def pow2(n):
+            start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+            return [start * start ** i for i in range(n)]
+
+        def interleave(n):
+            if math.log2(n).is_integer():
+                return pow2(n)
+            c = 2 ** math.floor(math.log2(n))
+            return pow2(c) + interleave(2 * c)[0::2][: n - c]
+
+        return np.asarray(interleave(h), np.float32)
+    raise MoguError(f"unknown alibi formulation {cfg.alibi!r} (falcon or baichuan)")
+
+
+def alibi_bias(cfg: ModelConfig, kv_mask: Array) -> Array:
+    """The ALiBi bias [B, H, 1, S] fp32, added to the scaled scores ``q.k / sqrt(Dh)``.
+
+    A key's position is ``cumsum(kv_mask) - 1`` over the cache slots (0 on invalid slots, which the mask
+    hides anyway), so left padding and the KV cache give each real key its position in its own row;
+    only key positions enter (softmax is shift-invariant per query), as in both references.
+
+    * ``falcon`` (transformers' Falcon, the SDPA path it uses by default, = the original Falcon-RW code):
+      ``bf16(bf16(slope) * bf16(pos)) / sqrt(Dh)``: the product is formed in bfloat16, cast to fp32 and
+      divided by sqrt(Dh) (Falcon adds ALiBi to the raw scores, then scales). Note: transformers' *eager*
+      Falcon ALiBi path adds this bias twice (once in the mask, once in the attention), so it differs from
+      SDPA and from the original model; we follow SDPA.
+    * ``baichuan`` (Baichuan-13B): ``slope * pos`` in fp32, added after the 1/sqrt(Dh) scaling."""
+    m = kv_mask.astype(jnp.int32)
+    pos = (jnp.cumsum(m, axis=1) - 1) * m  # [B, S]
+    slopes = alibi_slopes(cfg)
+    if cfg.alibi == "falcon":
+        import ml_dtypes
+        s16 = slopes.astype(ml_dtypes.bfloat16).astype(np.float32)  # exact bf16 values, held in fp32
+        # the product of two bf16 values is exact in fp32; round it to bf16 explicitly (XLA may otherwise keep
+        # a bf16 multiply in excess precision)
+        prod = _round_bf16(jnp.asarray(s16)[None, :, None] * _round_bf16(pos.astype(jnp.float32))[:, None, :])
+        bias = prod / jnp.float32(math.sqrt(cfg.head_dim))
+    else:
+        bias = jnp.asarray(slopes)[None, :, None] * pos.astype(jnp.float32)[:, None, :]
+    return bias[:, :, None, :]
+
+
+def _round_bf16(x: Array) -> Array:
+    """fp32 -> the nearest bfloat16 value (round half to even), kept in fp32; finite inputs."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def positional(cfg: ModelConfig, positions: Array, kv_mask: Array):
+    """(cos, sin, bias): rotary tables for rotary models, the ALiBi bias for ALiBi models (others None)."""
+    if cfg.alibi:
+        return None, None, alibi_bias(cfg, kv_mask)
+    cos, sin = rope_cos_sin(cfg, positions)
+    return cos, sin, None
+
+
 # ------------------------------------------------------------------------ building blocks
 def _init(axes, std=0.02):
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
@@ -97,12 +182,16 @@ class Linear(nn.Module):
     axes: tuple[str, str]
     cfg: ModelConfig
     use_bias: bool = False
+    normalize: bool = False  # L2-normalise each output column of the kernel at use (Baichuan 2 NormHead)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         kernel = self.param("kernel", _init(self.axes), (x.shape[-1], self.features), cfg.weight_dtype)
         cdt = cfg.compute_dtype
+        if self.normalize:  # torch.nn.functional.normalize over each HF row: w / max(||w||, 1e-12)
+            k32 = kernel.astype(jnp.float32)
+            kernel = k32 / jnp.maximum(jnp.sqrt(jnp.sum(k32 * k32, axis=0, keepdims=True)), 1e-12)
         y = jnp.einsum("...d,df->...f", x.astype(cdt), kernel.astype(cdt),
                        preferred_element_type=jnp.float32, precision=_precision(cfg))
         if self.use_bias:
@@ -124,8 +213,37 @@ class RMSNorm(nn.Module):
         return scale.astype(jnp.float32) * (x * jax.lax.rsqrt(var + self.cfg.rms_norm_eps))
 
 
-def dot_attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """q [B,T,H,Dh], k/v [B,KVH,S,Dh], mask [B,1,T,S] bool -> [B,T,H*Dh] fp32. GQA without repeating k/v."""
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm: (x - mean) / sqrt(var + eps) * scale + bias, in fp32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,),
+                           self.cfg.weight_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,),
+                          self.cfg.weight_dtype)
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        xc = x - mean
+        var = jnp.mean(jnp.square(xc), axis=-1, keepdims=True)
+        return xc * jax.lax.rsqrt(var + self.cfg.rms_norm_eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+def Norm(cfg: ModelConfig, name: Optional[str] = None) -> nn.Module:
+    """The config's norm: RMSNorm (``norm == "rms"``) or LayerNorm (``"layer"``)."""
+    if cfg.norm == "rms":
+        return RMSNorm(cfg, name=name)
+    if cfg.norm == "layer":
+        return LayerNorm(cfg, name=name)
+    raise MoguError(f"unknown norm {cfg.norm!r} (rms or layer)")
+
+
+def dot_attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array, bias: Optional[Array] = None) -> Array:
+    """q [B,T,H,Dh], k/v [B,KVH,S,Dh], mask [B,1,T,S] bool, bias (ALiBi) None or [B,H,1,S] fp32 added to the
+    scaled scores -> [B,T,H*Dh] fp32. GQA without repeating k/v (query head h uses kv head h // (H/KVH))."""
     b, t, h, d = q.shape
     kvh = k.shape[1]
     g = h // kvh
@@ -133,6 +251,8 @@ def dot_attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array) -
     q = q.reshape(b, t, kvh, g, d).astype(cdt)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(cdt), preferred_element_type=jnp.float32,
                         precision=_precision(cfg)) * (1.0 / math.sqrt(d))
+    if bias is not None:
+        scores = scores + bias.reshape(bias.shape[0], kvh, g, 1, bias.shape[-1])
     scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(cdt), v.astype(cdt), preferred_element_type=jnp.float32,
@@ -145,15 +265,17 @@ class Attention(nn.Module):
     mode: str = "base"
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv, cache_index, mogu):
+    def __call__(self, x, cos, sin, mask, bias, kv, cache_index, mogu):
         cfg = self.cfg
         b, t, _ = x.shape
         hd = cfg.head_dim
         q = Linear(cfg.num_heads * hd, ("embed", "heads"), cfg, cfg.qkv_bias, name="q_proj")(x)
         k = Linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, cfg.qkv_bias, name="k_proj")(x)
         v = Linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, cfg.qkv_bias, name="v_proj")(x)
-        q = apply_rope(q.reshape(b, t, cfg.num_heads, hd), cos, sin)
-        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), cos, sin)
+        q = q.reshape(b, t, cfg.num_heads, hd)
+        k = k.reshape(b, t, cfg.num_kv_heads, hd)
+        if not cfg.alibi:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k = k.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]
         v = v.reshape(b, t, cfg.num_kv_heads, hd).transpose(0, 2, 1, 3)
         if kv is not None:
@@ -163,7 +285,7 @@ class Attention(nn.Module):
             new_kv = (k, v)
         else:
             new_kv = None
-        attn = dot_attention(cfg, q, k, v, mask)  # the per-token attention output before o_proj
+        attn = dot_attention(cfg, q, k, v, mask, bias)  # the per-token attention output before o_proj
         out = Linear(cfg.hidden_size, ("heads", "embed"), cfg, cfg.o_bias, name="o_proj")(attn)
         out, a, b_ = mogu_lib.project(cfg, self.mode, attn, out, **mogu)
         return out, new_kv, (a, b_)
@@ -175,9 +297,18 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, cfg.mlp_bias, name="gate_proj")(x)
+        act = _ACTS[cfg.mlp_act]
         up = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, cfg.mlp_bias, name="up_proj")(x)
-        return Linear(cfg.hidden_size, ("mlp", "embed"), cfg, cfg.mlp_bias, name="down_proj")(jax.nn.silu(gate) * up)
+        if cfg.gated_mlp:
+            gate = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, cfg.mlp_bias, name="gate_proj")(x)
+            h = act(gate) * up
+        else:
+            h = act(up)
+        return Linear(cfg.hidden_size, ("mlp", "embed"), cfg, cfg.mlp_bias, name="down_proj")(h)
+
+
+_ACTS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+         "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 class DecoderLayer(nn.Module):
@@ -188,11 +319,16 @@ class DecoderLayer(nn.Module):
     mode: str = "base"
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv, cache_index, mogu):
-        h, new_kv, ab = Attention(self.cfg, self.mode, name="attn")(
-            RMSNorm(self.cfg, name="input_norm")(x), cos, sin, mask, kv, cache_index, mogu)
-        x = x + h
-        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
+    def __call__(self, x, cos, sin, mask, bias, kv, cache_index, mogu):
+        cfg = self.cfg
+        n = Norm(cfg, name="input_norm")(x)
+        h, new_kv, ab = Attention(cfg, self.mode, name="attn")(n, cos, sin, mask, bias, kv, cache_index, mogu)
+        if cfg.parallel_residual:  # Falcon: x + (mlp(n'(x)) + attn(n(x)))
+            m = n if cfg.shared_norm else Norm(cfg, name="mlp_norm")(x)
+            x = x + (MLP(cfg, name="mlp")(m) + h)
+        else:
+            x = x + h
+            x = x + MLP(cfg, name="mlp")(Norm(cfg, name="post_attn_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, (new_kv, ab)
 
@@ -210,6 +346,11 @@ def attention_mask(cfg: ModelConfig, kv_mask: Array, t: int, cache_index) -> Arr
 
 def embed(cfg: ModelConfig, embedding: Array, tokens: Array) -> Array:
     return jnp.take(embedding, tokens, axis=0).astype(jnp.float32)
+
+
+def lm_head(cfg: ModelConfig, name: Optional[str] = None) -> Linear:
+    """The untied output head (a NormHead when ``cfg.norm_head``)."""
+    return Linear(cfg.vocab_size, ("embed", "vocab"), cfg, normalize=cfg.norm_head, name=name)
 
 
 def tied_logits(cfg: ModelConfig, x: Array, embedding: Array) -> Array:
@@ -235,25 +376,25 @@ class Decoder(nn.Module):
         embedding = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size),
                                cfg.weight_dtype)
         x = nn.with_logical_constraint(embed(cfg, embedding, tokens), ("batch", "length", "embed"))
-        cos, sin = rope_cos_sin(cfg, positions)
+        cos, sin, bias = positional(cfg, positions, kv_mask)
         mask = attention_mask(cfg, kv_mask, t, cache_index)
 
         layer = DecoderLayer
         if cfg.remat:
             layer = nn.remat(DecoderLayer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         kv = (cache["k"], cache["v"]) if cache is not None else None
-        x, (new_kv, ab) = stack(cfg, self.mode, name="layers")(x, cos, sin, mask, kv, cache_index, mogu or {})
+        x, (new_kv, ab) = stack(cfg, self.mode, name="layers")(x, cos, sin, mask, bias, kv, cache_index, mogu or {})
 
-        x = RMSNorm(cfg, name="final_norm")(x)
+        x = Norm(cfg, name="final_norm")(x)
         if last_only:
             x = x[:, -1:]
         if cfg.tie_word_embeddings:
             logits = tied_logits(cfg, x, embedding)
         else:
-            logits = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
+            logits = lm_head(cfg, name="lm_head")(x)
         new_cache = {"k": new_kv[0], "v": new_kv[1]} if new_kv is not None else None
         return logits, new_cache, ab
 
@@ -354,7 +495,7 @@ def forward_unrolled(cfg: ModelConfig, params: dict, tokens: Array, positions: O
     b, t = tokens.shape
     positions, kv_mask = _defaults(tokens, positions, kv_mask, cache[0]["k"].shape[2] if cache is not None else t)
     x = embed(cfg, base["embedding"], tokens)
-    cos, sin = rope_cos_sin(cfg, positions)
+    cos, sin, bias = positional(cfg, positions, kv_mask)
     mask = attention_mask(cfg, kv_mask, t, cache_index)
     layers = base["layers"]
     layer = DecoderLayer(cfg, mode)
@@ -363,17 +504,17 @@ def forward_unrolled(cfg: ModelConfig, params: dict, tokens: Array, positions: O
         lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree_util.tree_map(lambda a: a[i], layers)
         m = jax.tree_util.tree_map(lambda a: a[i], mogu)
         kv = (cache[i]["k"], cache[i]["v"]) if cache is not None else None
-        x, (kv, (a, b_)) = layer.apply({"params": lp}, x, cos, sin, mask, kv, cache_index, m)
+        x, (kv, (a, b_)) = layer.apply({"params": lp}, x, cos, sin, mask, bias, kv, cache_index, m)
         new_cache.append({"k": kv[0], "v": kv[1]} if kv is not None else None)
         alphas.append(a)
         betas.append(b_)
-    x = RMSNorm(cfg).apply({"params": base["final_norm"]}, x)
+    x = Norm(cfg).apply({"params": base["final_norm"]}, x)
     if last_only:
         x = x[:, -1:]
     if cfg.tie_word_embeddings:
         logits = tied_logits(cfg, x, base["embedding"])
     else:
-        logits = Linear(cfg.vocab_size, ("embed", "vocab"), cfg).apply({"params": base["lm_head"]}, x)
+        logits = lm_head(cfg).apply({"params": base["lm_head"]}, x)
     ab = (jnp.stack(alphas), jnp.stack(betas))
     return ModelOutput(logits, tuple(new_cache) if cache is not None else None, *_router_rows(cfg, mode, ab))
 

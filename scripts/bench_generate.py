@@ -77,6 +77,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting (best is reported)")
     ap.add_argument("--hf-threads", type=int, default=None, help="torch.set_num_threads for HF (default: torch's)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-routing", action="store_true", help="skip the MoGU routing-cost section")
+    ap.add_argument("--routing-only", action="store_true", help="only the MoGU routing-cost section")
     args = ap.parse_args(argv)
 
     import jax
@@ -132,7 +134,7 @@ def main(argv=None):
         return time.perf_counter() - t0, res
 
     rows = []
-    for b in args.batches:
+    for b in ([] if args.routing_only else args.batches):
         ids = prompt_ids(b)
         run_ours(ids)  # warm-up (compiles the buckets)
         if not args.skip_hf:
@@ -160,7 +162,59 @@ def main(argv=None):
         hs = f"{h:9.1f}" if h is not None else f"{'-':>9}"
         rs = f"{ratio:7.2f}" if ratio is not None else f"{'-':>7}"
         print(f"{b:>5} | {a:10.1f} | {hs} | {rs} | {same or '-'}")
+    if not args.skip_routing:
+        bench_routing(cfg, params, prompt_ids, args)
     return rows
+
+
+def bench_routing(cfg, params, prompt_ids, args):
+    """The cost of MoGU routing, measured in one run: routed vs base, same weights and shapes.
+
+    * decode: cached greedy generation with every token routed (``mode="routed"``: both branches and the
+      router in every layer; the router heads folded into one [d, 2] map, which is exact) vs ``mode="base"``;
+    * forward: a full jitted forward over a [8, 256] batch (the training-style pass, published router
+      parametrisation, nn.scan over layers) routed vs base.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from mogu_jax import generate as G
+    from mogu_jax import mogu as mogu_lib
+    from mogu_jax.model import forward
+
+    full = mogu_lib.init_mogu(cfg, 0, params)
+    for name in ("glad", "unwilling"):
+        full[name]["B"] = 0.01 * jax.random.normal(jax.random.PRNGKey(1), full[name]["B"].shape)
+    n_new = args.new_tokens
+    print(f"\nMoGU routing cost (rank {cfg.lora_rank} branches, router hidden {cfg.router_hidden}, "
+          f"routers in all {cfg.num_layers} layers), same run, best of {args.repeats}")
+    print(f"{'what':<28} | {'base':>10} | {'routed':>10} | routed/base time")
+    print("-" * 72)
+    for b in args.batches:
+        ids = prompt_ids(b)
+        times = {}
+        for mode in ("base", "routed"):
+            G.generate(cfg, full, ids, max_new_tokens=n_new, eos_ids=(), mode=mode)  # warm-up
+        for _ in range(args.repeats):
+            for mode in ("base", "routed"):
+                t0 = time.perf_counter()
+                G.generate(cfg, full, ids, max_new_tokens=n_new, eos_ids=(), mode=mode)
+                times[mode] = min(times.get(mode, float("inf")), time.perf_counter() - t0)
+        tb, tr = (b * n_new / times["base"]), (b * n_new / times["routed"])
+        print(f"{'decode tok/s, batch ' + str(b):<28} | {tb:10.1f} | {tr:10.1f} | {times['routed'] / times['base']:.3f}")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, size=(8, 256)), jnp.int32)
+    fns = {m: jax.jit(lambda p, t, m=m: forward(cfg, p, t, mode=m).logits) for m in ("base", "routed")}
+    times = {}
+    for m, fn in fns.items():
+        fn(full, tokens).block_until_ready()
+    for _ in range(args.repeats):
+        for m, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(full, tokens).block_until_ready()
+            times[m] = min(times.get(m, float("inf")), time.perf_counter() - t0)
+    tps = {m: 8 * 256 / t for m, t in times.items()}
+    print(f"{'forward tok/s, 8 x 256':<28} | {tps['base']:10.1f} | {tps['routed']:10.1f} | "
+          f"{times['routed'] / times['base']:.3f}")
 
 
 if __name__ == "__main__":

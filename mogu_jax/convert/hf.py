@@ -1,5 +1,8 @@
 """Hugging Face <-> mogu_jax parameter conversion, both directions through ``table.rules_for``.
 
+A rule maps one Hugging Face tensor to one or more of our parameters (``rule.paths``; several for a
+fused tensor such as Falcon's ``query_key_value``, split on import and joined back on export).
+
 Import streams one source tensor at a time into the (stacked) parameter it belongs to; each
 finished parameter is handed to ``finish`` (e.g. moved to device) before the next is built,
 so peak memory is one copy of the model plus one stacked parameter. Export streams one
@@ -20,7 +23,7 @@ from tqdm.auto import tqdm
 from mogu_jax.config import ModelConfig
 from mogu_jax.convert.safetensors_io import plan_shards, tensor_nbytes, write_safetensors
 from mogu_jax.convert.sources import TensorSource
-from mogu_jax.convert.table import Rule, ignored, rules_for
+from mogu_jax.convert.table import ignored, rules_for
 from mogu_jax.errors import MoguError
 from mogu_jax.io_utils import atomic_dir
 
@@ -58,13 +61,13 @@ def params_from_source(source: TensorSource, cfg: ModelConfig, dtype=None,
     n_layers = cfg.num_layers
     it = tqdm(rules, desc="convert", unit="param", disable=not progress)
     for rule in it:
-        if rule.path not in expected:
-            raise AssertionError(f"conversion table names unknown parameter {rule.path}")
-        full = expected[rule.path]
-        one = full[1:] if rule.per_layer else full
-        hf_shape = rule.transform.hf_shape(one)
+        for path in rule.paths:
+            if path not in expected:
+                raise AssertionError(f"conversion table names unknown parameter {path}")
+        fulls = [expected[path] for path in rule.paths]
+        hf_shape = rule.hf_shape([f[1:] if rule.per_layer else f for f in fulls])
         keys = [rule.hf_key(i) for i in range(n_layers)] if rule.per_layer else [rule.hf_key()]
-        out = None
+        outs = [None] * len(fulls)
         for idx, key in enumerate(keys):
             if key not in available:
                 raise MoguError(f"tensor {key} is missing from {source.description}")
@@ -72,18 +75,19 @@ def params_from_source(source: TensorSource, cfg: ModelConfig, dtype=None,
             if got != hf_shape:
                 raise MoguError(f"tensor {key} has shape {list(got)}, expected {list(hf_shape)} "
                                 f"for this config ({source.description})")
-            arr = rule.transform.to_ours(source.get(key))
-            if dtype is not None:
-                arr = arr.astype(dtype)
-            if not rule.per_layer:
-                out = arr
-            else:
-                if out is None:
-                    out = np.empty(full, arr.dtype)
-                out[idx] = arr
+            for n, arr in enumerate(rule.to_ours(source.get(key))):
+                if dtype is not None:
+                    arr = arr.astype(dtype)
+                if not rule.per_layer:
+                    outs[n] = arr
+                else:
+                    if outs[n] is None:
+                        outs[n] = np.empty(fulls[n], arr.dtype)
+                    outs[n][idx] = arr
             used.add(key)
-        _set(params, rule.path, finish(rule.path, out) if finish else out)
-        del out
+        for path, out in zip(rule.paths, outs):
+            _set(params, path, finish(path, out) if finish else out)
+        del outs
     extra = sorted(k for k in available - used if not ignored(k, cfg))
     if extra:
         warnings.warn(f"{len(extra)} tensors in {source.description} are not used by the "
@@ -91,23 +95,27 @@ def params_from_source(source: TensorSource, cfg: ModelConfig, dtype=None,
     return params
 
 
-def hf_tensor_specs(params: dict, cfg: ModelConfig) -> list[tuple[str, tuple, np.dtype, Rule, Optional[int]]]:
+def hf_tensor_specs(params: dict, cfg: ModelConfig) -> list[tuple[str, tuple, np.dtype, object, Optional[int]]]:
     """(hf_name, hf_shape, dtype, rule, layer) for every exported tensor, in table order."""
     specs = []
     for rule in rules_for(cfg):
-        arr = _get(params, rule.path)
+        arrs = [_get(params, path) for path in rule.paths]
+        dtypes = {np.dtype(a.dtype) for a in arrs}
+        if len(dtypes) != 1:
+            raise MoguError(f"{rule.hf} joins parameters of different dtypes {sorted(map(str, dtypes))}")
+        dt = dtypes.pop()
         if rule.per_layer:
+            shape = rule.hf_shape([tuple(a.shape[1:]) for a in arrs])
             for i in range(cfg.num_layers):
-                specs.append((rule.hf_key(i), rule.transform.hf_shape(arr.shape[1:]), np.dtype(arr.dtype), rule, i))
+                specs.append((rule.hf_key(i), shape, dt, rule, i))
         else:
-            specs.append((rule.hf_key(), rule.transform.hf_shape(arr.shape), np.dtype(arr.dtype), rule, None))
+            specs.append((rule.hf_key(), rule.hf_shape([tuple(a.shape) for a in arrs]), dt, rule, None))
     return specs
 
 
-def hf_tensor(params: dict, rule: Rule, layer: Optional[int]) -> np.ndarray:
-    arr = _get(params, rule.path)
-    arr = arr[layer] if layer is not None else arr
-    return rule.transform.to_hf(np.asarray(arr))
+def hf_tensor(params: dict, rule, layer: Optional[int]) -> np.ndarray:
+    arrs = [_get(params, path) for path in rule.paths]
+    return rule.to_hf([np.asarray(a[layer] if layer is not None else a) for a in arrs])
 
 
 def export_hf(params: dict, cfg: ModelConfig, hf_config: dict, out_dir: str, tokenizer=None,
