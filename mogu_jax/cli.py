@@ -66,11 +66,20 @@ def _add_generate(sub):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
+def _add_train(sub):
+    p = sub.add_parser("train", help="train one MoGU stage (glad, unwilling, router)")
+    p.add_argument("stage", choices=["glad", "unwilling", "router"])
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2 optim.lr=1e-4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mogu-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_generate(sub)
+    _add_train(sub)
     return parser
 
 
@@ -165,6 +174,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from mogu_jax.train_config import load_config
+    from mogu_jax.trainer import run_stage
+    conf = load_config(args.stage, args.config, args.overrides)
+    res = run_stage(conf, resume=args.resume)
+    last = res["last"]
+    print(f"{args.stage}: {res['updates']}/{res['total_updates']} updates, last loss "
+          f"{last.get('loss', float('nan')):.4f}; outputs in {res['out_dir']}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -172,6 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_convert(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "train":
+            return cmd_train(args)
     except MoguError as e:
         print(f"mogu-jax: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,62 @@
+"""The three MoGU stage losses, per example (MOGU_SPEC.md section 2).
+
+* LM cross-entropy: the mean over the example's response tokens of ``-log p(token)`` (prompt tokens are
+  masked out, label -100 in the published code); position t predicts ``tokens[t]`` from ``logits[t-1]``.
+* glad: ``CE(affirmative) / CE(refusal)``; unwilling: ``CE(refusal) / CE(affirmative)``.
+* router: ``CE(target) + lambda * (mean((alphas - t_a)^2) + mean((betas - t_b)^2))``, the means over all
+  routed layers and all real token positions (prompt included, padding never), with t_a = 1, t_b = 0
+  for malicious rows (label 1) and t_a = 0, t_b = 1 for benign rows.
+
+A batch's loss is the weighted mean of the per-example losses (``weight`` 0 marks padding rows), which
+equals the published micro-batch-1 average with gradient accumulation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = Any
+
+
+def token_ce(logits: Array, tokens: Array, loss_mask: Array) -> Array:
+    """Per-example mean CE over ``loss_mask`` positions. logits [B,T,V] (fp32), tokens/loss_mask [B,T] -> [B]."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = tokens[:, 1:]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = (lse - picked) * mask
+    return nll.sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
+
+
+def pair_loss(stage: str, ce_affirm: Array, ce_refusal: Array) -> Array:
+    if stage == "glad":
+        return ce_affirm / ce_refusal
+    if stage == "unwilling":
+        return ce_refusal / ce_affirm
+    raise ValueError(f"pair loss for stage {stage!r}")
+
+
+def router_mse(alphas: Array, betas: Array, attn_mask: Array, label: Array) -> tuple[Array, Array]:
+    """Per-example mean squared error of a and b against their targets. alphas/betas [R,B,T]."""
+    m = attn_mask.astype(jnp.float32)[None]  # [1,B,T]
+    t_a = label.astype(jnp.float32)[None, :, None]
+    t_b = 1.0 - t_a
+    denom = jnp.maximum(m.sum(axis=(0, 2)) * alphas.shape[0], 1.0)
+    mse_a = (jnp.square(alphas - t_a) * m).sum(axis=(0, 2)) / denom
+    mse_b = (jnp.square(betas - t_b) * m).sum(axis=(0, 2)) / denom
+    return mse_a, mse_b
+
+
+def weighted_mean(x: Array, weight: Array) -> Array:
+    return jnp.sum(x * weight) / jnp.maximum(jnp.sum(weight), 1e-9)
+
+
+def masked_token_mean(values: Array, attn_mask: Array, rows: Array) -> Array:
+    """Mean of per-token ``values`` [R,B,T] over real tokens of the selected rows ([B] bool)."""
+    m = attn_mask.astype(jnp.float32)[None] * rows.astype(jnp.float32)[None, :, None]
+    m = jnp.broadcast_to(m, values.shape)
+    return jnp.sum(values * m) / jnp.maximum(jnp.sum(m), 1.0)

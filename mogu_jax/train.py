@@ -1,0 +1,263 @@
+"""The three MoGU training stages as sharded, jitted train steps (MOGU_SPEC.md section 2).
+
+Each stage differentiates exactly one subtree of the MoGU parameters (``glad``, ``unwilling`` or
+``router``): the loss is ``loss(trainable, frozen, batch)`` and ``jax.grad`` is taken with respect to
+``trainable`` only, so the frozen base (and, for the router stage, both branches) get neither gradients
+nor optimizer state and are never written. The step is ``jax.jit`` with explicit in/out shardings over
+a ``(data, fsdp, tensor)`` mesh (``mogu_jax.sharding``), the train state is donated.
+
+Gradient accumulation sums the gradients of ``sum_i w_i * loss_i`` over the micro-batches and divides
+by the total weight once, so an update sees exactly the mean of the per-example losses of all its
+examples, whatever the micro-batch size (the published runs use micro-batch 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mogu_jax import losses as L
+from mogu_jax import mogu as mogu_lib
+from mogu_jax.config import ModelConfig, as_dtype
+from mogu_jax.errors import MoguError
+from mogu_jax.model import forward
+
+Array = Any
+PAIR_STAGES = ("glad", "unwilling")
+MODE = {"glad": "glad", "unwilling": "unwilling", "router": "routed"}
+
+
+# ----------------------------------------------------------------------------------------- losses
+def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0) -> Callable:
+    """``f(trainable, frozen, batch) -> (sum_i w_i * loss_i, stats)``: stats are weighted sums (divide by
+    ``stats["weight"]``) so they add up over micro-batches and processes."""
+    mode = MODE[stage]
+
+    def params_of(trainable, frozen):
+        return {**frozen, stage: trainable}
+
+    if stage in PAIR_STAGES:
+        def loss(trainable, frozen, batch):
+            params = params_of(trainable, frozen)
+            w = batch["weight"].astype(jnp.float32)
+            real = w > 0
+            ces = {}
+            for half in ("affirm", "refusal"):
+                b = batch[half]
+                logits = forward(cfg, params, b["tokens"], kv_mask=b["attn_mask"], mode=mode).logits
+                ces[half] = jnp.where(real, L.token_ce(logits, b["tokens"], b["loss_mask"]), 1.0)
+            per = jnp.where(real, L.pair_loss(stage, ces["affirm"], ces["refusal"]), 0.0)
+            stats = {"loss": jnp.sum(per * w), "ce_affirm": jnp.sum(ces["affirm"] * w),
+                     "ce_refusal": jnp.sum(ces["refusal"] * w), "weight": jnp.sum(w),
+                     "tokens": sum(jnp.sum(batch[h]["attn_mask"] * w[:, None]) for h in ("affirm", "refusal"))}
+            return jnp.sum(per * w), stats
+        return loss
+
+    def loss(trainable, frozen, batch):
+        params = params_of(trainable, frozen)
+        w = batch["weight"].astype(jnp.float32)
+        out = forward(cfg, params, batch["tokens"], kv_mask=batch["attn_mask"], mode=mode)
+        ce = L.token_ce(out.logits, batch["tokens"], batch["loss_mask"])
+        mse_a, mse_b = L.router_mse(out.alphas, out.betas, batch["attn_mask"], batch["label"])
+        per = ce + router_lambda * (mse_a + mse_b)
+        mal = (batch["label"] == 1) & (w > 0)
+        ben = (batch["label"] == 0) & (w > 0)
+        m = batch["attn_mask"].astype(jnp.float32)[None]
+
+        def tok_sum(v, rows):
+            mm = jnp.broadcast_to(m * rows.astype(jnp.float32)[None, :, None], v.shape)
+            return jnp.sum(v * mm), jnp.sum(mm)
+
+        stats = {"loss": jnp.sum(per * w), "ce": jnp.sum(ce * w), "mse_a": jnp.sum(mse_a * w),
+                 "mse_b": jnp.sum(mse_b * w), "weight": jnp.sum(w),
+                 "tokens": jnp.sum(batch["attn_mask"] * w[:, None])}
+        for name, rows in (("malicious", mal), ("benign", ben)):
+            sa, n = tok_sum(out.alphas, rows)
+            sb, _ = tok_sum(out.betas, rows)
+            stats[f"a_sum_{name}"], stats[f"b_sum_{name}"], stats[f"n_{name}"] = sa, sb, n
+        return jnp.sum(per * w), stats
+    return loss
+
+
+def summarize(stats: dict, stage: str) -> dict:
+    """Weighted sums -> means (loss, CE terms, ratio, router MSE, mean a/b per label)."""
+    w = max(float(stats["weight"]), 1e-9)
+    out = {"loss": float(stats["loss"]) / w, "examples": float(stats["weight"]), "tokens": float(stats["tokens"])}
+    if stage in PAIR_STAGES:
+        out["ce_affirm"] = float(stats["ce_affirm"]) / w
+        out["ce_refusal"] = float(stats["ce_refusal"]) / w
+        out["ratio"] = out["loss"]
+    else:
+        out["ce"] = float(stats["ce"]) / w
+        out["mse_a"] = float(stats["mse_a"]) / w
+        out["mse_b"] = float(stats["mse_b"]) / w
+        for name in ("malicious", "benign"):
+            n = float(stats[f"n_{name}"])
+            if n > 0:
+                out[f"a_{name}"] = float(stats[f"a_sum_{name}"]) / n
+                out[f"b_{name}"] = float(stats[f"b_sum_{name}"]) / n
+    return out
+
+
+# -------------------------------------------------------------------------------------- optimizer
+def make_optimizer(optim: dict, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (no weight decay by default), optional warmup + schedule and global-norm clipping."""
+    lr = float(optim["lr"])
+    warm = int(optim.get("warmup_steps") or 0)
+    kind = optim.get("schedule", "constant")
+    decay_steps = max(total_steps - warm, 1)
+    if kind == "constant":
+        sched = optax.constant_schedule(lr)
+    elif kind == "linear":
+        sched = optax.linear_schedule(lr, 0.0, decay_steps)
+    elif kind == "cosine":
+        sched = optax.cosine_decay_schedule(lr, decay_steps)
+    else:
+        raise MoguError(f"unknown schedule {kind!r}; constant, linear or cosine")
+    if warm:
+        sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warm), sched], [warm])
+    tx = optax.adamw(sched, b1=float(optim["b1"]), b2=float(optim["b2"]), eps=float(optim["eps"]),
+                     weight_decay=float(optim.get("weight_decay") or 0.0))
+    if optim.get("clip_norm"):
+        tx = optax.chain(optax.clip_by_global_norm(float(optim["clip_norm"])), tx)
+    return tx
+
+
+# ------------------------------------------------------------------------------------- train step
+class StepFns:
+    """The jitted pieces of one stage on one mesh: a fused grad+update step (no accumulation), and for
+    accumulation a grad step, an accumulate, and an update. All with explicit shardings; state donated."""
+
+    def __init__(self, cfg: ModelConfig, stage: str, tx: optax.GradientTransformation, mesh, state_sh, frozen_sh,
+                 router_lambda: float = 2.0):
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from mogu_jax.sharding import batch_sharding
+
+        self.loss = stage_loss_fn(cfg, stage, router_lambda)
+        self.tx = tx
+        rep = NamedSharding(mesh, P())
+        grad_sh = state_sh["params"]
+
+        def batch_sh(batch):
+            return jax.tree_util.tree_map(lambda x: batch_sharding(mesh, np.ndim(x)), batch)
+
+        self.batch_sh = batch_sh
+
+        def grads(trainable, frozen, batch):
+            (_, stats), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, batch)
+            return g, stats
+
+        def update(state, g, weight):
+            g = jax.tree_util.tree_map(lambda x: x / jnp.maximum(weight, 1e-9), g)
+            updates, opt_state = tx.update(g, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            gnorm = optax.global_norm(g)
+            return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, gnorm
+
+        def fused(state, frozen, batch):
+            g, stats = grads(state["params"], frozen, batch)
+            state, gnorm = update(state, g, stats["weight"])
+            return state, dict(stats, grad_norm=gnorm)
+
+        self._grads, self._update, self._fused = grads, update, fused
+        self.state_sh, self.frozen_sh, self.grad_sh, self.rep = state_sh, frozen_sh, grad_sh, rep
+        self._cache: dict = {}
+
+    def _jit(self, name, batch):
+        key = (name, jax.tree_util.tree_structure(batch))
+        if key not in self._cache:
+            bsh = self.batch_sh(batch)
+            if name == "fused":
+                fn = jax.jit(self._fused, in_shardings=(self.state_sh, self.frozen_sh, bsh),
+                             out_shardings=(self.state_sh, self.rep), donate_argnums=(0,))
+            else:
+                fn = jax.jit(self._grads, in_shardings=(self.grad_sh, self.frozen_sh, bsh),
+                             out_shardings=(self.grad_sh, self.rep))
+            self._cache[key] = fn
+        return self._cache[key]
+
+    def step(self, state, frozen, micro_batches: list):
+        """One optimizer update from ``micro_batches`` (global arrays). Returns (state, stats)."""
+        if len(micro_batches) == 1:
+            return self._jit("fused", micro_batches[0])(state, frozen, micro_batches[0])
+        if "accumulate" not in self._cache:
+            self._cache["accumulate"] = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b),
+                                                donate_argnums=(0,))
+            self._cache["update"] = jax.jit(self._update, in_shardings=(self.state_sh, self.grad_sh, self.rep),
+                                            out_shardings=(self.state_sh, self.rep), donate_argnums=(0, 1))
+        total_g = total_s = None
+        for mb in micro_batches:
+            g, s = self._jit("grads", mb)(state["params"], frozen, mb)
+            if total_g is None:
+                total_g, total_s = g, s
+            else:
+                total_g = self._cache["accumulate"](total_g, g)
+                total_s = jax.tree_util.tree_map(jnp.add, total_s, s)
+        state, gnorm = self._cache["update"](state, total_g, total_s["weight"])
+        return state, dict(total_s, grad_norm=gnorm)
+
+
+# ------------------------------------------------------------------------------------ host helpers
+def host_value(x) -> np.ndarray:
+    """A (replicated or fully addressable) array's value on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x)
+
+
+def to_global(tree, shardings):
+    """Put host numpy arrays (the same on every process) onto ``shardings`` (works multi-process)."""
+    def put(x, sh):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def local_batch_to_global(batch, mesh):
+    """This process's rows of a global batch -> global arrays sharded over (data, fsdp)."""
+    from mogu_jax.sharding import batch_sharding
+
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), batch)
+
+
+def gather_to_host(tree):
+    """Full numpy copies of (possibly sharded, multi-process) arrays on every process."""
+    from jax.experimental import multihost_utils
+    if jax.process_count() == 1:
+        return jax.tree_util.tree_map(np.asarray, tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def trainable_dtype_cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
+
+
+def init_trainable(cfg: ModelConfig, stage: str, seed: int) -> dict:
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), {"glad": 1, "unwilling": 2, "router": 3}[stage])
+    if stage == "router":
+        return mogu_lib.init_router(cfg, key)
+    return mogu_lib.init_branch(cfg, key)
+
+
+def total_updates(steps_per_epoch: int, epochs: float, grad_accum: int, max_steps: Optional[int]) -> int:
+    n = max(int(math.floor(steps_per_epoch * float(epochs) / grad_accum)), 1)
+    return min(n, int(max_steps)) if max_steps else n
+
+
+def write_jsonl(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def now() -> float:
+    return time.perf_counter()

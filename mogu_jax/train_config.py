@@ -1,0 +1,164 @@
+"""Training configuration: YAML files in ``configs/`` plus ``key=value`` overrides, validated against one
+schema of defaults. An unknown key is an error that names it and suggests the closest known key.
+
+Sections: ``model``, ``inputs`` (the glad / unwilling branches the router stage builds on), ``data``,
+``optim``, ``train``, ``checkpoint``, ``mesh``, ``distributed``, ``output``, and ``per_stage`` whose
+``glad`` / ``unwilling`` / ``router`` entries override the others for that stage (the published
+hyper-parameters differ per stage).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from mogu_jax.errors import MoguError
+
+STAGES = ("glad", "unwilling", "router")
+
+DEFAULTS: dict = {
+    "model": {
+        "base": None,  # HF folder, .gguf, smollm2 or one of our checkpoints
+        "dtype": "float32",  # compute dtype (bfloat16: bf16 matmuls, fp32 accumulation)
+        "param_dtype": None,  # cast the frozen base weights (None: as stored)
+        "trainable_dtype": "float32",  # the trained subtree (master weights) and its optimizer state
+        "remat": False,
+        "template": None,  # llama2-chat | vicuna | falcon | None (tokenizer chat template)
+        "system": None,
+        "lora_rank": 8,
+        "lora_alpha": 16.0,
+        "router_hidden": 512,
+        "router_layers": None,  # None: every layer (MoGU); a list: MoGU v2 subset
+    },
+    "inputs": {"glad": None, "unwilling": None},  # for the router stage: stage output dirs or PEFT folders
+    "data": {
+        "glad": {"affirm": None, "reject": None, "jsonl": None},
+        "unwilling": {"affirm": None, "reject": None, "jsonl": None},
+        "router": {"normal": None, "label": None, "jsonl": None},
+        "max_len": 1024,
+        "buckets": [64, 128, 256, 512, 1024],
+        "shuffle": True,
+    },
+    "optim": {
+        "lr": 5e-5,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-6,
+        "weight_decay": 0.0,
+        "schedule": "constant",  # constant | linear | cosine (after warmup)
+        "warmup_steps": 0,
+        "clip_norm": None,
+    },
+    "train": {
+        "epochs": 1.0,
+        "max_steps": None,  # optimizer updates; None: epochs decide
+        "batch_size": 8,  # examples per micro-batch (global, over all processes)
+        "grad_accum": 1,  # micro-batches per optimizer update
+        "seed": 0,
+        "router_lambda": 2.0,
+        "log_every": 1,
+    },
+    "checkpoint": {"every": 100, "keep": 3},
+    "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+    "distributed": {"coordinator": None, "num_processes": None, "process_id": None, "local_devices": None},
+    "output": {"dir": None, "tensorboard": True},
+    "per_stage": {"glad": {}, "unwilling": {}, "router": {}},
+}
+
+# Keys whose value is a free-form mapping or list (not validated key by key).
+_LEAF_DICTS = {("per_stage", s) for s in STAGES}
+
+
+def _all_keys(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, dict) and v and (tuple(key.split(".")) not in _LEAF_DICTS):
+            out += _all_keys(v, key + ".")
+    return out
+
+
+def _unknown(key: str) -> MoguError:
+    close = difflib.get_close_matches(key, _all_keys(DEFAULTS), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return MoguError(f"unknown config key {key!r}{hint}")
+
+
+def _merge(base: dict, over: dict, schema: dict, prefix: str = "") -> None:
+    for k, v in over.items():
+        key = f"{prefix}{k}"
+        if k not in schema:
+            raise _unknown(key)
+        if isinstance(schema[k], dict) and tuple(key.split(".")) not in _LEAF_DICTS and schema[k]:
+            if not isinstance(v, dict):
+                raise MoguError(f"config key {key!r} is a section; give it a mapping, not {v!r}")
+            _merge(base[k], v, schema[k], key + ".")
+        elif tuple(key.split(".")) in _LEAF_DICTS:
+            if not isinstance(v, dict):
+                raise MoguError(f"config key {key!r} takes a mapping of overrides")
+            check = copy.deepcopy(DEFAULTS)
+            _merge(check, v, {kk: vv for kk, vv in DEFAULTS.items() if kk != "per_stage"}, "")
+            base[k] = copy.deepcopy(v)
+        else:
+            base[k] = v
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node, schema = tree, DEFAULTS
+    for i, p in enumerate(parts):
+        if not isinstance(schema, dict) or p not in schema:
+            raise _unknown(dotted)
+        if i == len(parts) - 1:
+            if isinstance(schema[p], dict) and schema[p] and not isinstance(value, dict):
+                raise MoguError(f"config key {dotted!r} is a section, not a value")
+            node[p] = value
+        else:
+            node = node.setdefault(p, {})
+            schema = schema[p]
+
+
+def load_config(stage: str, path: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
+    """Defaults <- YAML file <- ``key=value`` overrides; then the stage's ``per_stage`` section applies."""
+    if stage not in STAGES:
+        raise MoguError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        if not os.path.isfile(path):
+            raise MoguError(f"config file {path} does not exist")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise MoguError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise MoguError(f"config file {path} must hold a mapping")
+        _merge(cfg, data, DEFAULTS)
+    for item in overrides:
+        if "=" not in item:
+            raise MoguError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        _set_dotted(cfg, key.strip(), _parse_value(value))
+    # the stage's own section wins over the common one
+    stage_over = cfg["per_stage"].get(stage) or {}
+    resolved = copy.deepcopy(cfg)
+    _merge(resolved, stage_over, {k: v for k, v in DEFAULTS.items() if k != "per_stage"})
+    # explicit command-line overrides win over per_stage
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if not key.strip().startswith("per_stage."):
+            _set_dotted(resolved, key.strip(), _parse_value(value))
+    resolved["stage"] = stage
+    return resolved
