@@ -44,6 +44,7 @@ from typing import Any, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from mogu_jax import mogu as mogu_lib
@@ -144,7 +145,6 @@ def alibi_bias(cfg: ModelConfig, kv_mask: Array) -> Array:
     pos = (jnp.cumsum(m, axis=1) - 1) * m  # [B, S]
     slopes = alibi_slopes(cfg)
     if cfg.alibi == "falcon":
-        import ml_dtypes
         s16 = slopes.astype(ml_dtypes.bfloat16).astype(np.float32)  # exact bf16 values, held in fp32
         # the product of two bf16 values is exact in fp32; round it to bf16 explicitly (XLA may otherwise keep
         # a bf16 multiply in excess precision)
@@ -298,12 +298,12 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         act = _ACTS[cfg.mlp_act]
-        up = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, cfg.mlp_bias, name="up_proj")(x)
         if cfg.gated_mlp:
             gate = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, cfg.mlp_bias, name="gate_proj")(x)
+            up = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, cfg.mlp_bias, name="up_proj")(x)
             h = act(gate) * up
         else:
-            h = act(up)
+            h = act(Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, cfg.mlp_bias, name="up_proj")(x))
         return Linear(cfg.hidden_size, ("mlp", "embed"), cfg, cfg.mlp_bias, name="down_proj")(h)
 
 

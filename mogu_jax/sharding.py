@@ -67,7 +67,14 @@ def mesh_shape(sizes: Sequence[int] | dict, n_devices: int) -> tuple[int, int, i
 
 
 def make_mesh(sizes: Sequence[int] | dict = (-1, 1, 1), devices: Optional[Sequence] = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh. Fully given sizes that need fewer devices than there are use the first
+    ones (e.g. (1, 1, 1): a single device)."""
     devices = list(devices if devices is not None else jax.devices())
+    vals = list(sizes.values()) if isinstance(sizes, dict) else list(sizes)
+    if -1 not in vals:
+        n = math.prod(int(v) for v in (mesh_shape(sizes, math.prod(int(v) for v in vals))))
+        if n < len(devices) and jax.process_count() == 1:
+            devices = devices[:n]
     shape = mesh_shape(sizes, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
