@@ -69,7 +69,8 @@ def _add_generate(sub):
 def _add_train(sub):
     p = sub.add_parser("train", help="train one MoGU stage (glad, unwilling, router)")
     p.add_argument("stage", choices=["glad", "unwilling", "router"])
-    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--config", action="append", default=[],
+                   help="YAML config (see configs/); repeat to layer files, later ones win")
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2 optim.lr=1e-4")
 

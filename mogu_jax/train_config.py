@@ -58,6 +58,7 @@ DEFAULTS: dict = {
         "max_steps": None,  # optimizer updates; None: epochs decide
         "batch_size": 8,  # examples per micro-batch (global, over all processes)
         "grad_accum": 1,  # micro-batches per optimizer update
+        "examples_per_update": None,  # if set: grad_accum = examples_per_update / batch_size
         "seed": 0,
         "router_lambda": 2.0,
         "log_every": 1,
@@ -108,6 +109,29 @@ def _merge(base: dict, over: dict, schema: dict, prefix: str = "") -> None:
             base[k] = v
 
 
+def _merge_layer(cfg: dict, data: dict) -> None:
+    """Merge one YAML layer; per_stage sections merge stage by stage (later layers add to earlier ones)."""
+    per = data.pop("per_stage", None)
+    _merge(cfg, data, DEFAULTS)
+    if per is not None:
+        if not isinstance(per, dict):
+            raise MoguError("config key 'per_stage' takes a mapping of stage -> overrides")
+        for st, over in per.items():
+            if st not in STAGES:
+                raise _unknown(f"per_stage.{st}")
+            layered = copy.deepcopy(cfg["per_stage"].get(st) or {})
+            _deep_update(layered, over or {})
+            _merge(cfg["per_stage"], {st: layered}, DEFAULTS["per_stage"], "per_stage.")
+
+
+def _deep_update(a: dict, b: dict) -> None:
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            _deep_update(a[k], v)
+        else:
+            a[k] = v
+
+
 def _parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)
@@ -130,12 +154,13 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             schema = schema[p]
 
 
-def load_config(stage: str, path: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
-    """Defaults <- YAML file <- ``key=value`` overrides; then the stage's ``per_stage`` section applies."""
+def load_config(stage: str, path=None, overrides: Sequence[str] = ()) -> dict:
+    """Defaults <- YAML file(s) (later files win) <- ``key=value`` overrides; then the stage's
+    ``per_stage`` section applies (command-line overrides still win)."""
     if stage not in STAGES:
         raise MoguError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     cfg = copy.deepcopy(DEFAULTS)
-    if path:
+    for path in ([path] if isinstance(path, str) else list(path or [])):
         if not os.path.isfile(path):
             raise MoguError(f"config file {path} does not exist")
         with open(path) as f:
@@ -145,7 +170,7 @@ def load_config(stage: str, path: Optional[str] = None, overrides: Sequence[str]
                 raise MoguError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise MoguError(f"config file {path} must hold a mapping")
-        _merge(cfg, data, DEFAULTS)
+        _merge_layer(cfg, data)
     for item in overrides:
         if "=" not in item:
             raise MoguError(f"override {item!r} is not key=value")
@@ -160,5 +185,11 @@ def load_config(stage: str, path: Optional[str] = None, overrides: Sequence[str]
         key, value = item.split("=", 1)
         if not key.strip().startswith("per_stage."):
             _set_dotted(resolved, key.strip(), _parse_value(value))
+    t = resolved["train"]
+    if t.get("examples_per_update"):
+        n, b = int(t["examples_per_update"]), int(t["batch_size"])
+        if n % b:
+            raise MoguError(f"train.examples_per_update={n} is not a multiple of train.batch_size={b}")
+        t["grad_accum"] = n // b
     resolved["stage"] = stage
     return resolved

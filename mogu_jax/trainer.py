@@ -77,7 +77,7 @@ def load_part(path: str, part: str, cfg):
 def restore_part(path: str, cfg, part: str):
     import orbax.checkpoint as ocp
 
-    from mogu_jax.checkpoint import _validate_tree
+    from mogu_jax.checkpoint import _as_dict, _validate_tree
     from mogu_jax import mogu as mogu_lib
 
     init = mogu_lib.init_router if part == "router" else mogu_lib.init_branch
@@ -86,7 +86,10 @@ def restore_part(path: str, cfg, part: str):
     meta = ck.metadata(os.path.join(path, "params"))
     meta = getattr(meta, "item_metadata", meta)
     _validate_tree(meta, expected, path)
-    return ck.restore(os.path.join(path, "params"))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
+                                    _as_dict(meta))
+    return ck.restore(os.path.join(path, "params"), target)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -229,7 +232,7 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
     done = int(T.host_value(state["step"])) >= total
     paths = {}
     if done:
-        paths = export_stage(out_dir, cfg, stage, T.gather_to_host(state["params"]), lead, base_name=m["base"])
+        paths = export_stage(out_dir, cfg, stage, state["params"], base_name=m["base"])
     return {"stage": stage, "updates": int(T.host_value(state["step"])), "total_updates": total, "last": last,
             "done": done, "out_dir": out_dir, **paths, "cfg": cfg}
 
@@ -240,33 +243,41 @@ def optax_shardings(tx, opt_shape, param_sh, rep):
                                  is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
-def export_stage(out_dir: str, cfg, stage: str, trained: dict, lead: bool, base_name: str = "") -> dict:
-    """final/<part>/ (orbax + stage.json) and published/ (PEFT folder or router.pth), atomically."""
+def export_stage(out_dir: str, cfg, stage: str, trained, base_name: str = "") -> dict:
+    """final/<part>/ (orbax, every process takes part; stage.json written last marks it complete) and
+    published/ (PEFT folder or router.pth, written atomically by process 0), then DONE."""
     import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
 
     from mogu_jax.convert import mogu_artifacts as art
     from mogu_jax.io_utils import atomic_dir
 
-    final = os.path.join(out_dir, "final", stage)
+    lead = jax.process_index() == 0
+    final = os.path.abspath(os.path.join(out_dir, "final", stage))
     pub = os.path.join(out_dir, "published")
-    if not lead:
-        return {"final": final, "published": pub}
-    with atomic_dir(final, overwrite=True) as tmp:
-        ck = ocp.StandardCheckpointer()
-        ck.save(os.path.join(tmp, "params"), trained)
-        ck.wait_until_finished()
-        with open(os.path.join(tmp, "stage.json"), "w") as f:
+    host = T.gather_to_host(trained)  # a collective: every process calls it
+    if lead and os.path.exists(final):
+        shutil.rmtree(final)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mogu-export-clean")
+    ck = ocp.StandardCheckpointer()
+    ck.save(os.path.join(final, "params"), trained)
+    ck.wait_until_finished()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mogu-export-saved")
+    if lead:
+        with open(os.path.join(final, "stage.json"), "w") as f:
             json.dump({"stage": stage, "model_config": cfg.to_dict()}, f, indent=2)
-    with atomic_dir(pub, overwrite=True) as tmp:
-        if stage == "router":
-            try:
-                art.write_router(os.path.join(tmp, "router.pth"), trained, cfg)
-            except MoguError:  # no torch: the same keys in safetensors
-                art.write_router(os.path.join(tmp, "router.safetensors"), trained, cfg)
-        else:
-            art.write_peft_adapter(os.path.join(tmp, stage), trained, cfg, base_name)
-    with open(os.path.join(out_dir, DONE), "w") as f:
-        f.write(stage + "\n")
+        with atomic_dir(pub, overwrite=True) as tmp:
+            if stage == "router":
+                try:
+                    art.write_router(os.path.join(tmp, "router.pth"), host, cfg)
+                except MoguError:  # no torch: the same keys in safetensors
+                    art.write_router(os.path.join(tmp, "router.safetensors"), host, cfg)
+            else:
+                art.write_peft_adapter(os.path.join(tmp, stage), host, cfg, base_name)
+        with open(os.path.join(out_dir, DONE), "w") as f:
+            f.write(stage + "\n")
     return {"final": final, "published": pub}
 
 

@@ -1,0 +1,178 @@
+"""Checks on the seed instruction lists shipped as package data in ``mogu_jax.seeds``."""
+
+import json
+import re
+from importlib import resources
+
+import pytest
+
+SEEDS = "mogu_jax.seeds"
+
+CATEGORIES = {
+    "weapons_explosives",
+    "cybercrime",
+    "fraud",
+    "drugs",
+    "violence",
+    "hate_harassment",
+    "privacy",
+    "self_harm",
+    "theft",
+    "terrorism_extremism",
+    "child_safety",
+    "misinformation",
+}
+REFUSAL_KEYWORDS = ("I'm sorry", "I can't", "I cannot", "I won't", "I am unable")
+SPLIT_KINDS = ("benign", "malicious", "contrast")
+
+
+def load(name):
+    text = resources.files(SEEDS).joinpath(name).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def norm(s):
+    return " ".join(s.lower().split())
+
+
+@pytest.fixture(scope="module")
+def seeds():
+    return {
+        "benign": load("benign.json"),
+        "malicious": load("malicious.json"),
+        "contrast": load("contrast.json"),
+        "templates": load("jailbreak_templates.json"),
+        "refusals": load("refusals.json"),
+        "openings": load("affirmative_openings.json"),
+        "splits": load("splits.json"),
+    }
+
+
+def all_strings(seeds):
+    """Every text in the seed files, tagged by file."""
+    out = []
+    for kind in SPLIT_KINDS:
+        out += [(kind, row["instruction"]) for row in seeds[kind]]
+    for kind in ("templates", "refusals", "openings"):
+        out += [(kind, s) for s in seeds[kind]]
+    return out
+
+
+def test_files_are_package_data():
+    names = {p.name for p in resources.files(SEEDS).iterdir()}
+    for name in (
+        "benign.json",
+        "malicious.json",
+        "contrast.json",
+        "jailbreak_templates.json",
+        "refusals.json",
+        "affirmative_openings.json",
+        "splits.json",
+        "README.md",
+    ):
+        assert name in names
+
+
+def test_counts(seeds):
+    assert len(seeds["benign"]) >= 170
+    assert len(seeds["malicious"]) >= 170
+    assert len(seeds["contrast"]) >= 70
+    assert 8 <= len(seeds["templates"]) <= 12
+    assert len(seeds["refusals"]) >= 40
+    assert len(seeds["openings"]) >= 20
+
+
+def test_row_shapes(seeds):
+    for row in seeds["benign"]:
+        assert set(row) == {"instruction"}
+    for row in seeds["malicious"]:
+        assert set(row) == {"instruction", "category"}
+    for row in seeds["contrast"]:
+        assert set(row) == {"instruction", "trigger"}
+    for kind in ("templates", "refusals", "openings"):
+        assert all(isinstance(s, str) for s in seeds[kind])
+
+
+def test_text_hygiene(seeds):
+    for kind, s in all_strings(seeds):
+        assert s, kind
+        assert s == s.strip(), (kind, s)
+        assert "\n" not in s and "\r" not in s and "\t" not in s, (kind, s)
+        assert "  " not in s, (kind, s)
+        assert s.isascii(), (kind, s)
+
+
+def test_instruction_lengths(seeds):
+    for kind in SPLIT_KINDS:
+        lengths = [len(row["instruction"].split()) for row in seeds[kind]]
+        assert min(lengths) >= 3, kind
+        assert max(lengths) <= 40, kind
+        # mostly 5-25 words
+        in_range = sum(5 <= n <= 25 for n in lengths)
+        assert in_range / len(lengths) >= 0.9, kind
+
+
+def test_no_duplicates_within_and_across_files(seeds):
+    seen = {}
+    for kind, s in all_strings(seeds):
+        key = norm(s)
+        assert key not in seen, f"duplicate {s!r} in {kind} (already in {seen.get(key)})"
+        seen[key] = kind
+
+
+def test_malicious_categories(seeds):
+    counts = {}
+    for row in seeds["malicious"]:
+        assert row["category"] in CATEGORIES, row
+        counts[row["category"]] = counts.get(row["category"], 0) + 1
+    assert set(counts) == CATEGORIES
+    assert min(counts.values()) >= 8, counts
+
+
+def test_contrast_rows_contain_trigger(seeds):
+    for row in seeds["contrast"]:
+        assert row["trigger"], row
+        assert row["trigger"].lower() in row["instruction"].lower(), row
+    # enough distinct triggers to be a real contrast set
+    assert len({row["trigger"].lower() for row in seeds["contrast"]}) >= 30
+
+
+def test_templates_have_one_slot(seeds):
+    for t in seeds["templates"]:
+        assert t.count("{instruction}") == 1, t
+        # no other format fields
+        assert re.sub(r"\{instruction\}", "", t).count("{") == 0, t
+        assert re.sub(r"\{instruction\}", "", t).count("}") == 0, t
+        wrapped = t.format(instruction="Describe the moon.")
+        assert "Describe the moon." in wrapped
+        assert "{" not in wrapped
+
+
+def test_refusals_start_with_refusal_keyword(seeds):
+    for r in seeds["refusals"]:
+        head = r[:40]
+        assert any(k in head for k in REFUSAL_KEYWORDS), r
+
+
+def test_refusals_distinct_from_openings(seeds):
+    for o in seeds["openings"]:
+        assert not any(k in o for k in REFUSAL_KEYWORDS), o
+
+
+def test_splits(seeds):
+    splits = seeds["splits"]
+    for kind in SPLIT_KINDS:
+        n = len(seeds[kind])
+        train, held = splits[kind]["train"], splits[kind]["heldout"]
+        assert all(isinstance(i, int) for i in train + held)
+        assert len(set(train)) == len(train) and len(set(held)) == len(held)
+        assert not set(train) & set(held), kind
+        assert set(train) | set(held) == set(range(n)), kind
+        share = len(held) / n
+        assert 0.15 <= share <= 0.25, (kind, share)
+
+
+def test_malicious_heldout_covers_every_category(seeds):
+    held = seeds["splits"]["malicious"]["heldout"]
+    cats = {seeds["malicious"][i]["category"] for i in held}
+    assert cats == CATEGORIES

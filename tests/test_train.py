@@ -1,0 +1,337 @@
+"""The three training stages: losses against a per-example PyTorch loop, meshes, frozen weights,
+optimizer state, exact resume after SIGKILL, two processes, learning, and bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from mogu_jax import data as D
+from mogu_jax import train as T
+from mogu_jax.cli import main
+from mogu_jax.config import ModelConfig
+from mogu_jax.convert import mogu_artifacts as art
+from mogu_jax.convert.hf import params_from_source
+from mogu_jax.convert.sources import HFDirSource
+from mogu_jax.train_config import load_config
+from mogu_jax.trainer import restore_part, run_stage
+from test_mogu import random_mogu, torch_reference
+from tiny_models import make_hf_model, save_hf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _words(r, n):
+    return " ".join(f"w{r.randrange(4, 120)}" for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import random
+    root = tmp_path_factory.mktemp("train")
+    hf = str(root / "hf")
+    save_hf("llama_gqa", hf)
+    r = random.Random(0)
+    with open(root / "pairs.jsonl", "w") as f:
+        for _ in range(24):
+            f.write(json.dumps({"instruction": _words(r, r.randrange(3, 9)),
+                                "affirmative": "w10 w11 " + _words(r, r.randrange(2, 8)),
+                                "refusal": "w20 w21 " + _words(r, 3)}) + "\n")
+    with open(root / "router.jsonl", "w") as f:
+        for i in range(32):
+            lab = i % 2
+            f.write(json.dumps({"instruction": ("w50 " if lab else "w60 ") + _words(r, r.randrange(3, 9)),
+                                "output": ("w20 w21 " if lab else "w10 w11 ") + _words(r, 3), "label": lab}) + "\n")
+    src = HFDirSource(hf)
+    cfg = ModelConfig.from_hf(src.hf_config())
+    base = params_from_source(src, cfg, finish=lambda _, a: jnp.asarray(a))
+    return {"root": root, "hf": hf, "pairs": str(root / "pairs.jsonl"), "router": str(root / "router.jsonl"),
+            "cfg": cfg, "base": base, "tok": src.tokenizer()}
+
+
+def _conf(world, stage, out, *extra):
+    over = [f"model.base={world['hf']}", f"data.glad.jsonl={world['pairs']}",
+            f"data.unwilling.jsonl={world['pairs']}", f"data.router.jsonl={world['router']}",
+            f"output.dir={out}", "train.batch_size=8", "output.tensorboard=false", *extra]
+    return load_config(stage, None, over)
+
+
+# ------------------------------------------------------------------ losses vs a per-example reference
+def _ce(logits, tokens, loss_mask):
+    lp = torch.log_softmax(torch.tensor(logits, dtype=torch.float64), -1).numpy()
+    idx = np.nonzero(loss_mask)[0]
+    return float(np.mean([-lp[t - 1, tokens[t]] for t in idx]))
+
+
+@pytest.mark.parametrize("stage", ["glad", "unwilling", "router"])
+def test_stage_loss_equals_per_example_reference(world, stage, tmp_path):
+    cfg, tok = world["cfg"], world["tok"]
+    rows = D.load_stage_data(stage, world["router"] if stage == "router" else world["pairs"])
+    data = D.tokenize_stage(stage, rows, tok, max_len=1024)
+    batch = next(D.StageLoader(data, 8, seed=3))
+    params = random_mogu(cfg, world["base"], seed=1, router_std=0.5)
+    frozen = {k: v for k, v in params.items() if k != stage}
+    total, stats = T.stage_loss_fn(cfg, stage, 2.0)(params[stage], frozen, batch)
+    ours = float(total) / float(stats["weight"])
+
+    per = []
+    if stage == "router":
+        hf = make_hf_model("llama_gqa")
+        for i in range(8):
+            m = batch["attn_mask"][i]
+            toks = batch["tokens"][i][m]
+            logits, a, b = torch_reference(hf, cfg, params, toks[None], cfg.router_layer_ids)
+            lab = int(batch["label"][i])
+            mse = np.mean((a - lab) ** 2) + np.mean((b - (1 - lab)) ** 2)
+            per.append(_ce(logits[0], toks, batch["loss_mask"][i][m]) + 2.0 * mse)
+    else:
+        from peft import PeftModel
+        art.write_peft_adapter(str(tmp_path / stage), jax.tree_util.tree_map(np.asarray, params[stage]), cfg)
+        pm = PeftModel.from_pretrained(make_hf_model("llama_gqa"), str(tmp_path / stage))
+        for i in range(8):
+            ce = {}
+            for half in ("affirm", "refusal"):
+                h = batch[half]
+                m = h["attn_mask"][i]
+                toks = h["tokens"][i][m]
+                with torch.no_grad():
+                    logits = pm(torch.tensor(toks[None], dtype=torch.long)).logits[0].numpy()
+                ce[half] = _ce(logits, toks, h["loss_mask"][i][m])
+            per.append(ce["affirm"] / ce["refusal"] if stage == "glad" else ce["refusal"] / ce["affirm"])
+    w = batch["weight"]
+    ref = float(np.sum(np.asarray(per) * w) / np.sum(w))
+    assert abs(ours - ref) <= 1e-5, (ours, ref)
+
+
+def test_short_batch_weights_and_accumulation_average(world):
+    """Gradient accumulation over micro-batches = one big batch: the mean of the per-example losses."""
+    cfg, tok = world["cfg"], world["tok"]
+    data = D.tokenize_stage("glad", D.load_stage_data("glad", world["pairs"]), tok)
+    big = next(D.StageLoader(data, 8, seed=5, shuffle=False))
+    halves = [next(it) for it in [iter(D.StageLoader(data, 4, seed=5, shuffle=False))] for _ in range(2)]
+    params = random_mogu(cfg, world["base"], seed=2)
+    fn = T.stage_loss_fn(cfg, "glad")
+    g = jax.grad(lambda p, b: fn(p, {"base": world["base"]}, b)[0])
+    g_big = g(params["glad"], big)
+    g_acc = jax.tree_util.tree_map(jnp.add, g(params["glad"], halves[0]), g(params["glad"], halves[1]))
+    for x, y in zip(jax.tree_util.tree_leaves(g_big), jax.tree_util.tree_leaves(g_acc)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+# ------------------------------------------------------------------ meshes, frozen weights, optimizer state
+def _final(out, stage, cfg):
+    return jax.tree_util.tree_map(np.asarray, restore_part(os.path.join(out, "final", stage), cfg, stage))
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_meshes_give_the_same_training(world, tmp_path):
+    results = {}
+    for mesh in [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4)]:
+        out = str(tmp_path / ("glad_%d%d%d" % mesh))
+        conf = _conf(world, "glad", out, "train.max_steps=3", "optim.lr=1e-2", f"mesh.data={mesh[0]}",
+                     f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}")
+        res = run_stage(conf, progress=False)
+        assert res["done"] and res["updates"] == 3
+        results[mesh] = (_losses(out), _final(out, "glad", res["cfg"]))
+    ref_losses, ref_params = results[(1, 1, 1)]
+    assert float(np.abs(ref_params["B"]).max()) > 0  # training moved B away from zero
+    for mesh, (losses, params) in results.items():
+        np.testing.assert_allclose(losses, ref_losses, atol=1e-5, err_msg=str(mesh))
+        for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params)):
+            np.testing.assert_allclose(x, y, atol=1e-5, err_msg=str(mesh))
+
+
+def test_only_the_trainable_subtree_changes(world):
+    from mogu_jax.sharding import make_mesh, param_logical_axes, replicated, tree_shardings
+    from mogu_jax.trainer import optax_shardings
+    cfg = world["cfg"]
+    params = random_mogu(cfg, world["base"], seed=4)
+    mesh = make_mesh((2, 2, 2))
+    tx = T.make_optimizer({"lr": 1e-2, "b1": 0.9, "b2": 0.999, "eps": 1e-6}, 10)
+    frozen = {k: params[k] for k in ("base", "glad", "unwilling")}
+    before = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), frozen)
+    f_sh = tree_shardings(param_logical_axes(cfg, ("glad", "unwilling")), frozen, mesh)
+    t_sh = tree_shardings(param_logical_axes(cfg, ("router",))["router"], params["router"], mesh)
+    opt_shape = jax.eval_shape(tx.init, params["router"])
+    state_sh = {"params": t_sh, "opt_state": optax_shardings(tx, opt_shape, t_sh, replicated(mesh)),
+                "step": replicated(mesh)}
+    frozen_g = T.to_global(frozen, f_sh)
+    trainable = T.to_global(jax.tree_util.tree_map(np.asarray, params["router"]), t_sh)
+    state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.asarray(0, jnp.int32)}
+    # the optimizer state holds moments for the router leaves only (plus step counters)
+    opt_leaves = [x for x in jax.tree_util.tree_leaves(state["opt_state"]) if np.ndim(x) > 0]
+    router_shapes = sorted(x.shape for x in jax.tree_util.tree_leaves(params["router"]))
+    assert sorted(x.shape for x in opt_leaves) == sorted(router_shapes * 2)
+    fns = T.StepFns(cfg, "router", tx, mesh, state_sh, f_sh)
+    data = D.tokenize_stage("router", D.load_stage_data("router", world["router"]), world["tok"])
+    batch = T.local_batch_to_global(next(D.StageLoader(data, 8)), mesh)
+    old_router = jax.tree_util.tree_map(np.asarray, params["router"])
+    state, stats = fns.step(state, frozen_g, [batch])
+    state, stats = fns.step(state, frozen_g, [batch])
+    assert int(state["step"]) == 2
+    changed = [not np.array_equal(np.asarray(a), b) for a, b in
+               zip(jax.tree_util.tree_leaves(state["params"]), jax.tree_util.tree_leaves(old_router))]
+    assert all(changed)
+    for a, b in zip(jax.tree_util.tree_leaves(frozen_g), jax.tree_util.tree_leaves(before)):
+        assert np.asarray(a).tobytes() == b.tobytes()
+
+
+def _hash_dir(d):
+    import hashlib
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(d)):
+        for n in sorted(files):
+            h.update(n.encode())
+            h.update(open(os.path.join(root, n), "rb").read())
+    return h.hexdigest()
+
+
+def test_router_stage_learns_and_exports(world, tmp_path):
+    base_hash = _hash_dir(world["hf"])
+    glad = str(tmp_path / "glad")
+    run_stage(_conf(world, "glad", glad, "train.max_steps=2", "mesh.data=1"), progress=False)
+    unw = str(tmp_path / "unwilling")
+    run_stage(_conf(world, "unwilling", unw, "train.max_steps=2", "mesh.data=1"), progress=False)
+    inputs_hash = (_hash_dir(os.path.join(glad, "final")), _hash_dir(os.path.join(unw, "published")))
+    out = str(tmp_path / "router")
+    res = run_stage(_conf(world, "router", out, "train.epochs=8", "optim.lr=5e-3", "mesh.data=2", "mesh.fsdp=2",
+                          "mesh.tensor=2", f"inputs.glad={glad}",
+                          f"inputs.unwilling={os.path.join(unw, 'published', 'unwilling')}"), progress=False)
+    last = res["last"]
+    first = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    assert last["a_malicious"] > last["a_benign"] + 0.5 and last["b_benign"] > last["b_malicious"] + 0.5
+    assert last["loss"] < first["loss"]
+    # the published router file has the published keys; inputs and base were read, never written
+    sd = torch.load(os.path.join(out, "published", "router.pth"), weights_only=True)
+    assert "model.routers.1.beta_.linear_2.bias" in sd
+    assert _hash_dir(world["hf"]) == base_hash
+    assert (_hash_dir(os.path.join(glad, "final")), _hash_dir(os.path.join(unw, "published"))) == inputs_hash
+    assert os.path.isfile(os.path.join(out, "DONE"))
+
+
+# ------------------------------------------------------------------ exact resume after SIGKILL
+def _cli(world, stage, out, *extra):
+    return [sys.executable, "-m", "mogu_jax.cli", "train", stage, f"model.base={world['hf']}",
+            f"data.{stage}.jsonl={world['pairs']}", f"output.dir={out}", "train.batch_size=8",
+            "output.tensorboard=false", *extra]
+
+
+def test_resume_after_sigkill_is_bit_identical(world, tmp_path):
+    extra = ["train.max_steps=40", "train.epochs=20", "checkpoint.every=3", "mesh.data=1", "optim.lr=1e-2"]
+    full = str(tmp_path / "full")
+    subprocess.run(_cli(world, "glad", full, *extra), check=True, capture_output=True, cwd=REPO)
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen(_cli(world, "glad", killed, *extra), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO)
+    metrics = os.path.join(killed, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(metrics) and sum(1 for _ in open(metrics)) >= 10:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "DONE"))
+    r = subprocess.run(_cli(world, "glad", killed, *extra, "--resume"), capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    cfg = ModelConfig.from_dict(json.load(open(os.path.join(full, "final", "glad", "stage.json")))["model_config"])
+    a, b = _final(full, "glad", cfg), _final(killed, "glad", cfg)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert x.tobytes() == y.tobytes()
+
+
+# ------------------------------------------------------------------ two processes
+def test_two_processes_equal_one(world, tmp_path):
+    extra = ["train.max_steps=3", "optim.lr=1e-2"]
+    one = str(tmp_path / "one")
+    res = run_stage(_conf(world, "glad", one, *extra), progress=False)  # 8 devices in this process
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = str(tmp_path / "two")
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   MOGU_COORDINATOR=f"127.0.0.1:{port}", MOGU_NUM_PROCESSES="2", MOGU_PROCESS_ID=str(pid))
+        log = open(tmp_path / f"proc{pid}.log", "w")  # files, not pipes: a full pipe would stall a collective
+        procs.append(subprocess.Popen(_cli(world, "glad", two, *extra), env=env, cwd=REPO, stdout=log,
+                                      stderr=subprocess.STDOUT))
+    for p in procs:
+        p.wait(timeout=300)
+    logs = [open(tmp_path / f"proc{pid}.log").read()[-2000:] for pid in range(2)]
+    assert all(p.returncode == 0 for p in procs), logs
+    np.testing.assert_allclose(_losses(two), _losses(one), atol=1e-5)
+    a, b = _final(one, "glad", res["cfg"]), _final(two, "glad", res["cfg"])
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+# ------------------------------------------------------------------ bad input and faults
+def _fails(capsys, argv, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = [ln for ln in err.splitlines() if "mogu-jax: error:" in ln]
+    assert len(line) == 1, err
+    for n in needles:
+        assert n in line[0], line[0]
+
+
+def _train_argv(world, stage, out, *extra):
+    return ["train", stage, f"model.base={world['hf']}", f"data.{stage}.jsonl={world['pairs']}",
+            f"output.dir={out}", "train.batch_size=8", "output.tensorboard=false", *extra]
+
+
+def test_bad_config_and_data(world, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    _fails(capsys, _train_argv(world, "glad", out, "optim.learnig_rate=1"), "optim.learnig_rate", "did you mean")
+    _fails(capsys, _train_argv(world, "glad", out, "trian.epochs=1"), "'train.epochs'")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "w5", "affirmative": "", "refusal": "w6"}) + "\n")
+    _fails(capsys, ["train", "glad", f"model.base={world['hf']}", f"data.glad.jsonl={bad}", f"output.dir={out}"],
+           "bad.jsonl", "affirmative")
+    a, r = tmp_path / "a.json", tmp_path / "r.json"
+    a.write_text(json.dumps([{"instruction": "w5 w6", "output": "w7"}, {"instruction": "w8", "output": "w9"}]))
+    r.write_text(json.dumps([{"instruction": "w5 w6", "output": "w10"}]))
+    _fails(capsys, ["train", "glad", f"model.base={world['hf']}", f"data.glad.affirm={a}", f"data.glad.reject={r}",
+                    f"output.dir={out}"], "r.json")
+    assert not os.path.exists(out)
+
+
+def test_mismatched_inputs_for_the_router_stage(world, tmp_path, capsys):
+    from test_mogu import peft_adapter
+    peft_adapter(make_hf_model("llama_gqa"), str(tmp_path / "r4"), seed=1, r=4)
+    out = str(tmp_path / "out")
+    _fails(capsys, ["train", "router", f"model.base={world['hf']}", f"data.router.jsonl={world['router']}",
+                    f"inputs.glad={tmp_path / 'r4'}", f"inputs.unwilling={tmp_path / 'r4'}", f"output.dir={out}",
+                    "train.batch_size=8"], "r=4", "r=8")
+    peft_adapter(make_hf_model("smollm2_like"), str(tmp_path / "wide"), seed=1)
+    _fails(capsys, ["train", "router", f"model.base={world['hf']}", f"data.router.jsonl={world['router']}",
+                    f"inputs.glad={tmp_path / 'wide'}", f"inputs.unwilling={tmp_path / 'wide'}",
+                    f"output.dir={out}", "train.batch_size=8"], "lora_A.weight", "shape")
+    assert not os.path.exists(os.path.join(out, "checkpoints"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, capsys):
+    out = str(tmp_path / "nan")
+    _fails(capsys, _train_argv(world, "glad", out, "optim.lr=1e30", "checkpoint.every=1", "train.max_steps=6",
+                               "mesh.data=1"), "non-finite", "last good checkpoint is update")
+    steps = sorted(int(n) for n in os.listdir(os.path.join(out, "checkpoints")) if n.isdigit())
+    assert steps and max(steps) < 6
+    assert not os.path.exists(os.path.join(out, "DONE")) and not os.path.exists(os.path.join(out, "final"))
+    # the kept checkpoint is complete and restorable: resuming reaches the same NaN, not a broken file
+    _fails(capsys, _train_argv(world, "glad", out, "optim.lr=1e30", "checkpoint.every=1", "train.max_steps=6",
+                               "mesh.data=1", "--resume"), "non-finite")
