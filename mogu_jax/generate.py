@@ -80,6 +80,9 @@ class GenerationOutput:
     steps: int
     finished: list[bool] = dataclasses.field(default_factory=list)  # row hit an EOS
     logits: Optional[list[np.ndarray]] = None
+    # routed decoding: per row {"a": [n_routed, R], "b": [n_routed, R]}, the router weights (unwilling a,
+    # glad b) of each routed layer at the position that produced each routed token
+    router: Optional[list[dict]] = None
 
 
 # ------------------------------------------------------------------------------ forward functions
@@ -101,8 +104,21 @@ class DecodeModel:
     def init_cache(self, batch: int, max_len: int):
         return model_lib.init_cache(self.cfg, batch, max_len)
 
-    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index):
-        return self.fn(params, tokens, positions, kv_mask, cache, cache_index)
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0):
+        """-> (logits, cache, extras): ``extras`` is a per-step pytree of [B, ...] arrays (router weights) or
+        None. ``step``: index of the token this call produces (0 in the prefill); ``aux``: the traced
+        number of routed tokens (used by :class:`RoutedHandoff`)."""
+        out = self.fn(params, tokens, positions, kv_mask, cache, cache_index)
+        return (out[0], out[1], None) if len(out) == 2 else out
+
+    def extras_shape(self, batch: int):
+        """Shapes of the per-step extras (for the buffers), or None."""
+        return None
+
+
+def _router_extras(cfg: ModelConfig, out) -> dict:
+    """Router weights of the last position: {"a": [B, R], "b": [B, R]}."""
+    return {"a": out.alphas[:, :, -1].T, "b": out.betas[:, :, -1].T}
 
 
 class ScanBase(DecodeModel):
@@ -112,10 +128,14 @@ class ScanBase(DecodeModel):
         super().__init__(cfg)
         self.mode = mode
 
-    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index):
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0):
         out = model_lib.forward(self.cfg, params, tokens, positions, kv_mask, cache, cache_index, last_only=True,
                                 mode=self.mode)
-        return out.logits, out.cache
+        return out.logits, out.cache, (_router_extras(self.cfg, out) if self.mode == "routed" else None)
+
+    def extras_shape(self, batch: int):
+        r = len(self.cfg.router_layer_ids)
+        return {"a": (batch, r), "b": (batch, r)} if self.mode == "routed" else None
 
 
 class UnrolledBase(DecodeModel):
@@ -145,10 +165,54 @@ class UnrolledBase(DecodeModel):
     def init_cache(self, batch: int, max_len: int):
         return model_lib.init_cache_unrolled(self.cfg, batch, max_len)
 
-    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index):
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0):
         out = model_lib.forward_unrolled(self.cfg, params, tokens, positions, kv_mask, cache, cache_index,
                                          last_only=True, mode=self.mode)
-        return out.logits, out.cache
+        return out.logits, out.cache, (_router_extras(self.cfg, out) if self.mode == "routed" else None)
+
+    def extras_shape(self, batch: int):
+        r = len(self.cfg.router_layer_ids)
+        return {"a": (batch, r), "b": (batch, r)} if self.mode == "routed" else None
+
+
+class RoutedHandoff(DecodeModel):
+    """MoGU's routed decoding with the published handoff (MOGU_SPEC.md section 3): the first ``aux`` new
+    tokens come from the routed model, the rest from the plain base model continuing from the prompt plus
+    those tokens. Two KV caches: the routed one, and the base model's, which is fed the prompt and every
+    routed token as they are produced, so after the handoff the base model continues exactly as it would
+    from scratch on prompt + routed tokens, without re-reading them. ``lax.cond`` picks the phase per step
+    (``aux`` is traced: changing it does not recompile)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.routed = UnrolledBase(cfg, "routed")
+        self.base = UnrolledBase(cfg, "base")
+
+    def prepare(self, params):
+        return self.routed.prepare(params)
+
+    def init_cache(self, batch: int, max_len: int):
+        return {"routed": self.routed.init_cache(batch, max_len), "base": self.base.init_cache(batch, max_len)}
+
+    def extras_shape(self, batch: int):
+        return self.routed.extras_shape(batch)
+
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0):
+        base_params = model_lib.split_params(params)[0]
+        args = (tokens, positions, kv_mask)
+
+        def both(c):
+            logits, rc, extras = self.routed(params, *args, c["routed"], cache_index)
+            _, bc, _ = self.base(base_params, *args, c["base"], cache_index)
+            return logits, {"routed": rc, "base": bc}, extras
+
+        def base_only(c):
+            logits, bc, _ = self.base(base_params, *args, c["base"], cache_index)
+            shapes = self.extras_shape(tokens.shape[0])
+            zeros = {k: jnp.zeros(v, jnp.float32) for k, v in shapes.items()}
+            return logits, {"routed": c["routed"], "base": bc}, zeros
+
+        return jax.lax.cond(step < aux, both, base_only, cache)
 
 
 @jax.jit
@@ -237,7 +301,7 @@ class _Compiled:
         self._last = (leaves, prepared)
         return prepared
 
-    def _prefill(self, params, tokens, mask, cache, seed, temperature, top_p, eos_ids, pad_id, live, *, n_new):
+    def _prefill(self, params, tokens, mask, cache, seed, temperature, top_p, eos_ids, pad_id, live, aux, *, n_new):
         """tokens/mask [B, P] (left-padded), cache with P + n_new slots -> (first token [B], done [B],
         its logits [B, V], cache). ``live`` [B] is False for the rows that only pad the batch bucket."""
         COMPILE_COUNTS["prefill"] += 1
@@ -245,16 +309,16 @@ class _Compiled:
         positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
         # Causality over cache slots hides the slots after the prompt, so they may count as valid here.
         kv_mask = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_new), bool)], axis=1)
-        logits, cache = self.dm(params, tokens, positions, kv_mask, cache, 0)
+        logits, cache, extras = self.dm(params, tokens, positions, kv_mask, cache, 0, step=0, aux=aux)
         last = logits[:, -1].astype(jnp.float32)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
         tok = sample_logits(last, key, temperature, top_p)
         tok = jnp.where(live, tok, pad_id)
         done = _is_eos(tok, eos_ids) | ~live
-        return tok, done, last, cache
+        return tok, done, last, extras, cache
 
-    def _decode(self, params, cache, mask, tok0, done0, last0, max_new, seed, temperature, top_p, eos_ids,
-                pad_id, *, n_new: int, with_logits: bool = False, progress: bool = False):
+    def _decode(self, params, cache, mask, tok0, done0, last0, extras0, max_new, seed, temperature, top_p, eos_ids,
+                pad_id, aux, *, n_new: int, with_logits: bool = False, progress: bool = False):
         """The decode loop. mask [B, P] is the prompt mask, ``n_new`` the (static) number of new-token slots.
         Returns (tokens [B, n_new], steps, logits [B, n_new, V] or None, cache); the cache is returned so its
         donated buffer is updated in place (and so a caller may continue from it)."""
@@ -271,15 +335,24 @@ class _Compiled:
         logit_buf = None
         if with_logits:
             logit_buf = jnp.zeros((b, n, last0.shape[-1]), jnp.float32).at[:, 0].set(last0)
+        # per-step extras (router weights of each produced token): [B, n, ...] buffers
+        ex_buf = None
+        if extras0 is not None:
+            ex_buf = jax.tree_util.tree_map(
+                lambda x: jnp.zeros((b, n) + x.shape[1:], x.dtype).at[:, 0].set(x), extras0)
 
         def cond(state):
-            i, _, _, _, done, _ = state
+            i, _, _, _, done, _, _ = state
             return (i < max_new) & ~jnp.all(done)
 
         def body(state):
-            i, cache, prev, out, done, logit_buf = state
+            i, cache, prev, out, done, logit_buf, ex_buf = state
             positions = (start + i - 1)[:, None]
-            logits, cache = self.dm(params, prev[:, None], positions, kv_mask, cache, p + i - 1)
+            logits, cache, extras = self.dm(params, prev[:, None], positions, kv_mask, cache, p + i - 1, step=i,
+                                            aux=aux)
+            if ex_buf is not None:
+                ex_buf = jax.tree_util.tree_map(
+                    lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], i, axis=1), ex_buf, extras)
             last = logits[:, -1].astype(jnp.float32)
             tok = sample_logits(last, jax.random.fold_in(base_key, i), temperature, top_p)
             tok = jnp.where(done, pad_id, tok)
@@ -289,15 +362,20 @@ class _Compiled:
             done = done | _is_eos(tok, eos_ids)
             if progress:
                 jax.debug.callback(_progress_tick, i + 1)
-            return i + 1, cache, tok, out, done, logit_buf
+            return i + 1, cache, tok, out, done, logit_buf, ex_buf
 
-        state = (jnp.asarray(1, jnp.int32), cache, tok0, out, done0, logit_buf)
-        steps, cache, _, out, _, logit_buf = jax.lax.while_loop(cond, body, state)
+        state = (jnp.asarray(1, jnp.int32), cache, tok0, out, done0, logit_buf, ex_buf)
+        steps, cache, _, out, _, logit_buf, ex_buf = jax.lax.while_loop(cond, body, state)
         steps = jnp.minimum(steps, max_new)
-        return out, steps, logit_buf, cache
+        return out, steps, logit_buf, ex_buf, cache
 
 
 _COMPILED: dict = {}
+
+
+@functools.lru_cache(maxsize=None)
+def handoff_forward(cfg: ModelConfig) -> DecodeModel:
+    return RoutedHandoff(cfg)
 
 
 def _compiled(cfg: ModelConfig, forward, mode: str = "base") -> _Compiled:
@@ -343,7 +421,8 @@ def resolve_pad(cfg: ModelConfig, pad_id, eos: Sequence[int]) -> int:
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_ids=None, pad_id=None,
              progress: bool = False, forward: Optional[Forward] = None,
-             return_logits: bool = False, mode: str = "base") -> GenerationOutput:
+             return_logits: bool = False, mode: str = "base",
+             routed_tokens: Optional[int] = None) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids), as one batch.
 
     Greedy when ``temperature == 0``, else temperature + top-p sampling from ``seed``. Each row stops at
@@ -351,6 +430,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     ``pad_id`` until all rows are done. ``forward`` replaces the base model (see the module doc).
     ``return_logits`` also returns the logits each token was chosen from (a separate compilation).
     ``mode``: the MoGU mode every token is decoded in (``params`` must hold the parts it needs).
+    ``routed_tokens`` (with ``mode="routed"``): MoGU's handoff — only the first ``routed_tokens`` new tokens
+    are routed, then the plain base model continues (None or >= max_new_tokens: every token routed).
+    In routed mode the output carries the router weights of the routed tokens (``router``).
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -389,6 +471,12 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
     if forward is None:
         model_lib.mogu_inputs(cfg, mode, model_lib.split_params(params)[1])  # clear error for missing parts
+    handoff = mode == "routed" and routed_tokens is not None and routed_tokens < max_new_tokens
+    if routed_tokens is not None and routed_tokens < 0:
+        raise MoguError(f"routed_tokens must be >= 0, got {routed_tokens}")
+    if handoff and forward is None:
+        forward = handoff_forward(cfg)
+    n_routed = (routed_tokens if handoff else max_new_tokens) if mode == "routed" else 0
     comp = _compiled(cfg, forward, mode)
     run_params = comp.prepared(params)
     cache = comp.dm.init_cache(b, p + n)
@@ -397,8 +485,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     top_p_a = np.asarray(top_p, np.float32)
     pad_a = np.asarray(pad, np.int32)
 
-    tok0, done0, last0, cache = comp.prefill(run_params, tokens, mask, cache, seed_a, temp_a, top_p_a, eos_arr,
-                                             pad_a, live, n_new=n)
+    aux = np.asarray(n_routed, np.int32)
+    tok0, done0, last0, extras0, cache = comp.prefill(run_params, tokens, mask, cache, seed_a, temp_a, top_p_a,
+                                                      eos_arr, pad_a, live, aux, n_new=n)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -407,10 +496,10 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
         bar.update(1)
         _PROGRESS_BAR[0] = bar
     try:
-        out, steps, logits, cache = comp.decode(run_params, cache, mask, tok0, done0, last0,
-                                                np.asarray(max_new_tokens, np.int32), seed_a, temp_a, top_p_a,
-                                                eos_arr, pad_a, n_new=n, with_logits=return_logits,
-                                                progress=progress)
+        out, steps, logits, ex_buf, cache = comp.decode(run_params, cache, mask, tok0, done0, last0, extras0,
+                                                        np.asarray(max_new_tokens, np.int32), seed_a, temp_a,
+                                                        top_p_a, eos_arr, pad_a, aux, n_new=n,
+                                                        with_logits=return_logits, progress=progress)
         out = np.asarray(out)
         steps = int(steps)
         del cache
@@ -433,7 +522,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     if return_logits:
         logits = np.asarray(logits)
         logit_rows = [logits[r, : len(rows[r])] for r in range(n_rows)]
-    return GenerationOutput(tokens=rows, steps=steps, finished=finished, logits=logit_rows)
+    router_rows = None
+    if ex_buf is not None and mode == "routed":
+        ex = jax.tree_util.tree_map(np.asarray, ex_buf)
+        router_rows = [{k: v[r, : min(len(rows[r]), n_routed)] for k, v in ex.items()} for r in range(n_rows)]
+    return GenerationOutput(tokens=rows, steps=steps, finished=finished, logits=logit_rows, router=router_rows)
 
 
 # ------------------------------------------------------------------------------------ from text
@@ -443,7 +536,8 @@ def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[st
     generate in batches of ``batch_size`` (prompts of similar length batched together), decode.
 
     Returns, in input order, ``{"response": str, "tokens": int, "finished": bool}`` (``tokens`` counts the
-    generated tokens, EOS included; ``finished``: the model emitted an EOS). Extra keyword arguments go to
+    generated tokens, EOS included; ``finished``: the model emitted an EOS; in routed mode also ``router``:
+    the per-token, per-layer router weights of the routed tokens). Extra keyword arguments go to
     :func:`generate`; ``progress`` shows a bar over batches.
     """
     from mogu_jax.templates import encode_prompt, format_prompt
@@ -470,8 +564,10 @@ def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[st
         it = tqdm(batches, desc="generating", unit="batch")
     for bi, idx in enumerate(it):
         out = generate(cfg, params, [encoded[i] for i in idx], seed=seed + bi, **kw)
-        for i, toks, fin in zip(idx, out.tokens, out.finished):
+        for j, (i, toks, fin) in enumerate(zip(idx, out.tokens, out.finished)):
             text_toks = toks[:-1] if toks and toks[-1] in eos_set else toks
             results[i] = {"response": tokenizer.decode(text_toks, skip_special_tokens=True), "tokens": len(toks),
                           "finished": fin}
+            if out.router is not None:
+                results[i]["router"] = out.router[j]  # {"a": [n_routed, R], "b": ...}
     return results  # type: ignore[return-value]

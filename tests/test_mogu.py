@@ -351,3 +351,43 @@ def test_cached_generation_in_mode_equals_full_recompute(tiny, mode):
         assert got == seq[len(prompt):]
     base_out = generate(sub, p, prompts, max_new_tokens=6, eos_ids=(), mode="base")
     assert base_out.tokens != out.tokens  # the mode really changed the decoding
+
+
+@pytest.mark.parametrize("m", [0, 2, 5])
+def test_routed_handoff_equals_base_from_scratch(tiny, m):
+    """The first m tokens routed, then the base model: the continuation equals the base model's own
+    greedy continuation of prompt + routed tokens, computed from scratch."""
+    from mogu_jax.generate import compile_count, generate
+    _, cfg, base = tiny
+    p = random_mogu(cfg, base, router_std=1.0, seed=7)
+    prompts = [[5, 9, 33, 4], [7, 100, 12, 18, 19, 20, 3], [44, 45]]
+    out = generate(cfg, p, prompts, max_new_tokens=10, eos_ids=(), mode="routed", routed_tokens=m)
+    allr = generate(cfg, p, prompts, max_new_tokens=10, eos_ids=(), mode="routed")
+    for prompt, got, every in zip(prompts, out.tokens, allr.tokens):
+        assert got[:m] == every[:m]  # the routed phase is the routed model's
+        cont = generate(cfg, p, [prompt + got[:m]], max_new_tokens=10 - m, eos_ids=(), mode="base").tokens[0]
+        assert got[m:] == cont
+    # router telemetry: one [R] row of a and b per routed token
+    assert out.router[0]["a"].shape == (m, cfg.num_layers)
+    if m:
+        np.testing.assert_allclose(out.router[0]["a"], allr.router[0]["a"][:m], atol=1e-6)
+    # a different m reuses the compiled code (m is traced)
+    before = compile_count()
+    generate(cfg, p, prompts, max_new_tokens=10, eos_ids=(), mode="routed", routed_tokens=m + 1)
+    assert compile_count() == before
+
+
+def test_routed_all_equals_stepwise_forward_and_telemetry(tiny):
+    _, cfg, base = tiny
+    from mogu_jax.generate import generate
+    p = random_mogu(cfg, base, router_std=1.0, seed=8)
+    prompt = [5, 9, 33, 4, 8]
+    out = generate(cfg, p, [prompt], max_new_tokens=5, eos_ids=(), mode="routed")
+    seq = list(prompt)
+    a_rows = []
+    for _ in range(5):
+        o = forward(cfg, p, jnp.asarray([seq]), mode="routed")
+        a_rows.append(np.asarray(o.alphas[:, 0, -1]))
+        seq.append(int(jnp.argmax(o.logits[0, -1])))
+    assert out.tokens[0] == seq[len(prompt):]
+    np.testing.assert_allclose(out.router[0]["a"], np.stack(a_rows), atol=1e-5)
