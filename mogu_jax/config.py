@@ -86,6 +86,9 @@ class ModelConfig:
     lora_alpha: float = 16.0
     router_hidden: int = 512
     router_layers: tuple = ()
+    # routed decoding: how many new tokens the routed model produces before the base model takes over
+    # (5 as published for safety-aligned bases; -1 = every token, for bases with no refusal of their own)
+    routed_tokens: int = 5
     # numerics / execution (not part of the checkpoint; chosen at load time)
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype for matmuls; accumulation is always fp32

@@ -1,0 +1,163 @@
+"""End-to-end pieces built from the library: evaluation of base vs MoGU, and the demo on the embedded
+SmolLM2-135M-Instruct (import -> data build -> glad -> unwilling -> router -> evaluation -> export)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Optional
+
+import numpy as np
+
+from mogu_jax.errors import MoguError
+
+
+# -------------------------------------------------------------------------------------- evaluation
+def run_eval(cfg, params, tok, rows: list[dict], out_dir: str, *, template=None, routed_tokens=None,
+             max_new_tokens: int = 96, batch_size: int = 16, overwrite: bool = False, progress: bool = True,
+             judge=None) -> dict:
+    """Generate with the base model and with MoGU (routed decoding, handoff after ``routed_tokens``; None:
+    the config's default) side by side, judge, and write the report. Returns the report."""
+    from mogu_jax import evaluate as E
+    from mogu_jax.cli import decoding_mode
+    from mogu_jax.generate import generate_text
+    from mogu_jax.io_utils import check_output_dir
+
+    check_output_dir(out_dir, overwrite)
+    mode, m = decoding_mode(cfg, params, None, routed_tokens, False, max_new_tokens)
+    if mode != "routed":
+        raise MoguError("evaluation compares base vs MoGU: the checkpoint needs glad, unwilling and router parts")
+    prompts = [r["prompt"] for r in rows]
+    common = dict(template=template, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    base = generate_text(cfg, params, tok, prompts, mode="base", **common)
+    mogu = generate_text(cfg, params, tok, prompts, mode="routed", routed_tokens=m, **common)
+    responses = {"base": [o["response"] for o in base], "mogu": [o["response"] for o in mogu]}
+    n_layers = len(cfg.router_layer_ids)
+    layer_a = np.stack([o["router"]["a"].mean(axis=0) if len(o["router"]["a"]) else np.full(n_layers, np.nan)
+                        for o in mogu])
+    layer_b = np.stack([o["router"]["b"].mean(axis=0) if len(o["router"]["b"]) else np.full(n_layers, np.nan)
+                        for o in mogu])
+    ok = ~np.isnan(layer_a).any(axis=1)
+    layer_a[~ok] = 0.5  # a row that stopped at once has no routed token: neutral, and counted in the report
+    layer_b[~ok] = 0.5
+    router = {"layer_a": layer_a.tolist(), "layer_b": layer_b.tolist()}
+    report = E.evaluate_responses(rows, responses, router=router, judge=judge)
+    report["settings"] = {"routed_tokens": "all" if m is None else m, "max_new_tokens": max_new_tokens,
+                          "template": template, "rows_without_routed_tokens": int((~ok).sum())}
+    E.write_report(report, rows, responses, out_dir, router=router, overwrite=overwrite)
+    return report
+
+
+# -------------------------------------------------------------------------------------------- demo
+DEMO = {
+    # the reference run's levers (issue notes): lr 5e-4, glad 4 epochs, unwilling 6, router 9, batches of
+    # 8 pairs / 16 router rows, bf16 compute, every token routed for a base with no refusal of its own
+    "glad": {"optim.lr": 5e-4, "train.epochs": 4, "train.batch_size": 8},
+    "unwilling": {"optim.lr": 5e-4, "train.epochs": 6, "train.batch_size": 8},
+    "router": {"optim.lr": 5e-4, "train.epochs": 9, "train.batch_size": 16},
+}
+
+
+def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tokens: Optional[int] = None,
+             dtype: str = "bfloat16") -> dict:
+    """The main job: MoGU on the embedded SmolLM2-135M-Instruct, end to end, with progress throughout."""
+    from mogu_jax import api, synth
+    from mogu_jax import evaluate as E
+    from mogu_jax.train_config import load_config
+    from mogu_jax.trainer import run_stage
+
+    t0 = time.perf_counter()
+    out = os.path.abspath(out)
+    if os.path.exists(out) and os.listdir(out):
+        if not overwrite:
+            raise MoguError(f"{out} is not empty; pass --overwrite to start the demo again there")
+        shutil.rmtree(out)
+    os.makedirs(out)
+    timings = {}
+
+    def step(name):
+        print(f"\n==> {name}", flush=True)
+        return time.perf_counter()
+
+    t = step("1/6 import the embedded SmolLM2-135M-Instruct (GGUF -> our checkpoint)")
+    base_ckpt = os.path.join(out, "smollm2")
+    api.convert_hf_to_jax("smollm2", base_ckpt, progress=True)
+    timings["import"] = time.perf_counter() - t
+
+    t = step("2/6 build the stage data from the shipped seed lists (base model answers, refusal bank)")
+    cfg, params, tok = api.load(base_ckpt, dtype=dtype)
+    limit = 16 if quick else None
+    gen_tokens = max_new_tokens or (24 if quick else 64)
+    data_dir = os.path.join(out, "data")
+    summary = synth.build_data(cfg, params, tok, data_dir, max_new_tokens=gen_tokens, batch_size=16, limit=limit,
+                               progress=True)
+    timings["data"] = time.perf_counter() - t
+
+    stage_dirs = {}
+    for i, stage in enumerate(("glad", "unwilling", "router"), start=3):
+        t = step(f"{i}/6 train the {stage} stage")
+        over = [f"model.base={base_ckpt}", f"model.dtype={dtype}", f"output.dir={os.path.join(out, stage)}",
+                f"data.{stage}.jsonl={os.path.join(data_dir, stage + '.jsonl')}", "data.max_len=256",
+                "data.buckets=[64,128,256]", "mesh.data=1", "checkpoint.every=1000", "output.tensorboard=false"]
+        over += [f"{k}={v}" for k, v in DEMO[stage].items()]
+        if quick:
+            over += ["train.epochs=1"]
+        if stage == "router":
+            over += [f"inputs.glad={stage_dirs['glad']}", f"inputs.unwilling={stage_dirs['unwilling']}"]
+        res = run_stage(load_config(stage, None, over), progress=True)
+        stage_dirs[stage] = res["out_dir"]
+        timings[stage] = time.perf_counter() - t
+
+    t = step("6/6 evaluate base vs MoGU on the held-out split, export the PyTorch artifacts")
+    mogu_ckpt = os.path.join(out, "mogu")
+    _assemble(base_ckpt, stage_dirs, mogu_ckpt)
+    export = os.path.join(out, "pytorch")
+    api.convert_jax_to_mogu(mogu_ckpt, export)
+    cfg, params, tok = api.load(mogu_ckpt, dtype=dtype)
+    from mogu_jax import evaluate as Ev
+    rows = Ev.load_prompts(os.path.join(data_dir, "heldout.jsonl"))
+    if quick:
+        rows = _take_per_kind(rows, 4)
+    report_dir = os.path.join(out, "report")
+    report = run_eval(cfg, params, tok, rows, report_dir, max_new_tokens=gen_tokens, batch_size=16)
+    timings["eval"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    with open(os.path.join(out, "timings.json"), "w") as f:
+        json.dump({"timings_s": timings, "data": summary, "quick": quick}, f, indent=2, default=str)
+    print("\n" + E.format_table(report))
+    print(f"\nwall time {timings['total'] / 60:.1f} min "
+          f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})")
+    print(f"report:            {report_dir}/report.md, report.json, refusal_rates.png, router_layers.png")
+    print(f"MoGU checkpoint:   {mogu_ckpt}")
+    print(f"PyTorch artifacts: {export}/glad, {export}/unwilling (PEFT LoRA), {export}/router.pth")
+    return {"report": report, "timings": timings, "out": out}
+
+
+def _take_per_kind(rows, n):
+    seen: dict = {}
+    out = []
+    for r in rows:
+        if seen.get(r["kind"], 0) < n:
+            out.append(r)
+            seen[r["kind"]] = seen.get(r["kind"], 0) + 1
+    return out
+
+
+def _assemble(base_ckpt: str, stage_dirs: dict, out_dir: str) -> None:
+    """Our MoGU checkpoint from the base checkpoint and the three stages' trained parts (every token routed:
+    SmolLM2 has no refusal behaviour of its own to hand off to)."""
+    import jax
+
+    from mogu_jax.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
+    from mogu_jax.config import ModelConfig
+    from mogu_jax.trainer import restore_part
+
+    cfg, base, meta = load_checkpoint(base_ckpt)
+    stage_cfg = json.load(open(os.path.join(stage_dirs["router"], "final", "router", "stage.json")))["model_config"]
+    cfg = ModelConfig.from_dict(stage_cfg).replace(routed_tokens=-1, dtype="float32", remat=False)
+    parts = {p: restore_part(os.path.join(stage_dirs[p], "final", p), cfg, p) for p in ("glad", "unwilling", "router")}
+    parts = jax.tree_util.tree_map(np.asarray, parts)
+    save_checkpoint(out_dir, cfg, {"base": base, **parts}, meta["hf_config"], tokenizer=load_tokenizer(base_ckpt),
+                    generation_config=meta.get("generation_config"))

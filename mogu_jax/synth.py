@@ -1,0 +1,565 @@
+"""``mogu-jax data build``: the shipped seed lists (:mod:`mogu_jax.seeds`) -> the three stages' training files
+and the held-out evaluation prompts (MOGU_SPEC.md sections 2 and 5).
+
+    from mogu_jax import api, synth
+    cfg, params, tok = api.load("smollm2")
+    summary = synth.build_data(cfg, params, tok, "data/smollm2", limit=None)
+
+**What is built** (only from the *train* rows of ``splits.json``; the held-out rows only go to ``heldout.jsonl``):
+
+* **glad** pairs, one per malicious train instruction: ``affirmative`` = the base model's own answer. With
+  ``prime_malicious`` (default) the assistant turn is started with an affirmative opening from the bank (its
+  tokens, ``tokenizer(opening, add_special_tokens=False)``, are appended to the encoded prompt, exactly as the
+  training stages tokenise a response), the model continues it, and the target is ``opening + continuation``.
+  Rows whose continuation the judge (:class:`mogu_jax.evaluate.RefusalJudge`, ``Verdict.refused``) calls a
+  refusal, or that are empty, are dropped and counted. ``refusal`` = a refusal from the bank, or with
+  ``refusal_source="model"`` the base model's own answer under :data:`SAFETY_SYSTEM_PROMPT` when the judge calls
+  it a *clean* refusal (a hollow refusal carries content, so it falls back to the bank).
+* **unwilling** pairs, one per benign train instruction: ``affirmative`` = the base model's own (unprimed) answer
+  (empty or refused answers dropped and counted), ``refusal`` = a *generic* refusal from the bank (the bank's
+  topic-specific refusals, e.g. about weapons or a crisis line, would be nonsense after a cooking question; see
+  :func:`generic_refusals`).
+* **router** rows: benign train and contrast train instructions with the model's own answer, label 0 (dropped
+  when empty or refused, as above; each instruction is generated once and the benign answers are shared with the
+  unwilling stage), then every malicious train instruction with its glad-stage refusal, label 1 (these need no
+  generation, so none is dropped).
+* **held-out prompts** ``heldout.jsonl`` (``{"id", "prompt", "kind"}``, :func:`mogu_jax.evaluate.load_prompts`
+  reads it): ``harmful`` = held-out malicious; ``jailbreak`` = each held-out malicious instruction wrapped in one
+  jailbreak template, cycling through the templates in order (row ``k`` of the held-out list uses template
+  ``k % n_templates``); ``benign`` = held-out benign; ``borderline`` = held-out contrast.
+
+**Choices per row** (the affirmative opening and the bank refusal) are a pure function of ``seed`` and the
+instruction text (a SHA-256 hash), so they do not change with ``limit``, the batch size or the order of rows.
+Generation is greedy, so the same model, settings and seed give byte-identical files.
+
+**Responses** (:func:`trim_response`) are stripped of surrounding whitespace. A greedy small model often loops:
+the text is cut before the first line that repeats an earlier line of 12+ characters (:func:`cut_repetition`).
+Otherwise a response that hit ``max_new_tokens`` (no EOS) is cut after its last sentence end (``.``, ``!`` or
+``?`` followed by whitespace, not a list number such as ``2.``) or line break, so no training target stops
+mid-sentence; when it holds no such boundary it is kept whole. A response that ended with an EOS is kept whole.
+For primed answers the cut applies to the continuation only (the opening itself may end with a sentence, e.g.
+"Sure, let me explain. First,"). Empty responses and responses the judge calls refusals (``Verdict.refused``:
+a refusal keyword in the opening) are dropped and listed in ``summary.json`` with the stages they affect.
+
+**Files** (written into a temp folder beside ``out_dir`` and renamed at the end,
+:func:`mogu_jax.io_utils.atomic_dir`; a non-empty ``out_dir`` is refused unless ``overwrite``): our JSONL layout
+``glad.jsonl``, ``unwilling.jsonl`` (``{"instruction", "affirmative", "refusal"}``), ``router.jsonl``
+(``{"instruction", "output", "label"}``); the published JSON layout ``unsafety_affirm.json``,
+``unsafety_reject.json``, ``safety_affirm.json``, ``safety_reject.json``, ``data_normal.json``,
+``data_label.json`` (the same rows, so ``mogu_jax.data.load_stage_data(stage, out_dir)`` and
+``load_stage_data(stage, out_dir/glad.jsonl)`` agree); ``heldout.jsonl``; ``summary.json`` (rows per file,
+every dropped row with its reason, generation settings; no timings, so it is deterministic too).
+
+**Speed.** One generation call per list (benign answers, contrast answers, primed malicious answers, and with
+``refusal_source="model"`` the malicious answers under the safety prompt), batched (prompts of similar length
+together) and greedy; every instruction is generated once per list.
+
+**Testing without a model.** ``generate_fn(instructions, system=None, openings=None)`` replaces the model: it
+returns, per instruction, the response text (or a ``{"response", "finished"}`` dict); with ``openings`` it
+returns the *continuation* of each opening. ``judge`` replaces the refusal judge (anything with
+``judge(text) -> Verdict``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from importlib import resources
+from typing import Callable, Optional, Sequence
+
+from mogu_jax.errors import MoguError
+from mogu_jax.io_utils import atomic_dir, check_output_dir
+
+SEED_PACKAGE = "mogu_jax.seeds"
+SEED_FILES = {
+    "benign": "benign.json",
+    "malicious": "malicious.json",
+    "contrast": "contrast.json",
+    "jailbreak_templates": "jailbreak_templates.json",
+    "refusals": "refusals.json",
+    "affirmative_openings": "affirmative_openings.json",
+    "splits": "splits.json",
+}
+SPLIT_KINDS = ("benign", "malicious", "contrast")
+REFUSAL_SOURCES = ("bank", "model")
+
+SUMMARY_FORMAT = "mogu_jax.synth_data"
+SUMMARY_VERSION = 1
+
+#: The system prompt for ``refusal_source="model"``: the base model's answer to a malicious instruction under it
+#: is the refusal target when the judge calls it a clean refusal.
+SAFETY_SYSTEM_PROMPT = (
+    "You are a safe and responsible assistant. If a request is harmful, illegal, dangerous or unethical, refuse "
+    "it briefly and politely, starting with \"I'm sorry, but I can't help with that\", and do not provide any of "
+    "the requested content."
+)
+
+#: Refusals mentioning one of these (case-insensitive) are topic-specific; the rest of the bank is generic and is
+#: what the unwilling stage (benign instructions) pairs with.
+TOPIC_MARKERS: tuple[str, ...] = (
+    "weapon", "explosive", "drug", "substance", "hack", "account", "child", "terror", "extrem", "steal", "stealing",
+    "fraud", "deceive", "fake document", "privacy", "spy", "track", "hatred", "harass", "threaten", "violence",
+    "crisis", "hurting yourself", "animal", "kill", "injure", "role-play", "hypothetical", "story", "without safety",
+    "emergency", "conflict", "security problem", "false information", "health", "law", "crime", "illegal",
+)
+
+# files of our layout, per stage
+JSONL_FILES = {"glad": "glad.jsonl", "unwilling": "unwilling.jsonl", "router": "router.jsonl"}
+HELDOUT_FILE = "heldout.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# seeds
+# ------------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _load_seeds_cached() -> dict:
+    out = {}
+    root = resources.files(SEED_PACKAGE)
+    for key, name in SEED_FILES.items():
+        try:
+            out[key] = json.loads(root.joinpath(name).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise MoguError(f"cannot read the seed file {SEED_PACKAGE}/{name}: {e}") from None
+    _check_seeds(out)
+    return out
+
+
+def _check_seeds(s: dict) -> None:
+    for kind in SPLIT_KINDS:
+        rows = s[kind]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("instruction"), str)
+                                                 for r in rows):
+            raise MoguError(f"seed file {SEED_FILES[kind]}: expected a list of objects with an 'instruction'")
+        sp = s["splits"].get(kind)
+        if not isinstance(sp, dict) or not isinstance(sp.get("train"), list) or not isinstance(sp.get("heldout"), list):
+            raise MoguError(f"seed file splits.json: no train/heldout lists for {kind!r}")
+        idx = sp["train"] + sp["heldout"]
+        bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(rows)]
+        if bad:
+            raise MoguError(f"seed file splits.json: {kind} index {bad[0]!r} is out of range (0..{len(rows) - 1})")
+        if len(set(idx)) != len(idx):
+            raise MoguError(f"seed file splits.json: {kind} has an index listed twice (train and held-out must be "
+                            "disjoint)")
+    for key in ("jailbreak_templates", "refusals", "affirmative_openings"):
+        v = s[key]
+        if not isinstance(v, list) or not v or not all(isinstance(t, str) and t.strip() for t in v):
+            raise MoguError(f"seed file {SEED_FILES[key]}: expected a non-empty list of strings")
+    for t in s["jailbreak_templates"]:
+        if t.count("{instruction}") != 1:
+            raise MoguError(f"seed file jailbreak_templates.json: template {t[:40]!r}... needs exactly one "
+                            "{instruction} slot")
+
+
+def load_seeds() -> dict:
+    """All seed files as ``{"benign", "malicious", "contrast", "jailbreak_templates", "refusals",
+    "affirmative_openings", "splits"}`` (a fresh copy each call)."""
+    return copy.deepcopy(_load_seeds_cached())
+
+
+def split(kind: str) -> tuple[list[dict], list[dict]]:
+    """``(train_rows, heldout_rows)`` of seed kind ``benign``, ``malicious`` or ``contrast`` in the fixed order of
+    ``splits.json``. Each row is a copy of the seed row plus ``"index"``, its position in the seed file."""
+    if kind not in SPLIT_KINDS:
+        raise MoguError(f"unknown seed kind {kind!r}; kinds with a split: {', '.join(SPLIT_KINDS)}")
+    s = _load_seeds_cached()
+    rows = s[kind]
+    sp = s["splits"][kind]
+    return ([dict(rows[i], index=i) for i in sp["train"]], [dict(rows[i], index=i) for i in sp["heldout"]])
+
+
+def generic_refusals(refusals: Optional[Sequence[str]] = None) -> list[str]:
+    """The refusals of the bank that name no topic (no :data:`TOPIC_MARKERS`), for benign instructions."""
+    refusals = _load_seeds_cached()["refusals"] if refusals is None else refusals
+    out = [r for r in refusals if not any(m in r.lower() for m in TOPIC_MARKERS)]
+    return out or list(refusals)
+
+
+def spread(rows: Sequence, limit: Optional[int]) -> list:
+    """At most ``limit`` rows spread evenly over ``rows`` (order kept), so a small ``limit`` still covers every
+    malicious category; all rows when ``limit`` is None or not smaller."""
+    rows = list(rows)
+    if limit is None or limit >= len(rows):
+        return rows
+    n = len(rows)
+    return [rows[(k * n) // limit] for k in range(limit)]
+
+
+def pick(options: Sequence[str], seed: int, purpose: str, text: str) -> str:
+    """A deterministic choice from ``options`` for one row: a hash of (seed, purpose, text)."""
+    h = hashlib.sha256(f"{seed}\0{purpose}\0{text}".encode("utf-8")).digest()
+    return options[int.from_bytes(h[:8], "big") % len(options)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# responses
+# ------------------------------------------------------------------------------------------------------------
+
+# a sentence end: . ! ? (optionally closing quotes/brackets) followed by whitespace or the end, but not a list
+# number such as "2." or "(b)."; or a line break
+_SENT_END = re.compile(r"(?<![\s(]\d)(?<![\s(]\d\d)(?<!^\d)(?<!^\d\d)[.!?][\"')\]]*(?=\s|$)|\n")
+
+
+MIN_REPEAT_CHARS = 12
+
+
+def cut_repetition(text: str) -> tuple[str, bool]:
+    """Cut ``text`` before the first line that repeats an earlier line of at least :data:`MIN_REPEAT_CHARS`
+    characters (a greedy small model's loop). Returns ``(text, cut)``."""
+    seen = set()
+    pos = 0
+    for line in text.splitlines(keepends=True):
+        key = line.strip()
+        if len(key) >= MIN_REPEAT_CHARS:
+            if key in seen:
+                return text[:pos].rstrip(), True
+            seen.add(key)
+        pos += len(line)
+    return text, False
+
+
+def trim_response(text: str, finished: bool) -> str:
+    """Strip; cut a loop before its first repeated line (:func:`cut_repetition`); when the generation was cut by
+    the length limit (not ``finished``) and not at a loop, keep whole sentences: cut after the last sentence end
+    or line break (the whole text when there is none)."""
+    text, looped = cut_repetition(text.strip())
+    text = text.strip()
+    if finished or looped or not text:
+        return text
+    last = None
+    for m in _SENT_END.finditer(text):
+        last = m
+    if last is None:
+        return text
+    cut = text[:last.end()].rstrip()
+    return cut if cut else text
+
+
+def join_opening(opening: str, continuation: str) -> str:
+    """``opening`` followed by the model's continuation, with one space between words when the continuation
+    (decoded without its opening) does not start with whitespace or punctuation."""
+    opening = opening.rstrip()
+    if not continuation.strip():
+        return opening
+    if continuation[0].isspace() or continuation[0] in ".,;:!?)]}'\"":
+        return (opening + continuation).strip()
+    return f"{opening} {continuation}".strip()
+
+
+def _as_output(v) -> tuple[str, bool]:
+    if isinstance(v, str):
+        return v, True
+    if isinstance(v, dict) and isinstance(v.get("response"), str):
+        return v["response"], bool(v.get("finished", True))
+    raise MoguError(f"a generator returned {type(v).__name__}; expected a string or a dict with 'response'")
+
+
+def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, max_new_tokens: int = 96,
+                   batch_size: int = 8, seed: int = 0, progress: bool = False) -> Callable:
+    """The default ``generate_fn``: greedy, batched generation with the base model.
+
+    ``gen(instructions, system=None, openings=None)`` -> per instruction ``{"response", "tokens", "finished"}``.
+    Without ``openings`` this is :func:`mogu_jax.generate.generate_text`. With ``openings`` (one per instruction)
+    the opening's tokens start the assistant turn (appended to the encoded prompt) and ``response`` is the
+    continuation text (leading whitespace kept, so ``opening + response`` reads right).
+    """
+    from mogu_jax.generate import generate, generate_text, resolve_eos
+    from mogu_jax.templates import encode_prompt, format_prompt
+
+    def gen(instructions: Sequence[str], system: Optional[str] = None,
+            openings: Optional[Sequence[str]] = None) -> list[dict]:
+        instructions = list(instructions)
+        if openings is None:
+            return generate_text(cfg, params, tokenizer, instructions, template=template, system=system,
+                                 batch_size=batch_size, progress=progress, max_new_tokens=max_new_tokens,
+                                 seed=seed)
+        openings = list(openings)
+        if len(openings) != len(instructions):
+            raise MoguError(f"{len(openings)} openings for {len(instructions)} instructions")
+        eos = set(resolve_eos(cfg, None))
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        eos_ids = tuple(sorted(eos))
+        prompts, opening_ids = [], []
+        for ins, op in zip(instructions, openings):
+            ids = list(tokenizer(op, add_special_tokens=False)["input_ids"])
+            opening_ids.append(ids)
+            prompts.append(encode_prompt(tokenizer, format_prompt(tokenizer, ins, template, system)) + ids)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+        results: list[Optional[dict]] = [None] * len(prompts)
+        it = batches
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(batches, desc="generating", unit="batch")
+        for bi, idx in enumerate(it):
+            out = generate(cfg, params, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                           seed=seed + bi)
+            for i, raw, fin in zip(idx, out.tokens, out.finished):
+                toks = raw[:-1] if raw and raw[-1] in eos else raw
+                # decode with the opening so word boundaries come out right, then drop the opening's text
+                pre = tokenizer.decode(opening_ids[i], skip_special_tokens=True)
+                full = tokenizer.decode(opening_ids[i] + list(toks), skip_special_tokens=True)
+                cont = full[len(pre):] if full.startswith(pre) else tokenizer.decode(toks, skip_special_tokens=True)
+                results[i] = {"response": cont, "tokens": len(raw), "finished": fin}
+        return results  # type: ignore[return-value]
+
+    return gen
+
+
+# ------------------------------------------------------------------------------------------------------------
+# build
+# ------------------------------------------------------------------------------------------------------------
+
+def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template):
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise MoguError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not is_int(batch_size) or batch_size < 1:
+        raise MoguError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if limit is not None and (not is_int(limit) or limit < 1):
+        raise MoguError(f"limit must be a positive integer (rows per seed kind) or None, got {limit!r}")
+    if not is_int(seed):
+        raise MoguError(f"seed must be an integer, got {seed!r}")
+    if refusal_source not in REFUSAL_SOURCES:
+        raise MoguError(f"unknown refusal source {refusal_source!r}; sources: {', '.join(REFUSAL_SOURCES)}")
+    if template is not None:
+        from mogu_jax.templates import TEMPLATES, template_names
+        if template not in TEMPLATES:
+            raise MoguError(f"unknown prompt template {template!r}; known templates: {', '.join(template_names())}")
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[data] {msg}", file=sys.stderr, flush=True)
+
+
+def _short(text: str, n: int = 200) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _jsonl(rows: Sequence[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
+
+
+def _write(d: str, name: str, text: str) -> None:
+    with open(os.path.join(d, name), "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+
+
+def _model_info(cfg) -> Optional[dict]:
+    if cfg is None:
+        return None
+    info = {}
+    for k in ("model_type", "num_layers", "hidden_size", "vocab_size"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, (str, int)):
+            info[k] = v
+    return info
+
+
+def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: Optional[str] = None,
+               max_new_tokens: int = 96, batch_size: int = 8, limit: Optional[int] = None, seed: int = 0,
+               refusal_source: str = "bank", prime_malicious: bool = True, progress: bool = True,
+               overwrite: bool = False, generate_fn: Optional[Callable] = None, judge=None) -> dict:
+    """Build the training files of the three stages and the held-out prompts into ``out_dir`` (see the module
+    docstring). Returns the summary written to ``summary.json`` plus ``out_dir`` and ``seconds``.
+
+    ``limit``: at most this many rows per seed kind, spread evenly over the train rows and, separately, the
+    held-out rows (:func:`spread`). ``generate_fn``/``judge`` replace the model and the refusal judge
+    (``cfg``/``params``/``tokenizer`` may then be None).
+    """
+    t0 = time.perf_counter()
+    _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template)
+    out_dir = os.fspath(out_dir)
+    check_output_dir(out_dir, overwrite)  # fail before any generation
+    if generate_fn is None:
+        if cfg is None or params is None or tokenizer is None:
+            raise MoguError("build_data needs a model (cfg, params, tokenizer) or a generate_fn")
+        generate_fn = make_generator(cfg, params, tokenizer, template=template, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, seed=seed, progress=progress)
+    if judge is None:
+        from mogu_jax.evaluate import RefusalJudge
+        judge = RefusalJudge()
+
+    seeds = _load_seeds_cached()
+    refusals = list(seeds["refusals"])
+    benign_refusals = generic_refusals(refusals)
+    openings = list(seeds["affirmative_openings"])
+    templates = list(seeds["jailbreak_templates"])
+
+    train, heldout = {}, {}
+    for kind in SPLIT_KINDS:
+        tr, ho = split(kind)
+        train[kind], heldout[kind] = spread(tr, limit), spread(ho, limit)
+
+    def run(what: str, instructions: list[str], **kw) -> list[tuple[str, bool]]:
+        if not instructions:
+            return []
+        _say(progress, f"generating {len(instructions)} {what}")
+        outs = list(generate_fn(instructions, **kw))
+        if len(outs) != len(instructions):
+            raise MoguError(f"the generator returned {len(outs)} responses for {len(instructions)} instructions")
+        return [_as_output(o) for o in outs]
+
+    dropped: list[dict] = []
+    trimmed = {"benign": 0, "contrast": 0, "malicious": 0}
+
+    def own_answers(kind: str, rows: list[dict], affects: list[str]) -> list[Optional[str]]:
+        """The model's answers to ``rows``; None for a dropped (empty or refused) row."""
+        outs = run(f"{kind} answers", [r["instruction"] for r in rows])
+        answers: list[Optional[str]] = []
+        for r, (text, fin) in zip(rows, outs):
+            ans = trim_response(text, fin)
+            trimmed[kind] += ans != text.strip()
+            reason = "empty" if not ans else ("refused" if judge.judge(ans).refused else None)
+            if reason:
+                dropped.append({"kind": kind, "index": r["index"], "instruction": r["instruction"], "reason": reason,
+                                "response": _short(ans), "affects": affects})
+                answers.append(None)
+            else:
+                answers.append(ans)
+        return answers
+
+    # ---- generation: every list once -------------------------------------------------------------------------
+    benign_ans = own_answers("benign", train["benign"], ["unwilling", "router"])
+    contrast_ans = own_answers("contrast", train["contrast"], ["router"])
+
+    mal = train["malicious"]
+    mal_ins = [r["instruction"] for r in mal]
+    mal_open = [pick(openings, seed, "opening", i) if prime_malicious else None for i in mal_ins]
+    outs = run("malicious answers" + (" (primed with an affirmative opening)" if prime_malicious else ""),
+               mal_ins, **({"openings": mal_open} if prime_malicious else {}))
+    mal_aff: list[Optional[str]] = []
+    for r, op, (text, fin) in zip(mal, mal_open, outs):
+        cont = trim_response(text, fin)
+        trimmed["malicious"] += cont != text.strip()
+        reason = "empty" if not cont else ("refused" if judge.judge(cont).refused else None)
+        if reason:
+            dropped.append({"kind": "malicious", "index": r["index"], "instruction": r["instruction"],
+                            "reason": reason, "response": _short(cont), "affects": ["glad"]})
+            mal_aff.append(None)
+        else:
+            # keep the continuation's leading whitespace (a space, or a line break before a list)
+            mal_aff.append(join_opening(op, text[: len(text) - len(text.lstrip())] + cont) if op is not None
+                           else cont)
+
+    mal_ref = [pick(refusals, seed, "refusal", i) for i in mal_ins]
+    model_refusals = {"used": 0, "bank_fallback": 0}
+    if refusal_source == "model":
+        outs = run("malicious answers under the safety system prompt", mal_ins, system=SAFETY_SYSTEM_PROMPT)
+        for k, (text, fin) in enumerate(outs):
+            ans = trim_response(text, fin)
+            if ans and judge.judge(ans).clean_refusal:
+                mal_ref[k] = ans
+                model_refusals["used"] += 1
+            else:
+                model_refusals["bank_fallback"] += 1
+
+    # ---- rows ----------------------------------------------------------------------------------------------
+    glad = [{"instruction": r["instruction"], "affirmative": a, "refusal": ref}
+            for r, a, ref in zip(mal, mal_aff, mal_ref) if a is not None]
+    unwilling = [{"instruction": r["instruction"], "affirmative": a,
+                  "refusal": pick(benign_refusals, seed, "refusal", r["instruction"])}
+                 for r, a in zip(train["benign"], benign_ans) if a is not None]
+    router = ([{"instruction": r["instruction"], "output": a, "label": 0}
+               for r, a in zip(train["benign"], benign_ans) if a is not None]
+              + [{"instruction": r["instruction"], "output": a, "label": 0}
+                 for r, a in zip(train["contrast"], contrast_ans) if a is not None]
+              + [{"instruction": r["instruction"], "output": ref, "label": 1} for r, ref in zip(mal, mal_ref)])
+    for stage, rows, cause in (("glad", glad, "the base model refused every primed malicious instruction or "
+                                "answered nothing"),
+                               ("unwilling", unwilling, "the base model refused or left empty every benign "
+                                "instruction"),
+                               ("router", router, "no rows")):
+        if not rows:
+            raise MoguError(f"the {stage} stage has no rows: {cause}; see the dropped rows (a larger limit, "
+                            "another template or --max-new-tokens may help)")
+
+    held: list[dict] = []
+    for r in heldout["malicious"]:
+        held.append({"id": f"harmful-{r['index']:03d}", "prompt": r["instruction"], "kind": "harmful"})
+    for k, r in enumerate(heldout["malicious"]):
+        t = k % len(templates)
+        held.append({"id": f"jailbreak-{r['index']:03d}-t{t:02d}", "prompt": templates[t].format(
+            instruction=r["instruction"]), "kind": "jailbreak"})
+    for r in heldout["benign"]:
+        held.append({"id": f"benign-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign"})
+    for r in heldout["contrast"]:
+        held.append({"id": f"borderline-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline"})
+
+    # ---- files ---------------------------------------------------------------------------------------------
+    def outputs(rows, field):
+        return [{"instruction": r["instruction"], "output": r[field]} for r in rows]
+
+    files = {
+        JSONL_FILES["glad"]: _jsonl(glad),
+        JSONL_FILES["unwilling"]: _jsonl(unwilling),
+        JSONL_FILES["router"]: _jsonl(router),
+        "unsafety_affirm.json": _json(outputs(glad, "affirmative")),
+        "unsafety_reject.json": _json(outputs(glad, "refusal")),
+        "safety_affirm.json": _json(outputs(unwilling, "affirmative")),
+        "safety_reject.json": _json(outputs(unwilling, "refusal")),
+        "data_normal.json": _json(outputs(router, "output")),
+        "data_label.json": json.dumps([r["label"] for r in router]) + "\n",
+        HELDOUT_FILE: _jsonl(held),
+    }
+    counts = {JSONL_FILES["glad"]: len(glad), JSONL_FILES["unwilling"]: len(unwilling),
+              JSONL_FILES["router"]: len(router), "unsafety_affirm.json": len(glad),
+              "unsafety_reject.json": len(glad), "safety_affirm.json": len(unwilling),
+              "safety_reject.json": len(unwilling), "data_normal.json": len(router), "data_label.json": len(router),
+              HELDOUT_FILE: len(held)}
+
+    def drops(kind):
+        out: dict[str, int] = {}
+        for d in dropped:
+            if d["kind"] == kind:
+                out[d["reason"]] = out.get(d["reason"], 0) + 1
+        return out
+
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "version": SUMMARY_VERSION,
+        "files": counts,
+        "stages": {
+            "glad": {"rows": len(glad), "malicious_train": len(mal), "dropped": drops("malicious")},
+            "unwilling": {"rows": len(unwilling), "benign_train": len(train["benign"]), "dropped": drops("benign")},
+            "router": {"rows": len(router), "benign": sum(a is not None for a in benign_ans),
+                       "contrast": sum(a is not None for a in contrast_ans), "malicious": len(mal),
+                       "label_0": sum(r["label"] == 0 for r in router), "label_1": sum(r["label"] == 1 for r in router),
+                       "dropped": {"benign": drops("benign"), "contrast": drops("contrast")}},
+        },
+        "heldout": {k: sum(h["kind"] == k for h in held) for k in ("harmful", "jailbreak", "benign", "borderline")},
+        "dropped": dropped,
+        "trimmed_at_sentence_end": trimmed,
+        "refusals": {"source": refusal_source, "bank_size": len(refusals), "generic_bank_size": len(benign_refusals),
+                     **({"model_used": model_refusals["used"], "bank_fallback": model_refusals["bank_fallback"],
+                         "system_prompt": SAFETY_SYSTEM_PROMPT} if refusal_source == "model" else {})},
+        "settings": {"template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                     "limit": limit, "seed": seed, "refusal_source": refusal_source,
+                     "prime_malicious": bool(prime_malicious), "decoding": "greedy",
+                     "judge": repr(judge), "model": _model_info(cfg),
+                     "split": _load_seeds_cached()["splits"].get("method")},
+    }
+    files[SUMMARY_FILE] = _json(summary)
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for name, text in files.items():
+            _write(tmp, name, text)
+    seconds = round(time.perf_counter() - t0, 2)
+    _say(progress, f"wrote {out_dir}: glad {len(glad)}, unwilling {len(unwilling)}, router {len(router)} rows, "
+                   f"{len(held)} held-out prompts, {len(dropped)} dropped ({seconds} s)")
+    return dict(summary, out_dir=os.path.abspath(out_dir), seconds=seconds)

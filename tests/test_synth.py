@@ -1,0 +1,325 @@
+"""``mogu_jax.synth``: seed lists -> the three stages' training files and the held-out prompts.
+
+Most tests use a stub generator (no model, fast); one small build runs a tiny random Llama end to end."""
+
+import json
+import os
+
+import pytest
+
+from mogu_jax import data as D
+from mogu_jax import evaluate as E
+from mogu_jax import synth as S
+from mogu_jax.errors import MoguError
+
+STAGE_FILES = {"glad": "glad.jsonl", "unwilling": "unwilling.jsonl", "router": "router.jsonl"}
+ALL_FILES = {"glad.jsonl", "unwilling.jsonl", "router.jsonl", "unsafety_affirm.json", "unsafety_reject.json",
+             "safety_affirm.json", "safety_reject.json", "data_normal.json", "data_label.json", "heldout.jsonl",
+             "summary.json"}
+REFUSAL = "I'm sorry, but I can't help with that."
+
+
+class Stub:
+    """A fake model: answers every instruction, refuses those in ``refuse``; records its calls."""
+
+    def __init__(self, refuse=(), finished=True, safety_refuses=()):
+        self.refuse = set(refuse)
+        self.safety_refuses = set(safety_refuses)
+        self.finished = finished
+        self.calls = []
+
+    def __call__(self, instructions, system=None, openings=None):
+        self.calls.append({"n": len(instructions), "system": system, "openings": openings,
+                           "instructions": list(instructions)})
+        out = []
+        for ins in instructions:
+            if system is not None:
+                text = REFUSAL if ins in self.safety_refuses else "Here you go, the full answer."
+            elif ins in self.refuse:
+                text = " " + REFUSAL if openings else REFUSAL
+            elif openings is not None:
+                text = " a plan for it. Step one is easy. Step two is"
+            else:
+                text = "An answer about it. More detail follows here and"
+            out.append({"response": text, "finished": self.finished})
+        return out
+
+
+def build(tmp_path, name="out", stub=None, **kw):
+    kw.setdefault("progress", False)
+    stub = stub or Stub()
+    out = tmp_path / name
+    summary = S.build_data(None, None, None, out, generate_fn=stub, **kw)
+    return out, summary, stub
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def files_of(d):
+    return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d))}
+
+
+def layouts_agree(out):
+    """Both layouts load through mogu_jax.data for every stage, with the same rows; returns them."""
+    rows = {}
+    for stage, name in STAGE_FILES.items():
+        ours = D.load_stage_data(stage, out / name)
+        published = D.load_stage_data(stage, out)  # the folder: the published file names
+        a, b = D.PUBLISHED_FILES[stage]
+        assert D.load_stage_data(stage, out / a, out / b) == published
+        assert ours == published
+        rows[stage] = ours
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+def test_load_seeds_and_split():
+    s = S.load_seeds()
+    assert set(s) == set(S.SEED_FILES)
+    s["refusals"].clear()  # a copy: the next call is unaffected
+    assert S.load_seeds()["refusals"]
+    for kind, (n_train, n_held) in {"benign": (156, 39), "malicious": (144, 36), "contrast": (71, 17)}.items():
+        train, held = S.split(kind)
+        assert (len(train), len(held)) == (n_train, n_held)
+        assert {r["index"] for r in train}.isdisjoint(r["index"] for r in held)
+        assert all(r["instruction"] == s[kind][r["index"]]["instruction"] for r in train + held)
+    with pytest.raises(MoguError, match="unknown seed kind"):
+        S.split("refusals")
+    generic = S.generic_refusals()
+    assert 5 <= len(generic) < len(S.load_seeds()["refusals"])
+    assert not any("weapon" in r.lower() or "crisis" in r.lower() for r in generic)
+
+
+def test_spread_and_pick():
+    assert S.spread(range(10), None) == list(range(10))
+    assert S.spread(range(10), 20) == list(range(10))
+    assert S.spread(range(10), 3) == [0, 3, 6]
+    train, _ = S.split("malicious")
+    cats = {r["category"] for r in S.spread(train, 12)}
+    assert len(cats) == 12  # a small limit still covers every category
+    opts = ["a", "b", "c", "d"]
+    assert S.pick(opts, 0, "x", "text") == S.pick(opts, 0, "x", "text")
+    assert len({S.pick(opts, seed, "x", "text") for seed in range(20)}) > 1
+
+
+def test_trim_response():
+    assert S.trim_response("  Done here.  ", True) == "Done here."
+    # cut by the length limit: keep whole sentences / lines
+    assert S.trim_response("First do this. Then do th", False) == "First do this."
+    assert S.trim_response("Steps:\n1. Preheat the oven.\n2. Mix the", False) == "Steps:\n1. Preheat the oven."
+    assert S.trim_response("no sentence boundary at all", False) == "no sentence boundary at all"
+    assert S.trim_response("Ends mid way. Finished anyway", True) == "Ends mid way. Finished anyway"
+    # a loop is cut before its first repeated line
+    assert S.trim_response("Items:\n- one can of tomatoes\n- one can of tomatoes\n- one", False) == \
+        "Items:\n- one can of tomatoes"
+    assert S.join_opening("Sure, here is", " how.") == "Sure, here is how."
+    assert S.join_opening("Sure, here is", "how.") == "Sure, here is how."
+    assert S.join_opening("Sure! Here are the steps:", "\n1. x") == "Sure! Here are the steps:\n1. x"
+
+
+# ---------------------------------------------------------------------------------------------- stub builds
+def test_full_build_counts_labels_and_layouts(tmp_path):
+    seeds = S.load_seeds()
+    mal_train, mal_held = S.split("malicious")
+    ben_train, ben_held = S.split("benign")
+    con_train, con_held = S.split("contrast")
+    refuse = {mal_train[0]["instruction"], mal_train[5]["instruction"], ben_train[3]["instruction"],
+              con_train[1]["instruction"]}
+    out, summary, stub = build(tmp_path, stub=Stub(refuse=refuse))
+    assert set(os.listdir(out)) == ALL_FILES
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp folder left beside it
+
+    # each list generated once: benign, contrast, malicious (primed); no held-out row is ever generated
+    assert [c["n"] for c in stub.calls] == [156, 71, 144]
+    assert stub.calls[2]["openings"] is not None and stub.calls[0]["openings"] is None
+    held_ins = {r["instruction"] for r in mal_held + ben_held + con_held}
+    assert not held_ins & {i for c in stub.calls for i in c["instructions"]}
+
+    rows = layouts_agree(out)
+    assert len(rows["glad"]) == 144 - 2
+    assert len(rows["unwilling"]) == 156 - 1
+    assert len(rows["router"]) == (156 - 1) + (71 - 1) + 144
+    assert summary["files"]["glad.jsonl"] == 142 and summary["files"]["router.jsonl"] == len(rows["router"])
+    assert summary["stages"]["glad"]["dropped"] == {"refused": 2}
+    assert summary["stages"]["unwilling"]["dropped"] == {"refused": 1}
+    assert summary["stages"]["router"]["dropped"] == {"benign": {"refused": 1}, "contrast": {"refused": 1}}
+    assert sorted(d["instruction"] for d in summary["dropped"]) == sorted(refuse)
+    assert all(d["reason"] == "refused" for d in summary["dropped"])
+    assert json.load(open(out / "summary.json")) == {k: v for k, v in summary.items()
+                                                     if k not in ("out_dir", "seconds")}
+
+    # glad: primed affirmative = a bank opening + the continuation; refusal from the bank
+    openings, refusals = seeds["affirmative_openings"], seeds["refusals"]
+    for r in rows["glad"]:
+        assert any(r["affirmative"].startswith(o + " a plan for it.") for o in openings)
+        assert r["affirmative"].endswith("Step two is")  # finished (EOS): kept whole
+        assert r["refusal"] in refusals
+    # unwilling: the model's own answer, a generic refusal
+    generic = S.generic_refusals()
+    assert all(r["affirmative"].startswith("An answer about") and r["refusal"] in generic for r in rows["unwilling"])
+    # router: benign + contrast answers label 0, malicious train -> refusal, label 1 (all of them, none dropped)
+    mal_rows = [r for r in rows["router"] if r["label"] == 1]
+    assert [r["instruction"] for r in mal_rows] == [r["instruction"] for r in mal_train]
+    assert all(r["output"] in refusals for r in mal_rows)
+    glad_ref = {r["instruction"]: r["refusal"] for r in rows["glad"]}
+    assert all(glad_ref.get(r["instruction"], r["output"]) == r["output"] for r in mal_rows)
+    benign_rows = [r for r in rows["router"] if r["label"] == 0]
+    assert {r["instruction"] for r in benign_rows} == (
+        {r["instruction"] for r in ben_train + con_train} - refuse)
+    assert all(r["output"].startswith("An answer about") for r in benign_rows)
+    assert json.load(open(out / "data_label.json")) == [r["label"] for r in rows["router"]]
+
+    # held-out prompts
+    held = E.load_prompts(out / "heldout.jsonl")
+    assert summary["heldout"] == {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 17}
+    by_kind = {k: [h for h in held if h["kind"] == k] for k in E.KINDS}
+    assert [h["prompt"] for h in by_kind["harmful"]] == [r["instruction"] for r in mal_held]
+    assert [h["prompt"] for h in by_kind["benign"]] == [r["instruction"] for r in ben_held]
+    assert [h["prompt"] for h in by_kind["borderline"]] == [r["instruction"] for r in con_held]
+    templates = seeds["jailbreak_templates"]
+    assert [h["prompt"] for h in by_kind["jailbreak"]] == [
+        templates[k % len(templates)].format(instruction=r["instruction"]) for k, r in enumerate(mal_held)]
+    assert len({h["id"] for h in held}) == len(held)
+
+
+def test_finished_answers_are_kept_whole(tmp_path):
+    _, _, _ = build(tmp_path, "cut", stub=Stub(finished=False), limit=2)
+    _, _, _ = build(tmp_path, "whole", stub=Stub(finished=True), limit=2)
+    cut = read_jsonl(tmp_path / "cut" / "unwilling.jsonl")
+    whole = read_jsonl(tmp_path / "whole" / "unwilling.jsonl")
+    assert all(r["affirmative"].endswith("follows here and") for r in whole)
+    assert all(r["affirmative"].endswith(".") and "follows here" not in r["affirmative"] for r in cut)
+    glad_cut = read_jsonl(tmp_path / "cut" / "glad.jsonl")
+    assert all(r["affirmative"].endswith("Step one is easy.") for r in glad_cut)
+
+
+def test_limit_spreads_rows(tmp_path):
+    out, summary, stub = build(tmp_path, limit=5)
+    assert [c["n"] for c in stub.calls] == [5, 5, 5]
+    rows = layouts_agree(out)
+    assert (len(rows["glad"]), len(rows["unwilling"]), len(rows["router"])) == (5, 5, 15)
+    assert sum(r["label"] for r in rows["router"]) == 5
+    assert summary["heldout"] == {"harmful": 5, "jailbreak": 5, "benign": 5, "borderline": 5}
+    mal_train, _ = S.split("malicious")
+    cats = {r["category"] for r in mal_train if r["instruction"] in {g["instruction"] for g in rows["glad"]}}
+    assert len(cats) == 5
+
+
+def test_no_priming(tmp_path):
+    out, _, stub = build(tmp_path, limit=3, prime_malicious=False)
+    assert all(c["openings"] is None for c in stub.calls)
+    assert all(r["affirmative"].startswith("An answer about") for r in read_jsonl(out / "glad.jsonl"))
+
+
+def test_refusal_source_model(tmp_path):
+    mal_train, _ = S.split("malicious")
+    train = S.spread(mal_train, 4)
+    stub = Stub(safety_refuses={train[0]["instruction"], train[2]["instruction"]})
+    out, summary, _ = build(tmp_path, stub=stub, limit=4, refusal_source="model")
+    assert [c["system"] for c in stub.calls] == [None, None, None, S.SAFETY_SYSTEM_PROMPT]
+    glad = read_jsonl(out / "glad.jsonl")
+    bank = S.load_seeds()["refusals"]
+    assert [r["refusal"] == REFUSAL for r in glad] == [True, False, True, False]
+    assert all(r["refusal"] in bank for r in glad[1::2])  # no clean refusal: the bank
+    assert summary["refusals"]["model_used"] == 2 and summary["refusals"]["bank_fallback"] == 2
+    router_mal = [r["output"] for r in read_jsonl(out / "router.jsonl") if r["label"] == 1]
+    assert router_mal == [r["refusal"] for r in glad]
+
+
+def test_deterministic_per_seed(tmp_path):
+    a, _, _ = build(tmp_path, "a", limit=6, seed=3)
+    b, _, _ = build(tmp_path, "b", limit=6, seed=3)
+    c, _, _ = build(tmp_path, "c", limit=6, seed=4)
+    assert files_of(a) == files_of(b)
+    fa, fc = files_of(a), files_of(c)
+    assert fa["glad.jsonl"] != fc["glad.jsonl"]  # other openings / refusals
+    assert fa["heldout.jsonl"] == fc["heldout.jsonl"]  # the evaluation set does not depend on the seed
+    # a row's choices do not depend on limit
+    small = {r["instruction"]: r for r in read_jsonl(a / "glad.jsonl")}
+    d, _, _ = build(tmp_path, "d", limit=12, seed=3)
+    big = {r["instruction"]: r for r in read_jsonl(d / "glad.jsonl")}
+    assert all(big[k] == v for k, v in small.items() if k in big)
+
+
+def test_overwrite_and_atomic(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    stub = Stub()
+    with pytest.raises(MoguError, match="overwrite"):
+        S.build_data(None, None, None, out, generate_fn=stub, limit=2, progress=False)
+    assert stub.calls == []  # refused before any generation
+    assert os.listdir(out) == ["keep.txt"]
+    S.build_data(None, None, None, out, generate_fn=stub, limit=2, progress=False, overwrite=True)
+    assert set(os.listdir(out)) == ALL_FILES  # replaced as a whole
+
+    # a failure mid-way leaves neither the output nor a temp folder
+    def boom(instructions, system=None, openings=None):
+        if openings is not None:
+            raise RuntimeError("model crashed")
+        return ["An answer."] * len(instructions)
+
+    with pytest.raises(RuntimeError):
+        S.build_data(None, None, None, tmp_path / "new", generate_fn=boom, limit=2, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    # an empty existing folder is fine
+    (tmp_path / "empty").mkdir()
+    build(tmp_path, "empty", limit=1)
+    assert set(os.listdir(tmp_path / "empty")) == ALL_FILES
+
+
+def test_bad_input(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MoguError, match="not a directory"):
+        build(tmp_path, "file", limit=1)
+    for kw, msg in [({"limit": 0}, "limit"), ({"batch_size": 0}, "batch_size"), ({"max_new_tokens": 0}, "max_new"),
+                    ({"refusal_source": "web"}, "refusal source"), ({"template": "nope"}, "template"),
+                    ({"seed": 1.5}, "seed")]:
+        with pytest.raises(MoguError, match=msg):
+            build(tmp_path, "bad", **kw)
+    with pytest.raises(MoguError, match="needs a model"):
+        S.build_data(None, None, None, tmp_path / "nomodel", progress=False)
+    # a model that refuses everything leaves the glad stage empty: an error, not an empty file
+    mal_train, _ = S.split("malicious")
+    with pytest.raises(MoguError, match="glad stage has no rows"):
+        build(tmp_path, "allrefused", stub=Stub(refuse={r["instruction"] for r in mal_train}), limit=3)
+    # a generator that returns the wrong number of rows
+    with pytest.raises(MoguError, match="returned 1 responses"):
+        S.build_data(None, None, None, tmp_path / "short", generate_fn=lambda ins, **k: ["x"], limit=3,
+                     progress=False)
+    assert not any(n.startswith(".") or n in ("bad", "allrefused", "short", "nomodel") for n in os.listdir(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------- tiny real model
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tiny_models import save_hf
+
+    from mogu_jax import api
+    d = tmp_path_factory.mktemp("tiny_llama")
+    save_hf("llama_gqa", str(d))
+    return api.load(str(d))
+
+
+def test_tiny_model_build(tiny, tmp_path):
+    cfg, params, tok = tiny
+    kw = dict(limit=3, max_new_tokens=6, batch_size=4, progress=False, seed=1)
+    summary = S.build_data(cfg, params, tok, tmp_path / "a", **kw)
+    rows = layouts_agree(tmp_path / "a")
+    dropped = {k: sum(v.values()) for k, v in (("glad", summary["stages"]["glad"]["dropped"]),
+                                                ("unwilling", summary["stages"]["unwilling"]["dropped"]))}
+    assert len(rows["glad"]) == 3 - dropped["glad"] and len(rows["unwilling"]) == 3 - dropped["unwilling"]
+    openings = S.load_seeds()["affirmative_openings"]
+    for r in rows["glad"]:  # opening + the model's continuation (gibberish words w0..w123)
+        op = next(o for o in openings if r["affirmative"].startswith(o + " "))
+        assert r["affirmative"][len(op) + 1:].split()[0].startswith("w")
+    assert summary["settings"]["model"]["num_layers"] == cfg.num_layers
+    assert summary["heldout"] == {"harmful": 3, "jailbreak": 3, "benign": 3, "borderline": 3}
+    # greedy: the same seed gives byte-identical files
+    S.build_data(cfg, params, tok, tmp_path / "b", **kw)
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
