@@ -48,6 +48,7 @@ import ml_dtypes
 import numpy as np
 
 from mogu_jax import mogu as mogu_lib
+from mogu_jax import numerics
 from mogu_jax.config import ModelConfig
 from mogu_jax.errors import MoguError
 
@@ -55,11 +56,6 @@ Array = Any
 
 # Logical axis names of the KV cache (params carry theirs in the declarations below).
 CACHE_AXES = ("layers", "batch", "kv_heads", "cache_len", "head_dim")
-
-
-def _precision(cfg: ModelConfig):
-    # fp32 compute means true fp32 matmuls on every backend (TPU/GPU would otherwise use bf16 passes).
-    return jax.lax.Precision.HIGHEST if cfg.compute_dtype == jnp.float32 else None
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -188,12 +184,10 @@ class Linear(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         kernel = self.param("kernel", _init(self.axes), (x.shape[-1], self.features), cfg.weight_dtype)
-        cdt = cfg.compute_dtype
         if self.normalize:  # torch.nn.functional.normalize over each HF row: w / max(||w||, 1e-12)
             k32 = kernel.astype(jnp.float32)
             kernel = k32 / jnp.maximum(jnp.sqrt(jnp.sum(k32 * k32, axis=0, keepdims=True)), 1e-12)
-        y = jnp.einsum("...d,df->...f", x.astype(cdt), kernel.astype(cdt),
-                       preferred_element_type=jnp.float32, precision=_precision(cfg))
+        y = numerics.einsum(cfg, "...d,df->...f", x, kernel)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,), cfg.weight_dtype)
@@ -247,16 +241,13 @@ def dot_attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array, b
     b, t, h, d = q.shape
     kvh = k.shape[1]
     g = h // kvh
-    cdt = cfg.compute_dtype
-    q = q.reshape(b, t, kvh, g, d).astype(cdt)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(cdt), preferred_element_type=jnp.float32,
-                        precision=_precision(cfg)) * (1.0 / math.sqrt(d))
+    q = q.reshape(b, t, kvh, g, d)
+    scores = numerics.einsum(cfg, "btkgd,bksd->bkgts", q, k) * (1.0 / math.sqrt(d))
     if bias is not None:
         scores = scores + bias.reshape(bias.shape[0], kvh, g, 1, bias.shape[-1])
     scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(cdt), v.astype(cdt), preferred_element_type=jnp.float32,
-                     precision=_precision(cfg))
+    out = numerics.einsum(cfg, "bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h * d)
 
 
@@ -354,8 +345,7 @@ def lm_head(cfg: ModelConfig, name: Optional[str] = None) -> Linear:
 
 
 def tied_logits(cfg: ModelConfig, x: Array, embedding: Array) -> Array:
-    return jnp.einsum("btd,vd->btv", x.astype(cfg.compute_dtype), embedding.astype(cfg.compute_dtype),
-                      preferred_element_type=jnp.float32, precision=_precision(cfg))
+    return numerics.einsum(cfg, "btd,vd->btv", x, embedding)
 
 
 class Decoder(nn.Module):

@@ -27,16 +27,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mogu_jax import numerics
 from mogu_jax.config import ModelConfig
 
 Array = Any
 MODES = ("base", "glad", "unwilling", "routed")
 PARTS = ("glad", "unwilling", "router")
 BRANCHES = ("glad", "unwilling")
-
-
-def _precision(cfg: ModelConfig):
-    return jax.lax.Precision.HIGHEST if cfg.compute_dtype == jnp.float32 else None
 
 
 def lora_a_init(key, shape, dtype=jnp.float32):
@@ -59,11 +56,8 @@ class LowRank(nn.Module):
                        (x.shape[-1], self.rank), cfg.weight_dtype)
         b = self.param("B", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", "embed")),
                        (self.rank, self.features), cfg.weight_dtype)
-        cdt = cfg.compute_dtype
-        h = jnp.einsum("...d,dr->...r", x.astype(cdt), a.astype(cdt), preferred_element_type=jnp.float32,
-                       precision=_precision(cfg))
-        return jnp.einsum("...r,rf->...f", h.astype(cdt), b.astype(cdt), preferred_element_type=jnp.float32,
-                          precision=_precision(cfg))
+        h = numerics.einsum(cfg, "...d,dr->...r", x, a)
+        return numerics.einsum(cfg, "...r,rf->...f", h, b)
 
 
 class RouterHead(nn.Module):
@@ -85,14 +79,9 @@ class RouterHead(nn.Module):
         b1 = self.param("b1", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (self.features,), pdt)
         w2 = self.param("w2", nn.with_logical_partitioning(init, ("embed", "router_out")), (self.features, 1), pdt)
         b2 = self.param("b2", nn.with_logical_partitioning(nn.initializers.zeros, ("router_out",)), (1,), pdt)
-        cdt = cfg.compute_dtype
-        prec = _precision(cfg)
-        h = jnp.einsum("...d,dh->...h", x.astype(cdt), w0.astype(cdt), preferred_element_type=jnp.float32,
-                       precision=prec)
-        h = jnp.einsum("...h,hf->...f", h.astype(cdt), w1.astype(cdt), preferred_element_type=jnp.float32,
-                       precision=prec) + b1.astype(jnp.float32)
-        z = jnp.einsum("...f,fo->...o", h.astype(cdt), w2.astype(cdt), preferred_element_type=jnp.float32,
-                       precision=prec) + b2.astype(jnp.float32)
+        h = numerics.einsum(cfg, "...d,dh->...h", x, w0)
+        h = numerics.einsum(cfg, "...h,hf->...f", h, w1) + b1.astype(jnp.float32)
+        z = numerics.einsum(cfg, "...f,fo->...o", h, w2) + b2.astype(jnp.float32)
         return jax.nn.sigmoid(z)
 
 
@@ -179,7 +168,8 @@ def fold_router(router: dict) -> dict:
 def router_weights(cfg: ModelConfig, router: dict, x: Array) -> tuple[Array, Array]:
     """(a, b), each [..., 1] fp32, from a router (published form, or folded by :func:`fold_router`)."""
     if "v" in router:
-        z = jnp.einsum("...d,do->...o", x.astype(jnp.float32), router["v"], precision=_precision(cfg)) + router["c"]
+        z = jnp.einsum("...d,do->...o", x.astype(jnp.float32), router["v"],
+                       precision=jax.lax.Precision.HIGHEST) + router["c"]
         ab = jax.nn.sigmoid(z)
         return ab[..., 0:1], ab[..., 1:2]
     return router_module(cfg).apply({"params": router}, x)

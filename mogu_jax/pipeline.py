@@ -88,19 +88,21 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
 
     t = step("2/6 build the stage data from the shipped seed lists (base model answers, refusal bank)")
     cfg, params, tok = api.load(base_ckpt, dtype=dtype)
-    limit = 16 if quick else None
-    gen_tokens = max_new_tokens or (24 if quick else 64)
+    limit = 8 if quick else None
+    gen_tokens = max_new_tokens or (16 if quick else 64)
     data_dir = os.path.join(out, "data")
     summary = synth.build_data(cfg, params, tok, data_dir, max_new_tokens=gen_tokens, batch_size=16, limit=limit,
                                progress=True)
     timings["data"] = time.perf_counter() - t
 
+    # one length bucket: every stage compiles its step once (on 2 CPU cores a compile costs ~20 s)
+    max_len = 64 if quick else 128
     stage_dirs = {}
     for i, stage in enumerate(("glad", "unwilling", "router"), start=3):
         t = step(f"{i}/6 train the {stage} stage")
         over = [f"model.base={base_ckpt}", f"model.dtype={dtype}", f"output.dir={os.path.join(out, stage)}",
-                f"data.{stage}.jsonl={os.path.join(data_dir, stage + '.jsonl')}", "data.max_len=256",
-                "data.buckets=[64,128,256]", "mesh.data=1", "checkpoint.every=1000", "output.tensorboard=false"]
+                f"data.{stage}.jsonl={os.path.join(data_dir, stage + '.jsonl')}", f"data.max_len={max_len}",
+                f"data.buckets=[{max_len}]", "mesh.data=1", "checkpoint.every=1000", "output.tensorboard=false"]
         over += [f"{k}={v}" for k, v in DEMO[stage].items()]
         if quick:
             over += ["train.epochs=1"]
@@ -119,7 +121,7 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     from mogu_jax import evaluate as Ev
     rows = Ev.load_prompts(os.path.join(data_dir, "heldout.jsonl"))
     if quick:
-        rows = _take_per_kind(rows, 4)
+        rows = _take_per_kind(rows, 2)
     report_dir = os.path.join(out, "report")
     report = run_eval(cfg, params, tok, rows, report_dir, max_new_tokens=gen_tokens, batch_size=16)
     timings["eval"] = time.perf_counter() - t
