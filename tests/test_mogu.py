@@ -391,3 +391,28 @@ def test_routed_all_equals_stepwise_forward_and_telemetry(tiny):
         seq.append(int(jnp.argmax(o.logits[0, -1])))
     assert out.tokens[0] == seq[len(prompt):]
     np.testing.assert_allclose(out.router[0]["a"], np.stack(a_rows), atol=1e-5)
+
+
+def test_generate_cli_routed_options(tiny, tmp_path, capsys):
+    d, cfg, base = tiny
+    _fails(capsys, ["generate", d, "--prompt", "w5 w6", "--routed-tokens", "3", "--max-new-tokens", "4"],
+           "routed decoding needs a MoGU checkpoint")
+    _fails(capsys, ["generate", d, "--prompt", "w5 w6", "--base-only", "--mode", "glad"], "--base-only")
+    # a MoGU checkpoint: routed decoding with handoff by default, telemetry in the JSONL and the trace
+    p = random_mogu(cfg, base, router_std=1.0)
+    from mogu_jax.checkpoint import save_checkpoint
+    from mogu_jax.convert.sources import HFDirSource
+    src = HFDirSource(d)
+    ck = str(tmp_path / "ck")
+    save_checkpoint(ck, cfg.replace(routed_tokens=2), jax.tree_util.tree_map(np.asarray, p), src.hf_config(),
+                    tokenizer=src.tokenizer())
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "w5 w6 w7"}\n{"id": "b", "prompt": "w9"}\n')
+    assert main(["generate", ck, "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+                 "--max-new-tokens", "6", "--router-trace", str(tmp_path / "t.npz")]) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "o.jsonl")]
+    assert [x["id"] for x in lines] == ["a", "b"] and all("router_a_mean" in x for x in lines)
+    tr = np.load(tmp_path / "t.npz")
+    assert tr["a_0"].shape[1] == cfg.num_layers and tr["a_0"].shape[0] <= 2  # 2 routed tokens (config default)
+    assert main(["generate", ck, "--prompt", "w5 w6", "--routed-tokens", "all", "--max-new-tokens", "3"]) == 0
+    _fails(capsys, ["generate", ck, "--prompt", "w5", "--routed-tokens", "x"], "--routed-tokens")

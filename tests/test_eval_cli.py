@@ -1,0 +1,74 @@
+"""`mogu-jax eval` end to end on a tiny MoGU checkpoint, and its bad input."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mogu_jax.checkpoint import save_checkpoint
+from mogu_jax.cli import main
+from mogu_jax.config import ModelConfig
+from mogu_jax.convert.hf import params_from_source
+from mogu_jax.convert.sources import HFDirSource
+from test_mogu import random_mogu
+from tiny_models import save_hf
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalcli")
+    save_hf("llama_gqa", str(root / "hf"))
+    src = HFDirSource(str(root / "hf"))
+    cfg = ModelConfig.from_hf(src.hf_config())
+    base = params_from_source(src, cfg)
+    p = random_mogu(cfg, jax.tree_util.tree_map(np.asarray, base), router_std=1.0)
+    save_checkpoint(str(root / "mogu"), cfg, jax.tree_util.tree_map(np.asarray, p), src.hf_config(),
+                    tokenizer=src.tokenizer())
+    return root
+
+
+def _fails(capsys, argv, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = [ln for ln in err.splitlines() if "mogu-jax: error:" in ln]
+    assert len(line) == 1, err
+    for n in needles:
+        assert n in line[0], line[0]
+
+
+def test_eval_writes_report(ckpts, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    rows = [("w5 w6", "harmful"), ("w7 w8 w9", "jailbreak"), ("w10", "benign"), ("w11 w12", "borderline")]
+    prompts.write_text("".join(json.dumps({"prompt": p, "kind": k}) + "\n" for p, k in rows))
+    out = tmp_path / "report"
+    assert main(["eval", str(ckpts / "mogu"), "--prompts", str(prompts), "--out", str(out),
+                 "--max-new-tokens", "8", "--routed-tokens", "3"]) == 0
+    report = json.load(open(out / "report.json"))
+    assert report["settings"]["routed_tokens"] == 3
+    assert set(report["metrics"]["mogu"]) == {"harmful", "jailbreak", "benign", "borderline"}
+    assert len(report["router"]["layer_a"]["harmful"]) == 2  # per layer, per kind
+    assert os.path.isfile(out / "refusal_rates.png") and os.path.isfile(out / "router_layers.png")
+
+
+def test_eval_bad_input(ckpts, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    ck = str(ckpts / "mogu")
+    nofield = tmp_path / "a.jsonl"
+    nofield.write_text('{"text": "w5", "kind": "harmful"}\n')
+    _fails(capsys, ["eval", ck, "--prompts", str(nofield), "--out", out], "prompt")
+    badkind = tmp_path / "b.jsonl"
+    badkind.write_text('{"prompt": "w5", "kind": "spicy"}\n')
+    _fails(capsys, ["eval", ck, "--prompts", str(badkind), "--out", out], "spicy")
+    empty = tmp_path / "c.jsonl"
+    empty.write_text("")
+    _fails(capsys, ["eval", ck, "--prompts", str(empty), "--out", out], "empty")
+    csv = tmp_path / "d.csv"
+    csv.write_text("question,answer\nw5,w6\n")
+    _fails(capsys, ["eval", ck, "--prompts", str(csv), "--out", out], "question")
+    good = tmp_path / "e.jsonl"
+    good.write_text('{"prompt": "w5", "kind": "harmful"}\n')
+    _fails(capsys, ["eval", str(ckpts / "hf"), "--prompts", str(good), "--out", out], "MoGU")
+    assert not os.path.exists(out)
