@@ -79,6 +79,8 @@ def main(argv=None):
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-routing", action="store_true", help="skip the MoGU routing-cost section")
     ap.add_argument("--routing-only", action="store_true", help="only the MoGU routing-cost section")
+    ap.add_argument("--skip-pipeline", action="store_true",
+                    help="skip routed generation vs the original PyTorch pipeline")
     args = ap.parse_args(argv)
 
     import jax
@@ -164,7 +166,95 @@ def main(argv=None):
         print(f"{b:>5} | {a:10.1f} | {hs} | {rs} | {same or '-'}")
     if not args.skip_routing:
         bench_routing(cfg, params, prompt_ids, args)
+    if not args.skip_pipeline:
+        bench_routed_pipeline(cfg, params, hf, prompt_ids, args)
     return rows
+
+
+def bench_routed_pipeline(cfg, params, hf, prompt_ids, args, m=5):
+    """Routed generation (first ``m`` tokens routed, then the base model; ``--new-tokens`` in all), ours vs the
+    original pipeline stated in PyTorch on the same weights: ``m`` uncached full forwards of the routed model
+    (the authors' inf_mogu.py loop), then HF ``generate`` of the base model on prompt + routed tokens."""
+    import jax
+    import torch
+
+    from mogu_jax import generate as G
+    from mogu_jax import mogu as mogu_lib
+
+    full = mogu_lib.init_mogu(cfg, 0, params)
+    for name, k in (("glad", 1), ("unwilling", 2)):
+        full[name]["B"] = 0.01 * jax.random.normal(jax.random.PRNGKey(k), full[name]["B"].shape)
+    class MoGUProjection(torch.nn.Module):
+        """The published MoGU o_proj (the authors' Route_Layer): (a+b) W_o x + s (a dU + b dG)."""
+
+        def __init__(self, o_proj, glad, unwilling, router_u, router_g, s):
+            super().__init__()
+            self.o_proj, self.enabled = o_proj, True
+            self.glad, self.unwilling, self.ru, self.rg, self.s = glad, unwilling, router_u, router_g, s
+
+        @staticmethod
+        def head(p, x):
+            return torch.sigmoid(((x @ p["w0"]) @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"])
+
+        def forward(self, x):
+            base = self.o_proj(x)
+            a, b = self.head(self.ru, x), self.head(self.rg, x)
+            d_u = (x @ self.unwilling["A"]) @ self.unwilling["B"]
+            d_g = (x @ self.glad["A"]) @ self.glad["B"]
+            return (a + b) * base + self.s * (a * d_u + b * d_g)
+
+    t = lambda x: torch.tensor(np.asarray(x, np.float32))  # noqa: E731
+    s = cfg.lora_alpha / cfg.lora_rank
+    wrappers = []
+    for i, layer in enumerate(hf.model.layers):
+        att = layer.self_attn
+        w = MoGUProjection(att.o_proj, {k: t(v[i]) for k, v in full["glad"].items()},
+                                 {k: t(v[i]) for k, v in full["unwilling"].items()},
+                                 {k: t(v[i]) for k, v in full["router"]["unwilling"].items()},
+                                 {k: t(v[i]) for k, v in full["router"]["glad"].items()}, s)
+        wrappers.append((att, w))
+    n_new = args.new_tokens
+
+    def torch_pipeline(ids):
+        outs = []
+        for x in ids:  # the published pipeline runs one prompt at a time
+            cur = torch.tensor([x], dtype=torch.long)
+            for att, w in wrappers:
+                att.o_proj = w
+            with torch.inference_mode():
+                for _ in range(m):
+                    logits = hf(cur).logits
+                    cur = torch.cat([cur, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+                for att, w in wrappers:
+                    att.o_proj = w.o_proj
+                out = hf.generate(input_ids=cur, attention_mask=torch.ones_like(cur), max_new_tokens=n_new - m,
+                                  min_new_tokens=n_new - m, do_sample=False)
+            outs.append(out[0, len(x):].tolist())
+        return outs
+
+    def ours(ids):
+        return G.generate(cfg, full, ids, max_new_tokens=n_new, eos_ids=(), mode="routed", routed_tokens=m).tokens
+
+    print(f"\nrouted generation: {m} routed tokens then the base model, {n_new} new tokens, greedy, fp32;"
+          f" best of {args.repeats}")
+    print(f"{'batch':>5} | {'ours tok/s':>10} | {'original pipeline tok/s':>23} | ours/original | rows equal")
+    print("-" * 78)
+    for b in args.batches:
+        ids = prompt_ids(b)
+        ours(ids)
+        torch_pipeline(ids[:1])  # warm-up
+        t_o = t_t = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            got = ours(ids)
+            t_o = min(t_o, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ref = torch_pipeline(ids)
+            t_t = min(t_t, time.perf_counter() - t0)
+        same = sum(a == r for a, r in zip(got, ref))
+        print(f"{b:>5} | {b * n_new / t_o:10.1f} | {b * n_new / t_t:23.1f} | {t_t / t_o:13.2f} | {same}/{b}")
+    for att, w in wrappers:
+        att.o_proj = w.o_proj
 
 
 def bench_routing(cfg, params, prompt_ids, args):
