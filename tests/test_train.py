@@ -327,11 +327,10 @@ def test_mismatched_inputs_for_the_router_stage(world, tmp_path, capsys):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, capsys):
     out = str(tmp_path / "nan")
-    _fails(capsys, _train_argv(world, "glad", out, "optim.lr=1e30", "checkpoint.every=1", "train.max_steps=6",
-                               "mesh.data=1"), "non-finite", "last good checkpoint is update")
+    bad = ["optim.lr=3e38", "checkpoint.every=1", "train.max_steps=6", "train.epochs=3", "mesh.data=1"]
+    _fails(capsys, _train_argv(world, "glad", out, *bad), "non-finite", "last good checkpoint is update")
     steps = sorted(int(n) for n in os.listdir(os.path.join(out, "checkpoints")) if n.isdigit())
     assert steps and max(steps) < 6
     assert not os.path.exists(os.path.join(out, "DONE")) and not os.path.exists(os.path.join(out, "final"))
     # the kept checkpoint is complete and restorable: resuming reaches the same NaN, not a broken file
-    _fails(capsys, _train_argv(world, "glad", out, "optim.lr=1e30", "checkpoint.every=1", "train.max_steps=6",
-                               "mesh.data=1", "--resume"), "non-finite")
+    _fails(capsys, _train_argv(world, "glad", out, *bad, "--resume"), "non-finite")
