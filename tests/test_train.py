@@ -334,3 +334,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "DONE")) and not os.path.exists(os.path.join(out, "final"))
     # the kept checkpoint is complete and restorable: resuming reaches the same NaN, not a broken file
     _fails(capsys, _train_argv(world, "glad", out, *bad, "--resume"), "non-finite")
+
+
+def test_resume_on_a_different_mesh(world, tmp_path):
+    """A run checkpointed on a (2,2,2) mesh continues on one device and ends where a one-device run ends."""
+    extra = ["train.max_steps=4", "train.epochs=2", "checkpoint.every=1", "optim.lr=1e-2"]
+    ref = str(tmp_path / "ref")
+    res = run_stage(_conf(world, "glad", ref, *extra, "mesh.data=1"), progress=False)
+    moved = str(tmp_path / "moved")
+    part = run_stage(_conf(world, "glad", moved, *extra, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
+                     progress=False, stop_after=2)
+    assert part["updates"] == 2 and not part["done"]
+    done = run_stage(_conf(world, "glad", moved, *extra, "mesh.data=1"), resume=True, progress=False)
+    assert done["done"] and done["updates"] == 4
+    np.testing.assert_allclose(_losses(moved), _losses(ref), atol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(_final(moved, "glad", res["cfg"])),
+                    jax.tree_util.tree_leaves(_final(ref, "glad", res["cfg"]))):
+        np.testing.assert_allclose(x, y, atol=1e-5)
