@@ -24,6 +24,7 @@ from mogu_jax.convert.hf import params_from_source
 from mogu_jax.convert.sources import HFDirSource
 from mogu_jax.errors import MoguError
 from mogu_jax.model import forward, forward_unrolled, unstack_layers
+from tiny_models import assert_bit_exact, hf_tensors
 
 TOL = 1e-4
 VOCAB = 128
@@ -99,17 +100,8 @@ def _check_ours(name, cfg, params, tokens, padded, mask, positions, ref_full, re
     assert max(diffs) <= TOL, (name, diffs)
 
 
-def _tensors(d):
-    src = HFDirSource(d)
-    return {k: src.get(k) for k in src.keys()}
 
 
-def _assert_bit_exact(a_dir, b_dir):
-    a, b = _tensors(a_dir), _tensors(b_dir)
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert a[k].tobytes() == b[k].tobytes(), f"{k} differs"
 
 
 # ------------------------------------------------------------------------------------------- Falcon
@@ -131,7 +123,7 @@ def test_falcon_parity_and_round_trip(falcons, tmp_path, name):
     ck, back = str(tmp_path / "ck"), str(tmp_path / "hf2")
     api.convert_hf_to_jax(d, ck)
     api.convert_jax_to_hf(ck, back)
-    _assert_bit_exact(d, back)
+    assert_bit_exact(d, back)
     reloaded = AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32).eval()
     with torch.no_grad():
         np.testing.assert_allclose(reloaded(torch.tensor(tokens, dtype=torch.long)).logits.numpy(), ref_full, atol=1e-6)
@@ -233,8 +225,8 @@ def test_baichuan2_7b_parity_and_round_trip(baichuans, tmp_path):
     ck, back = str(tmp_path / "ck"), str(tmp_path / "hf2")
     api.convert_hf_to_jax(d, ck)
     api.convert_jax_to_hf(ck, back)
-    _assert_bit_exact(d, back)
-    assert "model.layers.1.self_attn.W_pack.weight" in _tensors(back)
+    assert_bit_exact(d, back)
+    assert "model.layers.1.self_attn.W_pack.weight" in hf_tensors(back)
     assert json.load(open(os.path.join(back, "config.json")))["model_type"] == "baichuan"
 
 
@@ -314,7 +306,7 @@ def test_baichuan2_13b_alibi_parity(baichuans, tmp_path):
     ck, back = str(tmp_path / "ck"), str(tmp_path / "hf2")
     api.convert_hf_to_jax(d, ck)
     api.convert_jax_to_hf(ck, back)
-    _assert_bit_exact(d, back)
+    assert_bit_exact(d, back)
 
 
 def test_baichuan_rotary_or_alibi_decision():

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mogu_jax.cli import main
-from tiny_models import save_hf
+from tiny_models import save_hf, cli_fails
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +19,6 @@ def hf_dir(tmp_path_factory):
     return str(d)
 
 
-def _fails(capsys, argv, *needles):
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if "mogu-jax: error:" in ln]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def _nothing_written(parent, out_name):
@@ -44,14 +35,14 @@ def _copy(hf_dir, tmp_path):
 def test_missing_config(capsys, hf_dir, tmp_path):
     d = _copy(hf_dir, tmp_path)
     os.remove(os.path.join(d, "config.json"))
-    _fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "missing config.json")
+    cli_fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "missing config.json")
     _nothing_written(str(tmp_path), "out")
 
 
 def test_missing_weights(capsys, hf_dir, tmp_path):
     d = _copy(hf_dir, tmp_path)
     os.remove(os.path.join(d, "model.safetensors"))
-    _fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "no weights")
+    cli_fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "no weights")
     _nothing_written(str(tmp_path), "out")
 
 
@@ -60,7 +51,7 @@ def test_unsupported_model_type_lists_supported(capsys, hf_dir, tmp_path):
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["model_type"] = "gpt2"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    line = _fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "gpt2")
+    line = cli_fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "gpt2")
     for t in ("llama", "mistral", "qwen2"):
         assert t in line
     _nothing_written(str(tmp_path), "out")
@@ -72,7 +63,7 @@ def test_missing_tensor_is_named(capsys, hf_dir, tmp_path):
     sd = load_file(path)
     del sd["model.layers.1.mlp.up_proj.weight"]
     save_file(sd, path, metadata={"format": "pt"})
-    _fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "model.layers.1.mlp.up_proj.weight",
+    cli_fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "model.layers.1.mlp.up_proj.weight",
            "missing")
     _nothing_written(str(tmp_path), "out")
 
@@ -83,7 +74,7 @@ def test_wrong_shape_is_named(capsys, hf_dir, tmp_path):
     sd = load_file(path)
     sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
     save_file(sd, path, metadata={"format": "pt"})
-    _fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "model.layers.0.self_attn.k_proj.weight",
+    cli_fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "model.layers.0.self_attn.k_proj.weight",
            "[16, 64]", "[32, 64]")
     _nothing_written(str(tmp_path), "out")
 
@@ -94,11 +85,11 @@ def test_corrupt_safetensors(capsys, hf_dir, tmp_path):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size - 100)
-    _fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "corrupt safetensors")
+    cli_fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "corrupt safetensors")
     with open(path, "r+b") as f:
         f.seek(8)
         f.write(b"{not json")
-    _fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "corrupt safetensors")
+    cli_fails(capsys, ["convert", "hf-to-jax", d, str(tmp_path / "out")], "corrupt safetensors")
     _nothing_written(str(tmp_path), "out")
 
 
@@ -106,12 +97,12 @@ def test_existing_different_output_refused(capsys, hf_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    _fails(capsys, ["convert", "hf-to-jax", hf_dir, str(out)], "--overwrite")
+    cli_fails(capsys, ["convert", "hf-to-jax", hf_dir, str(out)], "--overwrite")
     assert (out / "notes.txt").read_text() == "keep me"
 
 
 def test_not_a_checkpoint_for_export(capsys, hf_dir, tmp_path):
-    _fails(capsys, ["convert", "jax-to-hf", hf_dir, str(tmp_path / "out")], "not a mogu_jax checkpoint")
+    cli_fails(capsys, ["convert", "jax-to-hf", hf_dir, str(tmp_path / "out")], "not a mogu_jax checkpoint")
     _nothing_written(str(tmp_path), "out")
 
 
@@ -141,13 +132,13 @@ def test_checkpoint_with_mis_shaped_params(capsys, hf_dir, tmp_path):
     meta = json.load(open(meta_path))
     meta["model_config"]["intermediate_size"] = 128
     json.dump(meta, open(meta_path, "w"))
-    _fails(capsys, ["convert", "jax-to-hf", ck, str(tmp_path / "out")], "mlp", "[2, 96, 64]", "[2, 128, 64]")
+    cli_fails(capsys, ["convert", "jax-to-hf", ck, str(tmp_path / "out")], "mlp", "[2, 96, 64]", "[2, 128, 64]")
     _nothing_written(str(tmp_path), "out")
 
 
 def test_prompts_file_errors(capsys, hf_dir, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"id": 1, "prompt": "w5 w6"}\n{"id": 2}\n')
-    _fails(capsys, ["generate", hf_dir, "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")],
+    cli_fails(capsys, ["generate", hf_dir, "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")],
            "p.jsonl:2", "prompt")
     assert not os.path.exists(tmp_path / "o.jsonl")

@@ -13,20 +13,11 @@ from mogu_jax import api
 from mogu_jax.checkpoint import read_meta
 from mogu_jax.cli import main
 from mogu_jax.convert.sources import HFDirSource
-from tiny_models import random_tokens, save_hf
+from tiny_models import assert_bit_exact, random_tokens, save_hf
 
 
-def _tensors(d):
-    src = HFDirSource(d)
-    return {k: src.get(k) for k in src.keys()}
 
 
-def _assert_bit_exact(a_dir, b_dir):
-    a, b = _tensors(a_dir), _tensors(b_dir)
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert a[k].tobytes() == b[k].tobytes(), f"{k} differs"
 
 
 @pytest.mark.parametrize("name,dtype", [("llama_gqa", torch.float32), ("qwen2_bias_tied", torch.bfloat16),
@@ -39,7 +30,7 @@ def test_round_trip_bit_exact_and_loadable(tmp_path, name, dtype):
     assert meta["hf_config"]["model_type"] == hf.config.model_type
     assert os.path.isdir(tmp_path / "ck" / "params") and os.path.isdir(tmp_path / "ck" / "tokenizer")
     assert main(["convert", "jax-to-hf", str(tmp_path / "ck"), str(tmp_path / "hf2")]) == 0
-    _assert_bit_exact(src, str(tmp_path / "hf2"))
+    assert_bit_exact(src, str(tmp_path / "hf2"))
     # the export loads in transformers and computes the same logits
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf2"), dtype=torch.float32, attn_implementation="eager").eval()
     tokens = torch.tensor(random_tokens(1, 10), dtype=torch.long)
@@ -58,7 +49,7 @@ def test_sharded_safetensors_in_and_out(tmp_path):
     api.convert_jax_to_hf(str(tmp_path / "ck"), str(tmp_path / "hf2"), max_shard_bytes=40_000)
     idx = json.load(open(tmp_path / "hf2" / "model.safetensors.index.json"))
     assert len(set(idx["weight_map"].values())) > 1
-    _assert_bit_exact(src, str(tmp_path / "hf2"))
+    assert_bit_exact(src, str(tmp_path / "hf2"))
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf2"))
 
 

@@ -13,7 +13,7 @@ from mogu_jax.config import ModelConfig
 from mogu_jax.convert.hf import params_from_source
 from mogu_jax.convert.sources import HFDirSource
 from test_mogu import random_mogu
-from tiny_models import save_hf
+from tiny_models import save_hf, cli_fails
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,6 @@ def ckpts(tmp_path_factory):
     return root
 
 
-def _fails(capsys, argv, *needles):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    line = [ln for ln in err.splitlines() if "mogu-jax: error:" in ln]
-    assert len(line) == 1, err
-    for n in needles:
-        assert n in line[0], line[0]
 
 
 def test_eval_writes_report(ckpts, tmp_path, capsys):
@@ -58,17 +50,17 @@ def test_eval_bad_input(ckpts, tmp_path, capsys):
     ck = str(ckpts / "mogu")
     nofield = tmp_path / "a.jsonl"
     nofield.write_text('{"text": "w5", "kind": "harmful"}\n')
-    _fails(capsys, ["eval", ck, "--prompts", str(nofield), "--out", out], "prompt")
+    cli_fails(capsys, ["eval", ck, "--prompts", str(nofield), "--out", out], "prompt")
     badkind = tmp_path / "b.jsonl"
     badkind.write_text('{"prompt": "w5", "kind": "spicy"}\n')
-    _fails(capsys, ["eval", ck, "--prompts", str(badkind), "--out", out], "spicy")
+    cli_fails(capsys, ["eval", ck, "--prompts", str(badkind), "--out", out], "spicy")
     empty = tmp_path / "c.jsonl"
     empty.write_text("")
-    _fails(capsys, ["eval", ck, "--prompts", str(empty), "--out", out], "empty")
+    cli_fails(capsys, ["eval", ck, "--prompts", str(empty), "--out", out], "empty")
     csv = tmp_path / "d.csv"
     csv.write_text("question,answer\nw5,w6\n")
-    _fails(capsys, ["eval", ck, "--prompts", str(csv), "--out", out], "question")
+    cli_fails(capsys, ["eval", ck, "--prompts", str(csv), "--out", out], "question")
     good = tmp_path / "e.jsonl"
     good.write_text('{"prompt": "w5", "kind": "harmful"}\n')
-    _fails(capsys, ["eval", str(ckpts / "hf"), "--prompts", str(good), "--out", out], "MoGU")
+    cli_fails(capsys, ["eval", str(ckpts / "hf"), "--prompts", str(good), "--out", out], "MoGU")
     assert not os.path.exists(out)

@@ -20,7 +20,7 @@ from mogu_jax.convert.hf import params_from_source
 from mogu_jax.convert.sources import HFDirSource
 from mogu_jax.config import ModelConfig
 from mogu_jax.model import forward, forward_unrolled, unstack_layers
-from tiny_models import make_hf_model, random_tokens, save_hf
+from tiny_models import make_hf_model, random_tokens, save_hf, cli_fails
 
 TOL = 1e-4
 
@@ -244,14 +244,6 @@ def test_subset_router_file(tiny, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ bad artifacts
-def _fails(capsys, argv, *needles):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    line = [ln for ln in err.splitlines() if "mogu-jax: error:" in ln]
-    assert len(line) == 1, err
-    for n in needles:
-        assert n in line[0], line[0]
 
 
 @pytest.fixture(scope="module")
@@ -281,35 +273,35 @@ def test_bad_artifacts(tiny, adapters, tmp_path, capsys):
     wrong = str(tmp_path / "wrong")
     _write_adapter_variant(good, wrong, lambda sd: sd.update(
         {"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.zeros(8, 96)}))
-    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", wrong],
+    cli_fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", wrong],
            "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight", "[8, 96]", "[8, 64]")
     # an adapter targeting other modules
-    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", str(adapters / "qproj")],
+    cli_fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", str(adapters / "qproj")],
            "q_proj", "o_proj")
-    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", str(adapters / "mha")],
+    cli_fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", str(adapters / "mha")],
            "other modules", "k_proj")
     # rank mismatch between the two adapters
-    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", good, "--unwilling",
+    cli_fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", good, "--unwilling",
                     str(adapters / "r4")], "rank mismatch", "r=8", "r=4")
     # missing and extra layers
     missing = str(tmp_path / "missing")
     _write_adapter_variant(good, missing, lambda sd: [sd.pop(k) for k in list(sd) if ".layers.1." in k])
-    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", missing], "missing layers [1]")
+    cli_fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", missing], "missing layers [1]")
     extra = str(tmp_path / "extra")
     _write_adapter_variant(good, extra, lambda sd: sd.update(
         {k.replace(".layers.1.", ".layers.5."): v.clone() for k, v in list(sd.items()) if ".layers.1." in k}))
-    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", extra], "layers [5]", "2 layers")
+    cli_fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--glad", extra], "layers [5]", "2 layers")
     # a router file with unknown keys, and one whose width does not fit the base model
     router = jax.tree_util.tree_map(np.asarray, random_mogu(cfg, base)["router"])
     rpath = str(tmp_path / "router.pth")
     sd = {k: torch.tensor(v) for k, v in art.router_tensors(router, cfg)}
     sd["model.routers.0.gamma_.linear_0.weight"] = torch.zeros(512, 64)
     torch.save(sd, rpath)
-    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--router", rpath], "unknown keys", "gamma_")
+    cli_fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--router", rpath], "unknown keys", "gamma_")
     sd.pop("model.routers.0.gamma_.linear_0.weight")
     sd["model.routers.1.beta_.linear_1.bias"] = torch.zeros(96)
     torch.save(sd, rpath)
-    _fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--router", rpath],
+    cli_fails(capsys, ["convert", "mogu-to-jax", out, "--base", d, "--router", rpath],
            "model.routers.1.beta_.linear_1.bias", "[96]", "[64]")
     # nothing was written by any of these
     assert not os.path.exists(out)
@@ -318,7 +310,7 @@ def test_bad_artifacts(tiny, adapters, tmp_path, capsys):
 
 def test_routed_generation_needs_routers(tiny, tmp_path, capsys):
     d, cfg, base = tiny
-    _fails(capsys, ["generate", d, "--prompt", "w5 w6", "--mode", "routed", "--max-new-tokens", "4"],
+    cli_fails(capsys, ["generate", d, "--prompt", "w5 w6", "--mode", "routed", "--max-new-tokens", "4"],
            "routed", "router")
 
 
@@ -395,9 +387,9 @@ def test_routed_all_equals_stepwise_forward_and_telemetry(tiny):
 
 def test_generate_cli_routed_options(tiny, tmp_path, capsys):
     d, cfg, base = tiny
-    _fails(capsys, ["generate", d, "--prompt", "w5 w6", "--routed-tokens", "3", "--max-new-tokens", "4"],
+    cli_fails(capsys, ["generate", d, "--prompt", "w5 w6", "--routed-tokens", "3", "--max-new-tokens", "4"],
            "routed decoding needs a MoGU checkpoint")
-    _fails(capsys, ["generate", d, "--prompt", "w5 w6", "--base-only", "--mode", "glad"], "--base-only")
+    cli_fails(capsys, ["generate", d, "--prompt", "w5 w6", "--base-only", "--mode", "glad"], "--base-only")
     # a MoGU checkpoint: routed decoding with handoff by default, telemetry in the JSONL and the trace
     p = random_mogu(cfg, base, router_std=1.0)
     from mogu_jax.checkpoint import save_checkpoint
@@ -415,4 +407,4 @@ def test_generate_cli_routed_options(tiny, tmp_path, capsys):
     tr = np.load(tmp_path / "t.npz")
     assert tr["a_0"].shape[1] == cfg.num_layers and tr["a_0"].shape[0] <= 2  # 2 routed tokens (config default)
     assert main(["generate", ck, "--prompt", "w5 w6", "--routed-tokens", "all", "--max-new-tokens", "3"]) == 0
-    _fails(capsys, ["generate", ck, "--prompt", "w5", "--routed-tokens", "x"], "--routed-tokens")
+    cli_fails(capsys, ["generate", ck, "--prompt", "w5", "--routed-tokens", "x"], "--routed-tokens")

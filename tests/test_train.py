@@ -25,7 +25,7 @@ from mogu_jax.convert.sources import HFDirSource
 from mogu_jax.train_config import load_config
 from mogu_jax.trainer import restore_part, run_stage
 from test_mogu import random_mogu, torch_reference
-from tiny_models import make_hf_model, save_hf
+from tiny_models import make_hf_model, save_hf, cli_fails
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -280,14 +280,6 @@ def test_two_processes_equal_one(world, tmp_path):
 
 
 # ------------------------------------------------------------------ bad input and faults
-def _fails(capsys, argv, *needles):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    line = [ln for ln in err.splitlines() if "mogu-jax: error:" in ln]
-    assert len(line) == 1, err
-    for n in needles:
-        assert n in line[0], line[0]
 
 
 def _train_argv(world, stage, out, *extra):
@@ -297,16 +289,16 @@ def _train_argv(world, stage, out, *extra):
 
 def test_bad_config_and_data(world, tmp_path, capsys):
     out = str(tmp_path / "out")
-    _fails(capsys, _train_argv(world, "glad", out, "optim.learnig_rate=1"), "optim.learnig_rate", "did you mean")
-    _fails(capsys, _train_argv(world, "glad", out, "trian.epochs=1"), "'train.epochs'")
+    cli_fails(capsys, _train_argv(world, "glad", out, "optim.learnig_rate=1"), "optim.learnig_rate", "did you mean")
+    cli_fails(capsys, _train_argv(world, "glad", out, "trian.epochs=1"), "'train.epochs'")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "w5", "affirmative": "", "refusal": "w6"}) + "\n")
-    _fails(capsys, ["train", "glad", f"model.base={world['hf']}", f"data.glad.jsonl={bad}", f"output.dir={out}"],
+    cli_fails(capsys, ["train", "glad", f"model.base={world['hf']}", f"data.glad.jsonl={bad}", f"output.dir={out}"],
            "bad.jsonl", "affirmative")
     a, r = tmp_path / "a.json", tmp_path / "r.json"
     a.write_text(json.dumps([{"instruction": "w5 w6", "output": "w7"}, {"instruction": "w8", "output": "w9"}]))
     r.write_text(json.dumps([{"instruction": "w5 w6", "output": "w10"}]))
-    _fails(capsys, ["train", "glad", f"model.base={world['hf']}", f"data.glad.affirm={a}", f"data.glad.reject={r}",
+    cli_fails(capsys, ["train", "glad", f"model.base={world['hf']}", f"data.glad.affirm={a}", f"data.glad.reject={r}",
                     f"output.dir={out}"], "r.json")
     assert not os.path.exists(out)
 
@@ -315,11 +307,11 @@ def test_mismatched_inputs_for_the_router_stage(world, tmp_path, capsys):
     from test_mogu import peft_adapter
     peft_adapter(make_hf_model("llama_gqa"), str(tmp_path / "r4"), seed=1, r=4)
     out = str(tmp_path / "out")
-    _fails(capsys, ["train", "router", f"model.base={world['hf']}", f"data.router.jsonl={world['router']}",
+    cli_fails(capsys, ["train", "router", f"model.base={world['hf']}", f"data.router.jsonl={world['router']}",
                     f"inputs.glad={tmp_path / 'r4'}", f"inputs.unwilling={tmp_path / 'r4'}", f"output.dir={out}",
                     "train.batch_size=8"], "r=4", "r=8")
     peft_adapter(make_hf_model("smollm2_like"), str(tmp_path / "wide"), seed=1)
-    _fails(capsys, ["train", "router", f"model.base={world['hf']}", f"data.router.jsonl={world['router']}",
+    cli_fails(capsys, ["train", "router", f"model.base={world['hf']}", f"data.router.jsonl={world['router']}",
                     f"inputs.glad={tmp_path / 'wide'}", f"inputs.unwilling={tmp_path / 'wide'}",
                     f"output.dir={out}", "train.batch_size=8"], "lora_A.weight", "shape")
     assert not os.path.exists(os.path.join(out, "checkpoints"))
@@ -328,12 +320,12 @@ def test_mismatched_inputs_for_the_router_stage(world, tmp_path, capsys):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, capsys):
     out = str(tmp_path / "nan")
     bad = ["optim.lr=3e38", "checkpoint.every=1", "train.max_steps=6", "train.epochs=3", "mesh.data=1"]
-    _fails(capsys, _train_argv(world, "glad", out, *bad), "non-finite", "last good checkpoint is update")
+    cli_fails(capsys, _train_argv(world, "glad", out, *bad), "non-finite", "last good checkpoint is update")
     steps = sorted(int(n) for n in os.listdir(os.path.join(out, "checkpoints")) if n.isdigit())
     assert steps and max(steps) < 6
     assert not os.path.exists(os.path.join(out, "DONE")) and not os.path.exists(os.path.join(out, "final"))
     # the kept checkpoint is complete and restorable: resuming reaches the same NaN, not a broken file
-    _fails(capsys, _train_argv(world, "glad", out, *bad, "--resume"), "non-finite")
+    cli_fails(capsys, _train_argv(world, "glad", out, *bad, "--resume"), "non-finite")
 
 
 def test_resume_on_a_different_mesh(world, tmp_path):

@@ -96,3 +96,31 @@ def save_hf(name: str, out_dir: str, seed: int = 0, dtype=None, tokenizer: bool 
 
 def random_tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(4, VOCAB, size=(batch, length)).astype(np.int32)
+
+
+def cli_fails(capsys, argv, *needles) -> str:
+    """Run the CLI on ``argv``: it must exit 2 with exactly one ``mogu-jax: error:`` line naming ``needles``."""
+    from mogu_jax.cli import main
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "mogu-jax: error:" in ln]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def hf_tensors(d: str) -> dict:
+    from mogu_jax.convert.sources import HFDirSource
+    src = HFDirSource(d)
+    return {k: src.get(k) for k in src.keys()}
+
+
+def assert_bit_exact(a_dir: str, b_dir: str) -> None:
+    """Two HF folders hold the same tensors, bit for bit."""
+    a, b = hf_tensors(a_dir), hf_tensors(b_dir)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), f"{k} differs"
