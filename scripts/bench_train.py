@@ -1,0 +1,630 @@
+#!/usr/bin/env python
+"""Training-step throughput of the three MoGU stages: mogu_jax's jitted train step vs a PyTorch + PEFT step.
+
+Both sides run the same weights (SmolLM2-135M-Instruct from the ``smollm2`` alias, the GGUF dequantized to
+fp32), the same synthetic batch (default 8 x 256 tokens, every token real, the first ``--prompt-len`` tokens
+of each row a "prompt" that the LM loss masks out) and the same compute dtype.
+
+* ours: ``mogu_jax.train.StepFns`` + ``make_optimizer``, set up exactly as ``mogu_jax.trainer.run_stage`` does
+  (mesh, tree shardings, optax shardings, state ``{params, opt_state, step}``, frozen ``{"base", ...}``); one
+  fused update per step, blocked on its stats (as the trainer does when it logs them).
+* reference, glad / unwilling: a transformers ``LlamaForCausalLM`` with a PEFT LoRA (r 8, alpha 16, no dropout)
+  on ``o_proj``, the ratio loss (two forwards, per-example mean CE over response tokens), AdamW eps 1e-6.
+* reference, router: the same model with every ``o_proj`` wrapped as the MoGU routed projection
+  ``(a+b) W_o x + s (a dU(x) + b dG(x))`` (both LoRA branches frozen, two router heads of hidden 512 per layer,
+  only the routers trainable), loss ``CE + 2 (mse_a + mse_b)``.
+
+One update = forward, loss, ``loss.backward(); opt.step(); opt.zero_grad()`` (torch) or one ``StepFns.step``
+(ours). Warm-up first, then ``--rounds`` rounds that time ``--steps`` updates of ours then ``--steps`` of torch
+(interleaved, the machine is shared); the medians per update are compared. tokens/s counts the real tokens an
+update processes (pair stages: both sequences of each example).
+
+FLOPs (analytic, matmuls only; what the algorithm needs, not recomputation):
+
+    per token: 4 * N_frozen + 6 * N_train + 12 * L * T * H * Dh
+
+N_frozen: the weights of every frozen matmul a token goes through (q/k/v/o, gate/up/down per layer, the lm
+head; plus both LoRA branches in the router stage): forward 2N + input gradient 2N, no weight gradient.
+N_train: the trained part (LoRA A/B of one branch, or the two router heads): 2N forward + 2N input gradient +
+2N weight gradient. Attention: QK^T and PV over the full T x T score matrix (as computed, masked), 4 T H Dh per
+token and layer forward, twice that backward. The peak is the best of a few large jitted fp32 matmuls in JAX,
+measured in the same run (and bf16's, with ``--bf16``). XLA's own ``cost_analysis()`` of the compiled step is
+printed beside it.
+
+    python scripts/bench_train.py                    # all stages, fp32, SmolLM2-135M, 8 x 256
+    python scripts/bench_train.py --bf16 --stages glad
+    python scripts/bench_train.py --remat
+    python scripts/bench_train.py --breakdown        # also time the pieces of our step (where the time goes)
+    python scripts/bench_train.py --tiny --seq 64    # a random tiny Llama (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+STAGES = ("glad", "unwilling", "router")
+LR = {"glad": 5e-5, "unwilling": 5e-5, "router": 5e-4}
+ROUTER_LAMBDA = 2.0
+
+
+# ------------------------------------------------------------------------------------------------- models
+def load_models(tiny: bool, dtype: str, remat: bool):
+    """(cfg, params, hf_model): ours as run_stage loads it, the HF model from the same source (fp32)."""
+    import torch
+
+    if tiny:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from mogu_jax.convert.hf import params_from_torch
+
+        torch.manual_seed(0)
+        hcfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        hf = LlamaForCausalLM(hcfg).eval()
+        cfg, params = params_from_torch(hf)
+        cfg = cfg.replace(dtype=dtype, remat=remat)
+        return cfg, params, hf, "random tiny Llama"
+    from transformers import AutoModelForCausalLM
+
+    from mogu_jax import api
+    from mogu_jax.convert.gguf import resolve_gguf_path
+
+    cfg, params, _ = api.load("smollm2", dtype=dtype, remat=remat)
+    d, gguf = os.path.split(resolve_gguf_path("smollm2"))
+    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32)
+    return cfg, params, hf, "SmolLM2-135M-Instruct (mogu_jax.api.load('smollm2') / transformers gguf_file=)"
+
+
+# ------------------------------------------------------------------------------------------------ batches
+def make_batch(stage: str, b: int, t: int, prompt_len: int, vocab: int, seed: int = 0) -> dict:
+    """A synthetic batch in the format of mogu_jax.data (every position real, response after the prompt)."""
+    rng = np.random.default_rng(seed)
+
+    def seq():
+        toks = rng.integers(3, vocab, size=(b, t)).astype(np.int32)
+        plen = rng.integers(max(prompt_len // 2, 1), max(prompt_len, 2), size=b)
+        loss = np.arange(t)[None, :] >= plen[:, None]
+        return {"tokens": toks, "loss_mask": loss, "attn_mask": np.ones((b, t), bool)}
+
+    if stage == "router":
+        out = seq()
+        out["label"] = (np.arange(b) % 2).astype(np.int32)
+        out["weight"] = np.ones(b, np.float32)
+        return out
+    return {"affirm": seq(), "refusal": seq(), "weight": np.ones(b, np.float32)}
+
+
+def batch_tokens(stage: str, batch: dict) -> int:
+    w = batch["weight"]
+    if stage == "router":
+        return int((batch["attn_mask"] * w[:, None]).sum())
+    return int(sum((batch[h]["attn_mask"] * w[:, None]).sum() for h in ("affirm", "refusal")))
+
+
+# ------------------------------------------------------------------------------------------ ours (mogu_jax)
+class Ours:
+    """The train step of one stage, set up as mogu_jax.trainer.run_stage does."""
+
+    def __init__(self, cfg, params, stage: str, batch: dict, seed: int = 0):
+        import jax
+
+        from mogu_jax import train as T
+        from mogu_jax.model import split_params
+        from mogu_jax.sharding import make_mesh, param_logical_axes, replicated, tree_shardings
+        from mogu_jax.trainer import optax_shardings
+
+        self.stage = stage
+        base, _ = split_params(params)
+        cfg = cfg.replace(lora_rank=8, lora_alpha=16.0, router_hidden=512, router_layers=())
+        self.cfg = cfg
+        frozen = {"base": base}
+        if stage == "router":  # trained branches (random, B non-zero so both branches do real work)
+            for i, part in enumerate(("glad", "unwilling")):
+                br = T.init_trainable(cfg, part, seed + 10 + i)
+                r = np.random.default_rng(seed + i)
+                br = {"A": np.asarray(br["A"]), "B": (0.01 * r.standard_normal(br["B"].shape)).astype(np.float32)}
+                frozen[part] = br
+        optim = {"lr": LR[stage], "b1": 0.9, "b2": 0.999, "eps": 1e-6, "weight_decay": 0.0,
+                 "schedule": "constant", "warmup_steps": 0, "clip_norm": None}
+        mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+        tx = T.make_optimizer(optim, 1000)
+        trainable = T.trainable_dtype_cast(T.init_trainable(cfg, stage, seed), np.float32)
+        parts = tuple(k for k in frozen if k != "base")
+        frozen_logical = param_logical_axes(cfg, parts) if parts else {"base": param_logical_axes(cfg)}
+        frozen_sh = tree_shardings(frozen_logical, frozen, mesh)
+        part_logical = param_logical_axes(cfg, (stage,))[stage]
+        train_sh = tree_shardings(part_logical, trainable, mesh)
+        rep = replicated(mesh)
+        opt_shape = jax.eval_shape(tx.init, trainable)
+        opt_sh = optax_shardings(tx, opt_shape, train_sh, rep)
+        state_sh = {"params": train_sh, "opt_state": opt_sh, "step": rep}
+        self.frozen = T.to_global(frozen, frozen_sh)
+        params_g = T.to_global(trainable, train_sh)
+        self.state = {"params": params_g, "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params_g),
+                      "step": jax.device_put(np.asarray(0, np.int32), rep)}
+        self.fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, ROUTER_LAMBDA)
+        self.batch = T.local_batch_to_global(batch, mesh)
+        self.n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable))
+        self.last_loss = None
+
+    def step(self):
+        import jax
+
+        from mogu_jax import train as T
+
+        self.state, stats = self.fns.step(self.state, self.frozen, [self.batch])
+        jax.block_until_ready(stats)
+        self.last_loss = float(T.host_value(stats["loss"])) / float(T.host_value(stats["weight"]))
+
+    def cost_analysis(self):
+        """XLA's cost analysis of the compiled fused step (flops, bytes accessed), or None."""
+        try:
+            jitted = self.fns._jit("fused", self.batch)
+            ca = jitted.lower(self.state, self.frozen, self.batch).compile().cost_analysis()
+            if isinstance(ca, (list, tuple)):
+                ca = ca[0] if ca else None
+            return dict(ca) if ca else None
+        except Exception as e:  # noqa: BLE001 - optional information
+            return {"error": f"{type(e).__name__}: {e}"}
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def torch_batch(batch: dict, stage: str):
+    import torch
+
+    def conv(d):
+        return {k: torch.from_numpy(np.asarray(v).astype(np.int64 if k == "tokens" else v.dtype)) for k, v in d.items()}
+
+    if stage == "router":
+        return conv(batch)
+    return {"affirm": conv(batch["affirm"]), "refusal": conv(batch["refusal"]),
+            "weight": torch.from_numpy(batch["weight"])}
+
+
+def torch_token_ce(logits, tokens, loss_mask):
+    """Per-example mean CE over the response tokens (position t predicts tokens[t] from logits[t-1])."""
+    import torch.nn.functional as F
+
+    lg = logits[:, :-1].float()
+    tgt = tokens[:, 1:]
+    mask = loss_mask[:, 1:].float()
+    nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none").view(tgt.shape)
+    return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class TorchRouterOProj:
+    """Factory of the MoGU routed o_proj as a torch module (built lazily so torch imports stay local)."""
+
+    @staticmethod
+    def build(base_linear, d_in: int, d_out: int, rank: int, scale: float, hidden: int, store: list, gen):
+        import torch
+        from torch import nn
+
+        class Head(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.linear_0 = nn.Linear(d_in, hidden, bias=False)
+                self.linear_1 = nn.Linear(hidden, d_out)
+                self.linear_2 = nn.Linear(d_out, 1)
+                for lin in (self.linear_0, self.linear_1, self.linear_2):
+                    nn.init.normal_(lin.weight, std=0.02, generator=gen)
+                    if lin.bias is not None:
+                        nn.init.zeros_(lin.bias)
+
+            def forward(self, x):
+                return torch.sigmoid(self.linear_2(self.linear_1(self.linear_0(x))))
+
+        class Routed(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.base = base_linear
+                self.alpha_ = Head()
+                self.beta_ = Head()
+                w = lambda *s: nn.Parameter(0.01 * torch.randn(*s, generator=gen), requires_grad=False)  # noqa: E731
+                self.u_A, self.u_B, self.g_A, self.g_B = w(rank, d_in), w(d_out, rank), w(rank, d_in), w(d_out, rank)
+
+            def forward(self, x):
+                import torch.nn.functional as F
+
+                base = self.base(x)
+                a, b = self.alpha_(x), self.beta_(x)
+                du = F.linear(F.linear(x, self.u_A), self.u_B)
+                dg = F.linear(F.linear(x, self.g_A), self.g_B)
+                store.append((a, b))
+                return (a + b) * base + scale * (a * du + b * dg)
+
+        return Routed()
+
+
+class Reference:
+    """The PyTorch step of one stage (PEFT LoRA for glad / unwilling, the routed MoGU model for router)."""
+
+    def __init__(self, hf_base, stage: str, batch: dict, bf16: bool, seed: int = 0):
+        import torch
+
+        self.stage, self.bf16 = stage, bf16
+        model = copy.deepcopy(hf_base)
+        model.config.use_cache = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        hcfg = model.config
+        d_attn = hcfg.num_attention_heads * getattr(hcfg, "head_dim", hcfg.hidden_size // hcfg.num_attention_heads)
+        if stage == "router":
+            gen = torch.Generator().manual_seed(seed)
+            self.store: list = []
+            for layer in model.model.layers:
+                layer.self_attn.o_proj = TorchRouterOProj.build(layer.self_attn.o_proj, d_attn, hcfg.hidden_size,
+                                                                8, 2.0, 512, self.store, gen)
+            trainable = [p for n, p in model.named_parameters() if ".alpha_." in n or ".beta_." in n]
+            for p in trainable:
+                p.requires_grad_(True)
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(seed)
+            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none",
+                                                     target_modules=["o_proj"]))
+            trainable = [p for p in model.parameters() if p.requires_grad]
+        model.train()  # dropout is 0 everywhere, as ours
+        self.model = model
+        self.n_trainable = sum(p.numel() for p in trainable)
+        self.opt = torch.optim.AdamW(trainable, lr=LR[stage], betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
+        self.batch = torch_batch(batch, stage)
+        self.last_loss = None
+
+    def _logits(self, b):
+        return self.model(input_ids=b["tokens"], attention_mask=b["attn_mask"].long()).logits
+
+    def loss(self):
+        import torch
+
+        b = self.batch
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            if self.stage == "router":
+                self.store.clear()
+                logits = self._logits(b)
+                ce = torch_token_ce(logits, b["tokens"], b["loss_mask"])
+                alphas = torch.stack([a[..., 0] for a, _ in self.store]).float()  # [L, B, T]
+                betas = torch.stack([bb[..., 0] for _, bb in self.store]).float()
+                self.store.clear()
+                m = b["attn_mask"].float()[None]
+                t_a = b["label"].float()[None, :, None]
+                denom = (m.sum((0, 2)) * alphas.shape[0]).clamp_min(1.0)
+                mse_a = ((alphas - t_a) ** 2 * m).sum((0, 2)) / denom
+                mse_b = ((betas - (1 - t_a)) ** 2 * m).sum((0, 2)) / denom
+                per = ce + ROUTER_LAMBDA * (mse_a + mse_b)
+            else:
+                ce = {h: torch_token_ce(self._logits(b[h]), b[h]["tokens"], b[h]["loss_mask"])
+                      for h in ("affirm", "refusal")}
+                per = ce["affirm"] / ce["refusal"] if self.stage == "glad" else ce["refusal"] / ce["affirm"]
+        w = b["weight"]
+        return (per * w).sum() / w.sum()
+
+    def step(self):
+        loss = self.loss()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad()
+        self.last_loss = float(loss.detach())
+
+
+# --------------------------------------------------------------------------------------------------- FLOPs
+def flop_model(cfg, stage: str, t: int, tokens: int) -> dict:
+    """The analytic FLOP count of one update (see the module docstring)."""
+    d, i_, v, n_l = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    h, kvh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    mlp = (3 if cfg.gated_mlp else 2) * d * i_
+    per_layer = d * h * dh + 2 * d * kvh * dh + h * dh * d + mlp
+    n_base = n_l * per_layer + v * d  # + the lm head (tied or not)
+    lora = n_l * (h * dh * cfg.lora_rank + cfg.lora_rank * d)
+    router = n_l * 2 * (h * dh * 512 + 512 * d + d * 1)
+    n_frozen = n_base + (2 * lora if stage == "router" else 0)
+    n_train = router if stage == "router" else lora
+    attn = 12 * n_l * t * h * dh
+    per_token = 4 * n_frozen + 6 * n_train + attn
+    return {"n_base": n_base, "n_frozen": n_frozen, "n_train": n_train, "attn_per_token": attn,
+            "per_token": per_token, "total": per_token * tokens}
+
+
+def matmul_peak(dtype_name: str, n: int = 4096, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n x n jitted JAX matmul (fp32 accumulation, HIGHEST precision for fp32)."""
+    import jax
+    import jax.numpy as jnp
+
+    dt = jnp.dtype(dtype_name)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(k1, (n, n), jnp.float32).astype(dt)
+    b = jax.random.normal(k2, (n, n), jnp.float32).astype(dt)
+    prec = jax.lax.Precision.HIGHEST if dt == jnp.float32 else None
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32, precision=prec))
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+# ----------------------------------------------------------------------------------------------- breakdown
+def breakdown(ours: Ours, repeats: int = 3) -> list:
+    """Time pieces of our step on its batch: forward of the trunk (no logits), forward with logits, logits +
+    CE alone, forward+backward (no optimizer), the full step. Returns (name, seconds) rows."""
+    import jax
+    import jax.numpy as jnp
+
+    from mogu_jax import losses as L
+    from mogu_jax.model import forward, mogu_inputs, split_params
+    from mogu_jax.train import MODE
+
+    cfg, stage = ours.cfg, ours.stage
+    mode = MODE[stage]
+    params = {**ours.frozen, stage: ours.state["params"]}
+    seqs = [ours.batch] if stage == "router" else [ours.batch["affirm"], ours.batch["refusal"]]
+    n_seq = len(seqs)
+    s0 = seqs[0]
+
+    def timeit(f, *a):
+        jax.block_until_ready(f(*a))
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    rows = []
+    # trunk only: last_only=True computes the logits of one position (the lm head becomes negligible)
+    f_trunk = jax.jit(lambda p, b: forward(cfg, p, b["tokens"], kv_mask=b["attn_mask"], mode=mode,
+                                           last_only=True).logits)
+    rows.append((f"forward, trunk only ({cfg.num_layers} layers, no lm head)", n_seq * timeit(f_trunk, params, s0)))
+    f_full = jax.jit(lambda p, b: forward(cfg, p, b["tokens"], kv_mask=b["attn_mask"], mode=mode).logits)
+    rows.append(("forward with logits [B,T,V]", n_seq * timeit(f_full, params, s0)))
+    x = jax.random.normal(jax.random.PRNGKey(0), s0["tokens"].shape + (cfg.hidden_size,), jnp.float32)
+    emb = params["base"]["embedding"]
+
+    def head_ce(x, emb, b):
+        from mogu_jax.model import tied_logits
+        return L.token_ce(tied_logits(cfg, x, emb), b["tokens"], b["loss_mask"]).sum()
+
+    rows.append(("lm head + CE, forward", n_seq * timeit(jax.jit(head_ce), x, emb, s0)))
+    rows.append(("lm head + CE, forward + d/dx", n_seq * timeit(jax.jit(jax.grad(head_ce)), x, emb, s0)))
+
+    def trunk_loss(tr, p, b):
+        pp = {**p, stage: tr}
+        return forward(cfg, pp, b["tokens"], kv_mask=b["attn_mask"], mode=mode, last_only=True).logits.sum()
+
+    frozen = ours.frozen
+    rows.append(("trunk forward + backward (grad wrt trainable)",
+                 n_seq * timeit(jax.jit(jax.grad(trunk_loss)), ours.state["params"], frozen, s0)))
+    g = jax.jit(lambda tr, fr, b: jax.value_and_grad(ours.fns.loss, has_aux=True)(tr, fr, b))
+    rows.append(("loss forward + backward (whole batch)", timeit(g, ours.state["params"], frozen, ours.batch)))
+
+    ours.step()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ours.step()
+        best = min(best, time.perf_counter() - t0)
+    rows.append(("full train step (StepFns)", best))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- profile
+def _category(name: str, op: str) -> str:
+    """A coarse bucket for one XLA CPU op of the train step, from its HLO name and op_name metadata."""
+    import re
+
+    if re.search(r"_proj/.*dot_general", op) or re.search(r"(dr->|rf->|dh->|hf->|fo->)", op):
+        return "projection / LoRA / router matmuls"
+    if ("dynamic_update_slice" in op or "dynamic_slice" in op or "dynamic-slice" in name
+            or "dynamic-update-slice" in name or name.startswith(("wrapped_broadcast", "copy."))):
+        return "scan: residual stacking (zero-init, DUS, DS, copies)"
+    if "/attn/" in op and "_proj" not in op:
+        return "attention core (QK^T, mask, softmax, PV, transposes)"
+    if "btv" in op or "vd->" in op or "logsumexp" in op or "take_along_axis" in op or "log_softmax" in op:
+        return "lm head (logits [B,T,V]) + CE"
+    if "/mlp/" in op:
+        return "MLP elementwise (silu, product)"
+    if "norm" in op.lower() or "rsqrt" in op:
+        return "norms"
+    if "adam" in op.lower() or "optax" in op.lower() or "/update" in op:
+        return "optimizer"
+    return "other"
+
+
+def profile_step(ours: Ours, out_dir: str, top: int = 12) -> None:
+    """One step of ours under jax.profiler; prints the op time per category and the heaviest ops."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+
+    import jax
+
+    ours.step()
+    jax.profiler.start_trace(out_dir, create_perfetto_trace=True)
+    ours.step()
+    jax.profiler.stop_trace()
+    traces = sorted(glob.glob(os.path.join(out_dir, "plugins", "profile", "*", "perfetto_trace.json.gz")),
+                    key=os.path.getmtime)
+    if not traces:
+        print("    (no perfetto trace written)")
+        return
+    with gzip.open(traces[-1]) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    dur, cnt = collections.defaultdict(float), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(("$", "Thunk", "Slinky", "end:", "Pjit", "Common",
+                                                                   "Parse", "Allocate", "Handle", "Python", "Wait")):
+            dur[e["name"]] += e.get("dur", 0.0)
+            cnt[e["name"]] += 1
+    hlo = ours.fns._jit("fused", ours.batch).lower(ours.state, ours.frozen, ours.batch).compile().as_text()
+    defs = {}
+    for line in hlo.split("\n"):
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+        if m:
+            defs[m.group(1)] = line
+    cats: dict = collections.defaultdict(float)
+    info = {}
+    for n, t in dur.items():
+        line = defs.get(n, "")
+        op = re.search(r'op_name="([^"]*)"', line)
+        op = op.group(1) if op else ""
+        cats[_category(n, op)] += t
+        shape = line.split(" = ", 1)[1].split("(")[0].split(" ")[0] if " = " in line else ""
+        info[n] = (shape, op.split("/")[-2:] if op else [])
+    total = sum(dur.values())
+    print(f"    profile ({traces[-1]}): {total / 1e6:.2f} s of op time in one step")
+    for c, t in sorted(cats.items(), key=lambda x: -x[1]):
+        print(f"      {t / 1e6:7.2f} s {100 * t / total:5.1f}%  {c}")
+    print(f"    heaviest ops (total over the step, calls):")
+    for n, t in sorted(dur.items(), key=lambda x: -x[1])[:top]:
+        shape, op = info[n]
+        print(f"      {t / 1e6:7.2f} s x{cnt[n]:<3d} {n:<40s} {shape:<36s} {'/'.join(op)}")
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (masked out of the LM loss)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 weights; torch: autocast bf16)")
+    ap.add_argument("--remat", action="store_true", help="rematerialise the decoder layers (ours)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    ap.add_argument("--steps", type=int, default=2, help="updates per side per round")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed updates per side after compiling")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's cores)")
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--no-cost-analysis", action="store_true", help="skip XLA's cost analysis (one more compile)")
+    ap.add_argument("--breakdown", action="store_true", help="time the pieces of our step")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="trace one step of ours with jax.profiler into DIR and print where the time goes")
+    ap.add_argument("--tiny", action="store_true", help="random tiny Llama instead of SmolLM2-135M")
+    args = ap.parse_args(argv)
+
+    import jax
+    import torch
+
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    dtype = "bfloat16" if args.bf16 else "float32"
+    t0 = time.perf_counter()
+    cfg, params, hf, source = load_models(args.tiny, dtype, args.remat)
+    print(f"model: {source}, loaded in {time.perf_counter() - t0:.0f}s")
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s)), torch "
+          f"{torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores; "
+          f"compute {dtype}{', remat' if args.remat else ''}; batch {args.batch} x {args.seq}")
+
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (the machine is shared)")
+    peaks = {"float32": matmul_peak("float32")}
+    if args.bf16:
+        peaks["bfloat16"] = matmul_peak("bfloat16")
+    print("matmul peak (JAX, 4096^3, best of 5): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+
+    rows, notes = [], []
+    for stage in args.stages:
+        batch = make_batch(stage, args.batch, args.seq, args.prompt_len, cfg.vocab_size, seed=1)
+        tokens = batch_tokens(stage, batch)
+        for k in peaks:  # the peak again before each stage (the machine is shared): keep the best
+            peaks[k] = max(peaks[k], matmul_peak(k))
+        t0 = time.perf_counter()
+        ours = Ours(cfg, params, stage, batch)
+        ours.step()  # compile
+        t_compile = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            ours.step()
+        ref = None
+        if not args.skip_torch:
+            ref = Reference(hf, stage, batch, args.bf16)
+            for _ in range(max(args.warmup, 1) + 1):  # torch's first updates are slow (allocator, oneDNN)
+                ref.step()
+        times_o, times_r = [], []
+        for _ in range(args.rounds):
+            for _ in range(args.steps):
+                t1 = time.perf_counter()
+                ours.step()
+                times_o.append(time.perf_counter() - t1)
+            if ref is not None:
+                for _ in range(args.steps):
+                    t1 = time.perf_counter()
+                    ref.step()
+                    times_r.append(time.perf_counter() - t1)
+        fl = flop_model(ours.cfg, stage, args.seq, tokens)
+        med_o = statistics.median(times_o)
+        med_r = statistics.median(times_r) if times_r else float("nan")
+        gflops = fl["total"] / med_o / 1e9
+        row = {"stage": stage, "tokens": tokens, "ours": tokens / med_o, "torch": tokens / med_r,
+               "ratio": med_r / med_o, "gflops": gflops,
+               "best_ours": tokens / min(times_o), "best_torch": tokens / min(times_r) if times_r else float("nan"),
+               "t_ours": med_o, "t_torch": med_r}
+        rows.append(row)
+        print(f"[{stage}] compile+first step {t_compile:.0f}s; per update ours {med_o:.2f}s "
+              f"(all: {', '.join(f'{x:.2f}' for x in times_o)})"
+              + (f", torch {med_r:.2f}s (all: {', '.join(f'{x:.2f}' for x in times_r)})" if times_r else "")
+              + f"; loss ours {ours.last_loss:.4f}" + (f", torch {ref.last_loss:.4f}" if ref else "")
+              + f"; trainable ours {ours.n_trainable:,}" + (f", torch {ref.n_trainable:,}" if ref else ""))
+        print(f"[{stage}] analytic FLOPs/update {fl['total'] / 1e12:.3f} T = {tokens} tok x "
+              f"(4 x {fl['n_frozen']:,} frozen + 6 x {fl['n_train']:,} trainable + {fl['attn_per_token']:,} attn)")
+        if not args.no_cost_analysis:
+            ca = ours.cost_analysis()
+            if ca and "flops" in ca:
+                row["xla_flops"] = ca["flops"]
+                print(f"[{stage}] XLA cost_analysis: flops {ca['flops'] / 1e12:.3f} T "
+                      f"({ca['flops'] / fl['total']:.2f} x analytic), bytes accessed "
+                      f"{ca.get('bytes accessed', float('nan')) / 1e9:.2f} GB")
+            else:
+                print(f"[{stage}] XLA cost_analysis unavailable: {ca}")
+        if args.profile:
+            print(f"[{stage}] jax.profiler trace of one step of ours:")
+            profile_step(ours, os.path.join(args.profile, stage))
+        if args.breakdown:
+            print(f"[{stage}] breakdown of our step (best of 3; pair stages: x2 for the per-sequence pieces):")
+            for name, sec in breakdown(ours):
+                print(f"    {name:<50s} {sec:8.3f} s")
+        del ours, ref
+        import gc
+        gc.collect()
+
+    print()
+    print(f"SmolLM2-135M{' (tiny)' if args.tiny else ''}, batch {args.batch} x {args.seq}, {dtype}"
+          f"{', remat' if args.remat else ''}; median of {args.rounds * args.steps} interleaved updates per side; "
+          f"fp32 peak (best over the run) {peaks['float32'] / 1e9:.0f} GFLOP/s"
+          + (f", bf16 peak {peaks['bfloat16'] / 1e9:.0f} GFLOP/s" if args.bf16 else ""))
+    hdr = "| stage | ours tok/s | torch tok/s | ratio | achieved GFLOP/s | % of fp32 peak |" + \
+        (" % of bf16 peak |" if args.bf16 else "") + " XLA/analytic FLOPs |"
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r in rows:
+        r["pct"] = 100 * r["gflops"] * 1e9 / peaks["float32"]
+        if args.bf16:
+            r["pct_bf16"] = 100 * r["gflops"] * 1e9 / peaks["bfloat16"]
+        xla = f"{r['xla_flops'] / (r['gflops'] * 1e9 * r['t_ours']):.2f}" if "xla_flops" in r else "n/a"
+        print(f"| {r['stage']} | {r['ours']:.0f} | {r['torch']:.0f} | {r['ratio']:.2f}x | {r['gflops']:.1f} | "
+              f"{r['pct']:.1f}% |" + (f" {r['pct_bf16']:.1f}% |" if args.bf16 else "") + f" {xla} |")
+    print("\nbest-of (min time) tok/s: " + "; ".join(
+        f"{r['stage']} ours {r['best_ours']:.0f} / torch {r['best_torch']:.0f}" for r in rows))
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("FLOPs/update = tokens x (4 N_frozen + 6 N_trainable + 12 L T H Dh); matmuls only, no remat recompute")
+
+
+if __name__ == "__main__":
+    main()
