@@ -4,6 +4,7 @@ Hugging Face config dict, so one conversion table serves them all."""
 
 from __future__ import annotations
 
+import abc
 import glob
 import hashlib
 import json
@@ -17,25 +18,30 @@ from mogu_jax.convert.safetensors_io import SafetensorsFile
 from mogu_jax.errors import MoguError
 
 
-class TensorSource:
+class TensorSource(abc.ABC):
     """Tensors by Hugging Face name. Subclasses implement keys/shape/dtype/get and hf_config."""
 
     description = "checkpoint"
 
+    @abc.abstractmethod
     def keys(self) -> list[str]:
-        raise NotImplementedError
+        """Every tensor name."""
 
+    @abc.abstractmethod
     def shape(self, key: str) -> tuple:
-        raise NotImplementedError
+        """A tensor's shape (Hugging Face layout), without reading its data."""
 
+    @abc.abstractmethod
     def dtype(self, key: str) -> np.dtype:
-        raise NotImplementedError
+        """A tensor's dtype, without reading its data."""
 
+    @abc.abstractmethod
     def get(self, key: str) -> np.ndarray:
-        raise NotImplementedError
+        """One tensor's data."""
 
+    @abc.abstractmethod
     def hf_config(self) -> dict:
-        raise NotImplementedError
+        """The Hugging Face config dict (config.json)."""
 
     def tokenizer(self):
         """A ``transformers`` tokenizer for this checkpoint, or None when it ships none."""
