@@ -99,20 +99,8 @@ def _parse_records(path: str, scalars: bool = False) -> tuple[list, list[str]]:
 
     ``scalars``: rows must be JSON scalars (the label file); otherwise rows must be JSON objects.
     """
-    if not os.path.exists(path):
-        raise MoguError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise MoguError(f"{path}: is a directory, expected a JSON or JSONL file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise MoguError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise MoguError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not text.strip():
-        raise MoguError(f"{path}: file is empty")
+    from mogu_jax.io_utils import read_text_file
+    text = read_text_file(path, "a JSON or JSONL file")
 
     def check_row(v, loc: str):
         if scalars:

@@ -334,21 +334,8 @@ class RefusalJudge:
 # ------------------------------------------------------------------------------------------------------------
 
 def _read_text(path: str) -> str:
-    if not os.path.exists(path):
-        raise MoguError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise MoguError(f"{path}: is a directory, expected a prompt file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise MoguError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise MoguError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not text.strip():
-        raise MoguError(f"{path}: file is empty")
-    return text
+    from mogu_jax.io_utils import read_text_file
+    return read_text_file(path, "a prompt file")
 
 
 def _check_kind(kind: Any, path: str, loc: str) -> str:

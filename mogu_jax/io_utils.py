@@ -66,3 +66,22 @@ def write_json_atomic(path: str, obj) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def read_text_file(path: str, expected: str = "a text file") -> str:
+    """A UTF-8 text file's content, or a MoguError naming the file (missing, a folder, not UTF-8, empty)."""
+    if not os.path.exists(path):
+        raise MoguError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise MoguError(f"{path}: is a directory, expected {expected}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MoguError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise MoguError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not text.strip():
+        raise MoguError(f"{path}: file is empty")
+    return text

@@ -160,7 +160,7 @@ class StepFns:
             g = jax.tree_util.tree_map(lambda x: x / jnp.maximum(weight, 1e-9), g)
             updates, opt_state = tx.update(g, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
-            gnorm = optax.global_norm(g)
+            gnorm = optax.tree.norm(g)
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, gnorm
 
         def fused(state, frozen, batch):

@@ -100,7 +100,7 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
 
     from mogu_jax import api, data as D
     from mogu_jax.model import split_params
-    from mogu_jax.sharding import make_mesh, param_logical_axes, replicated, tree_shardings
+    from mogu_jax.sharding import make_mesh
 
     stage = conf["stage"]
     out_dir = conf["output"]["dir"]
@@ -153,19 +153,7 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
     tx = T.make_optimizer(conf["optim"], total)
     tdtype = np.dtype(str(np.dtype(_np_dtype(m["trainable_dtype"]))))
     trainable = T.trainable_dtype_cast(T.init_trainable(cfg, stage, int(tconf["seed"])), tdtype)
-    parts = tuple(k for k in frozen if k != "base")
-    frozen_logical = param_logical_axes(cfg, parts) if parts else {"base": param_logical_axes(cfg)}
-    frozen_sh = tree_shardings(frozen_logical, frozen, mesh)
-    part_logical = param_logical_axes(cfg, (stage,))[stage]
-    train_sh = tree_shardings(part_logical, trainable, mesh)
-    rep = replicated(mesh)
-    opt_shape = jax.eval_shape(tx.init, trainable)
-    opt_sh = optax_shardings(tx, opt_shape, train_sh, rep)
-    state_sh = {"params": train_sh, "opt_state": opt_sh, "step": rep}
-    frozen = T.to_global(frozen, frozen_sh)
-    params_g = T.to_global(trainable, train_sh)
-    state = {"params": params_g, "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params_g),
-             "step": jax.device_put(np.asarray(0, np.int32), rep)}
+    state, frozen, state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, mesh, tx)
     fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, float(tconf["router_lambda"]))
 
     # ---- output folder, checkpoints, resume
@@ -235,6 +223,24 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
         paths = export_stage(out_dir, cfg, stage, state["params"], base_name=m["base"])
     return {"stage": stage, "updates": int(T.host_value(state["step"])), "total_updates": total, "last": last,
             "done": done, "out_dir": out_dir, **paths, "cfg": cfg}
+
+
+def place_state(cfg, stage: str, frozen: dict, trainable: dict, mesh, tx):
+    """Shard the frozen tree and a fresh train state {params, opt_state, step} onto ``mesh`` by the logical
+    axis rules. Returns (state, frozen, state_shardings, frozen_shardings)."""
+    from mogu_jax.sharding import param_logical_axes, replicated, tree_shardings
+
+    parts = tuple(k for k in frozen if k != "base")
+    frozen_logical = param_logical_axes(cfg, parts) if parts else {"base": param_logical_axes(cfg)}
+    frozen_sh = tree_shardings(frozen_logical, frozen, mesh)
+    train_sh = tree_shardings(param_logical_axes(cfg, (stage,))[stage], trainable, mesh)
+    rep = replicated(mesh)
+    opt_sh = optax_shardings(tx, jax.eval_shape(tx.init, trainable), train_sh, rep)
+    state_sh = {"params": train_sh, "opt_state": opt_sh, "step": rep}
+    params_g = T.to_global(trainable, train_sh)
+    state = {"params": params_g, "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params_g),
+             "step": jax.device_put(np.asarray(0, np.int32), rep)}
+    return state, T.to_global(frozen, frozen_sh), state_sh, frozen_sh
 
 
 def optax_shardings(tx, opt_shape, param_sh, rep):

@@ -124,8 +124,8 @@ class Ours:
 
         from mogu_jax import train as T
         from mogu_jax.model import split_params
-        from mogu_jax.sharding import make_mesh, param_logical_axes, replicated, tree_shardings
-        from mogu_jax.trainer import optax_shardings
+        from mogu_jax.sharding import make_mesh
+        from mogu_jax.trainer import place_state
 
         self.stage = stage
         base, _ = split_params(params)
@@ -143,19 +143,7 @@ class Ours:
         mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
         tx = T.make_optimizer(optim, 1000)
         trainable = T.trainable_dtype_cast(T.init_trainable(cfg, stage, seed), np.float32)
-        parts = tuple(k for k in frozen if k != "base")
-        frozen_logical = param_logical_axes(cfg, parts) if parts else {"base": param_logical_axes(cfg)}
-        frozen_sh = tree_shardings(frozen_logical, frozen, mesh)
-        part_logical = param_logical_axes(cfg, (stage,))[stage]
-        train_sh = tree_shardings(part_logical, trainable, mesh)
-        rep = replicated(mesh)
-        opt_shape = jax.eval_shape(tx.init, trainable)
-        opt_sh = optax_shardings(tx, opt_shape, train_sh, rep)
-        state_sh = {"params": train_sh, "opt_state": opt_sh, "step": rep}
-        self.frozen = T.to_global(frozen, frozen_sh)
-        params_g = T.to_global(trainable, train_sh)
-        self.state = {"params": params_g, "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params_g),
-                      "step": jax.device_put(np.asarray(0, np.int32), rep)}
+        self.state, self.frozen, state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, mesh, tx)
         self.fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, ROUTER_LAMBDA)
         self.batch = T.local_batch_to_global(batch, mesh)
         self.n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable))
@@ -171,13 +159,19 @@ class Ours:
         self.last_loss = float(T.host_value(stats["loss"])) / float(T.host_value(stats["weight"]))
 
     def cost_analysis(self):
-        """XLA's cost analysis of the compiled fused step (flops, bytes accessed), or None."""
+        """XLA's cost analysis of the compiled fused step (flops, bytes accessed) and its temp memory."""
         try:
             jitted = self.fns._jit("fused", self.batch)
-            ca = jitted.lower(self.state, self.frozen, self.batch).compile().cost_analysis()
+            compiled = jitted.lower(self.state, self.frozen, self.batch).compile()
+            ca = compiled.cost_analysis()
             if isinstance(ca, (list, tuple)):
                 ca = ca[0] if ca else None
-            return dict(ca) if ca else None
+            ca = dict(ca) if ca else {}
+            try:
+                ca["temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
+            except Exception:  # noqa: BLE001
+                pass
+            return ca
         except Exception as e:  # noqa: BLE001 - optional information
             return {"error": f"{type(e).__name__}: {e}"}
 
@@ -320,6 +314,17 @@ class Reference:
         self.opt.step()
         self.opt.zero_grad()
         self.last_loss = float(loss.detach())
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS between the two sides' steps (glibc keeps it otherwise, and
+    ours' and torch's peaks would add up in RSS). Outside the timed regions."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:  # noqa: BLE001 - not glibc
+        pass
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs
@@ -509,8 +514,8 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (masked out of the LM loss)")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 weights; torch: autocast bf16)")
     ap.add_argument("--remat", action="store_true", help="rematerialise the decoder layers (ours)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    ap.add_argument("--steps", type=int, default=2, help="updates per side per round")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
+    ap.add_argument("--steps", type=int, default=1, help="updates per side per round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed updates per side after compiling")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's cores)")
     ap.add_argument("--skip-torch", action="store_true")
@@ -552,22 +557,26 @@ def main(argv=None):
         t_compile = time.perf_counter() - t0
         for _ in range(args.warmup):
             ours.step()
+        release_memory()
         ref = None
         if not args.skip_torch:
             ref = Reference(hf, stage, batch, args.bf16)
             for _ in range(max(args.warmup, 1) + 1):  # torch's first updates are slow (allocator, oneDNN)
                 ref.step()
+            release_memory()
         times_o, times_r = [], []
         for _ in range(args.rounds):
             for _ in range(args.steps):
                 t1 = time.perf_counter()
                 ours.step()
                 times_o.append(time.perf_counter() - t1)
+            release_memory()
             if ref is not None:
                 for _ in range(args.steps):
                     t1 = time.perf_counter()
                     ref.step()
                     times_r.append(time.perf_counter() - t1)
+                release_memory()
         fl = flop_model(ours.cfg, stage, args.seq, tokens)
         med_o = statistics.median(times_o)
         med_r = statistics.median(times_r) if times_r else float("nan")
@@ -589,8 +598,9 @@ def main(argv=None):
             if ca and "flops" in ca:
                 row["xla_flops"] = ca["flops"]
                 print(f"[{stage}] XLA cost_analysis: flops {ca['flops'] / 1e12:.3f} T "
-                      f"({ca['flops'] / fl['total']:.2f} x analytic), bytes accessed "
-                      f"{ca.get('bytes accessed', float('nan')) / 1e9:.2f} GB")
+                      f"({ca['flops'] / fl['total']:.2f} x analytic; XLA counts a while loop's body once, not "
+                      f"{ours.cfg.num_layers} times), bytes accessed {ca.get('bytes accessed', float('nan')) / 1e9:.2f} GB"
+                      + (f"; XLA temp memory of the step {ca['temp_bytes'] / 1e9:.2f} GB" if "temp_bytes" in ca else ""))
             else:
                 print(f"[{stage}] XLA cost_analysis unavailable: {ca}")
         if args.profile:
