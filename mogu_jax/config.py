@@ -93,6 +93,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype for matmuls; accumulation is always fp32
     remat: bool = False
+    # layers driven by nn.scan (one compiled layer body: fast compiles, the TPU/GPU default) or by an unrolled
+    # loop (XLA:CPU copies the scan's stacked residuals every layer, ~40% of a training step here; unrolled,
+    # the backward pass also stops below the lowest layer that has something to train)
+    scan_layers: bool = True
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -447,8 +447,11 @@ def _router_rows(cfg: ModelConfig, mode: str, ab) -> tuple[Array, Array]:
 def forward(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[Array] = None,
             kv_mask: Optional[Array] = None, cache: Optional[dict] = None, cache_index: Array | int = 0,
             last_only: bool = False, mode: str = "base") -> ModelOutput:
-    """Pure forward over the stacked layers (``nn.scan``). ``params``: a base tree, or a MoGU tree with
-    the parts ``mode`` needs. Differentiable and vmappable over ``params``."""
+    """Pure forward over the stacked layers (``nn.scan``; with ``cfg.scan_layers`` off and no cache, the
+    same layers unrolled, :func:`forward_unrolled`). ``params``: a base tree, or a MoGU tree with the parts
+    ``mode`` needs. Differentiable and vmappable over ``params``."""
+    if not cfg.scan_layers and cache is None:
+        return forward_unrolled(cfg, params, tokens, positions, kv_mask, None, cache_index, last_only, mode)
     base, parts = split_params(params)
     mogu = mogu_inputs(cfg, mode, parts)
     logits, new_cache, ab = Decoder(cfg, mode).apply({"params": base}, tokens, positions, kv_mask, cache,
@@ -488,13 +491,21 @@ def forward_unrolled(cfg: ModelConfig, params: dict, tokens: Array, positions: O
     cos, sin, bias = positional(cfg, positions, kv_mask)
     mask = attention_mask(cfg, kv_mask, t, cache_index)
     layers = base["layers"]
-    layer = DecoderLayer(cfg, mode)
+    layer_cls = DecoderLayer
+    if cfg.remat:
+        layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    layer, plain = layer_cls(cfg, mode), layer_cls(cfg, "base")
+    routed_ids = set(cfg.router_layer_ids)
     new_cache, alphas, betas = [], [], []
     for i in range(cfg.num_layers):
         lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree_util.tree_map(lambda a: a[i], layers)
-        m = jax.tree_util.tree_map(lambda a: a[i], mogu)
         kv = (cache[i]["k"], cache[i]["v"]) if cache is not None else None
-        x, (kv, (a, b_)) = layer.apply({"params": lp}, x, cos, sin, mask, bias, kv, cache_index, m)
+        if mode == "routed" and i not in routed_ids:
+            # a layer without a router is the base layer (mogu.project's `routed` mask), known statically here
+            x, (kv, (a, b_)) = plain.apply({"params": lp}, x, cos, sin, mask, bias, kv, cache_index, {})
+        else:
+            m = jax.tree_util.tree_map(lambda a: a[i], mogu)
+            x, (kv, (a, b_)) = layer.apply({"params": lp}, x, cos, sin, mask, bias, kv, cache_index, m)
         new_cache.append({"k": kv[0], "v": kv[1]} if kv is not None else None)
         alphas.append(a)
         betas.append(b_)

@@ -124,7 +124,8 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
         raise MoguError(f"{m['base']} has no tokenizer; training needs one")
     base, _ = split_params(params)
     cfg = cfg.replace(lora_rank=int(m["lora_rank"]), lora_alpha=float(m["lora_alpha"]),
-                      router_hidden=int(m["router_hidden"]), router_layers=tuple(m["router_layers"] or ()))
+                      router_hidden=int(m["router_hidden"]), router_layers=tuple(m["router_layers"] or ()),
+                      scan_layers=bool(m["scan_layers"]))
     frozen = {"base": base}
     if stage == "router":
         for part in ("glad", "unwilling"):

@@ -452,7 +452,7 @@ def _category(name: str, op: str) -> str:
     return "other"
 
 
-def profile_step(ours: Ours, out_dir: str, top: int = 12) -> None:
+def profile_step(ours: Ours, out_dir: str, top: int = 5) -> None:
     """One step of ours under jax.profiler; prints the op time per category and the heaviest ops."""
     import collections
     import glob
@@ -492,17 +492,25 @@ def profile_step(ours: Ours, out_dir: str, top: int = 12) -> None:
         line = defs.get(n, "")
         op = re.search(r'op_name="([^"]*)"', line)
         op = op.group(1) if op else ""
-        cats[_category(n, op)] += t
+        c = _category(n, op)
+        cats[c] += t
         shape = line.split(" = ", 1)[1].split("(")[0].split(" ")[0] if " = " in line else ""
-        info[n] = (shape, op.split("/")[-2:] if op else [])
+        info[n] = (shape, op.split("/")[-2:] if op else [], c)
     total = sum(dur.values())
     print(f"    profile ({traces[-1]}): {total / 1e6:.2f} s of op time in one step")
     for c, t in sorted(cats.items(), key=lambda x: -x[1]):
         print(f"      {t / 1e6:7.2f} s {100 * t / total:5.1f}%  {c}")
-    print(f"    heaviest ops (total over the step, calls):")
-    for n, t in sorted(dur.items(), key=lambda x: -x[1])[:top]:
-        shape, op = info[n]
-        print(f"      {t / 1e6:7.2f} s x{cnt[n]:<3d} {n:<40s} {shape:<36s} {'/'.join(op)}")
+    with open(os.path.join(out_dir, "step_hlo.txt"), "w") as f:
+        f.write(hlo)
+    print(f"    heaviest ops per category (total over the step, calls; HLO in {out_dir}/step_hlo.txt):")
+    by_cat = collections.defaultdict(list)
+    for n, t in dur.items():
+        by_cat[info[n][2]].append((t, n))
+    for c, _ in sorted(cats.items(), key=lambda x: -x[1]):
+        print(f"      {c}:")
+        for t, n in sorted(by_cat[c], reverse=True)[:top]:
+            shape, op, _ = info[n]
+            print(f"        {t / 1e6:7.2f} s x{cnt[n]:<3d} {n:<38s} {shape:<36s} {'/'.join(op)}")
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -514,6 +522,7 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (masked out of the LM loss)")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 weights; torch: autocast bf16)")
     ap.add_argument("--remat", action="store_true", help="rematerialise the decoder layers (ours)")
+    ap.add_argument("--unrolled", action="store_true", help="unrolled layers instead of nn.scan (ours)")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
     ap.add_argument("--steps", type=int, default=1, help="updates per side per round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed updates per side after compiling")
@@ -534,6 +543,7 @@ def main(argv=None):
     dtype = "bfloat16" if args.bf16 else "float32"
     t0 = time.perf_counter()
     cfg, params, hf, source = load_models(args.tiny, dtype, args.remat)
+    cfg = cfg.replace(scan_layers=not args.unrolled)
     print(f"model: {source}, loaded in {time.perf_counter() - t0:.0f}s")
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s)), torch "
           f"{torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores; "

@@ -408,3 +408,31 @@ def test_generate_cli_routed_options(tiny, tmp_path, capsys):
     assert tr["a_0"].shape[1] == cfg.num_layers and tr["a_0"].shape[0] <= 2  # 2 routed tokens (config default)
     assert main(["generate", ck, "--prompt", "w5 w6", "--routed-tokens", "all", "--max-new-tokens", "3"]) == 0
     cli_fails(capsys, ["generate", ck, "--prompt", "w5", "--routed-tokens", "x"], "--routed-tokens")
+
+
+@pytest.mark.parametrize("subset", [(), (1,)])
+def test_unrolled_layers_equal_scan_in_values_and_gradients(tiny, subset):
+    """cfg.scan_layers=False (unrolled training forward, layers without a router statically plain) gives the
+    scan's logits, router weights and router gradients; so does remat."""
+    _, cfg, base = tiny
+    cfg = cfg.replace(router_layers=subset)
+    p = random_mogu(cfg, base, router_std=1.0)
+    tokens = jnp.asarray(random_tokens(2, 9))
+
+    def run(c):
+        def loss(router):
+            out = forward(c, dict(p, router=router), tokens, mode="routed")
+            return jnp.mean(jnp.sin(out.logits)) + jnp.mean(out.alphas ** 2) - jnp.mean(out.betas), out
+        (value, out), grad = jax.value_and_grad(loss, has_aux=True)(p["router"])
+        return value, out, grad
+
+    ref = run(cfg)
+    for c in (cfg.replace(scan_layers=False), cfg.replace(scan_layers=False, remat=True)):
+        value, out, grad = run(c)
+        np.testing.assert_allclose(float(value), float(ref[0]), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref[1].logits), atol=TOL)
+        np.testing.assert_allclose(np.asarray(out.alphas), np.asarray(ref[1].alphas), atol=TOL)
+        assert out.alphas.shape == ref[1].alphas.shape == (len(cfg.router_layer_ids), 2, 9)
+        for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref[2])):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
+        assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grad)) > 0
