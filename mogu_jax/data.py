@@ -529,12 +529,15 @@ class StageLoader:
     ``shuffle=False`` keeps the data order (no shuffling, no length grouping). ``group_batches``: the number of
     batches per window that is sorted by length before cutting batches (1 disables grouping).
     ``drop_last`` drops the short last batch of each epoch (its examples then miss that epoch).
+    ``balance_labels`` (router stage): every batch gets the labels in the data's proportion (each label's rows
+    shuffled, then interleaved evenly; no length grouping, which would sort short refusals, label 1, into
+    batches of their own and make the shared router biases swing from batch to batch).
     """
 
     def __init__(self, data: StageData, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  num_epochs: Optional[int] = None, buckets: Optional[Iterable[int]] = DEFAULT_BUCKETS,
                  group_batches: int = DEFAULT_GROUP_BATCHES, drop_last: bool = False, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, balance_labels: bool = False):
         def pos_int(name, v, minimum=1):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
                 raise MoguError(f"{name} must be an integer >= {minimum}, got {v!r}")
@@ -547,6 +550,9 @@ class StageLoader:
         self.num_epochs = None if num_epochs is None else pos_int("num_epochs", num_epochs, 0)
         self.group_batches = pos_int("group_batches", group_batches)
         self.drop_last = bool(drop_last)
+        self.balance_labels = bool(balance_labels)
+        if self.balance_labels and data.labels is None:
+            raise MoguError(f"balance_labels needs labelled data (the router stage); {data.stage} has none")
         self.process_count = pos_int("process_count", process_count)
         self.process_index = pos_int("process_index", process_index, 0)
         if self.process_index >= self.process_count:
@@ -581,6 +587,12 @@ class StageLoader:
             batches = [order[i:i + b] for i in range(0, n, b)]
         else:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch)])))
+            if self.balance_labels:
+                batches = self._balanced_batches(rng)
+                if self.drop_last and len(batches[-1]) < b:
+                    batches.pop()
+                self._order_cache = (epoch, batches)
+                return batches
             order = _stable_permutation(rng, n)
             # the short batch (n % b random examples) goes last; the full batches are length-grouped
             n_full = n - n % b
@@ -598,6 +610,19 @@ class StageLoader:
             batches.pop()
         self._order_cache = (epoch, batches)
         return batches
+
+    def _balanced_batches(self, rng) -> list[np.ndarray]:
+        labels = np.asarray(self.data.labels)
+        idx, key = [], []
+        for value in np.unique(labels):
+            rows = np.flatnonzero(labels == value)
+            rows = rows[_stable_permutation(rng, len(rows))]
+            idx.append(rows)
+            key.append((np.arange(len(rows)) + 0.5) / len(rows))  # evenly spread over the epoch
+        idx, key = np.concatenate(idx), np.concatenate(key)
+        order = idx[np.lexsort((idx, key))]
+        b = self.batch_size
+        return [order[i:i + b] for i in range(0, len(order), b)]
 
     def batch_indices(self, epoch: int, step: int) -> np.ndarray:
         """Global example indices of batch ``step`` of ``epoch`` (fewer than batch_size for a short batch)."""
@@ -667,8 +692,8 @@ class StageLoader:
         """A hash of everything the batch order depends on (data, batch size, seed, shuffle settings)."""
         if self._fingerprint is None:
             h = hashlib.sha256(self.data.fingerprint().encode())
-            h.update(json.dumps([self.batch_size, self.seed, self.shuffle, self.group_batches,
-                                 self.drop_last]).encode())
+            h.update(json.dumps([self.batch_size, self.seed, self.shuffle, self.group_batches, self.drop_last]
+                                + ([True] if self.balance_labels else [])).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 

@@ -43,6 +43,8 @@ DEFAULTS: dict = {
         "max_len": 1024,
         "buckets": [64, 128, 256, 512, 1024],
         "shuffle": True,
+        "group_batches": 8,  # batches per window sorted by length before cutting batches (1: no grouping)
+        "balance_labels": False,  # router stage: every batch gets the labels in the data's proportion
     },
     "optim": {
         "lr": 5e-5,

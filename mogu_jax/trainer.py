@@ -143,6 +143,7 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
     tconf = conf["train"]
     loader = D.StageLoader(examples, int(tconf["batch_size"]), seed=int(tconf["seed"]),
                            shuffle=bool(dconf["shuffle"]), buckets=tuple(dconf["buckets"]),
+                           group_batches=int(dconf["group_batches"]), balance_labels=bool(dconf["balance_labels"]),
                            process_index=jax.process_index(), process_count=jax.process_count())
     if lead and progress:
         print(f"[{stage}] data: {D.format_summary(loader.summary())}")

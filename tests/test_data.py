@@ -424,3 +424,30 @@ def test_multihost_slices_concatenate_to_single_process_batch(stage_fixture, req
     msg = _err(lambda: D.StageLoader(data, 6, process_count=4))
     assert "global batch size 6 is not divisible by the process count 4" in msg
     assert "out of range" in _err(lambda: D.StageLoader(data, 8, process_index=2, process_count=2))
+
+
+def test_balanced_labels(router_data, pair_data):
+    """balance_labels: every full batch holds the labels in the data's proportion, each epoch covers every
+    example once, the order is a pure function of (seed, epoch), and resuming mid-epoch continues it."""
+    labels = np.asarray(router_data.labels)
+    share = labels.mean()
+    loader = D.StageLoader(router_data, 8, seed=0, buckets=BUCKETS, balance_labels=True)
+    for epoch in range(2):
+        seen = []
+        for step in range(loader.steps_per_epoch):
+            idx = loader.batch_indices(epoch, step)
+            if len(idx) == 8:
+                assert abs(labels[idx].sum() - share * 8) <= 1.0
+            seen.extend(idx.tolist())
+        assert sorted(seen) == list(range(len(labels)))
+    assert not np.array_equal(loader.batch_indices(0, 0), loader.batch_indices(1, 0))
+    again = D.StageLoader(router_data, 8, seed=0, buckets=BUCKETS, balance_labels=True)
+    assert_batches_equal(all_batches(again, 5), all_batches(loader.skip_to((0, 0)), 5))
+    resumed = D.StageLoader.from_state(router_data, loader.skip_to((1, 2)).state(), batch_size=8, seed=0,
+                                       buckets=BUCKETS, balance_labels=True)
+    assert_batches_equal(all_batches(resumed, 3), all_batches(D.StageLoader(router_data, 8, seed=0, buckets=BUCKETS,
+                                                              balance_labels=True).skip_to((1, 2)), 3))
+    plain = D.StageLoader(router_data, 8, seed=0, buckets=BUCKETS)
+    assert plain.fingerprint() != loader.fingerprint()
+    with pytest.raises(MoguError, match="balance_labels needs labelled data"):
+        D.StageLoader(pair_data, 8, balance_labels=True)
