@@ -32,6 +32,7 @@ BAICHUAN1_VOCAB = 64000
 _DTYPES = {
     "float32": jnp.float32,
     "fp32": jnp.float32,
+    "float64": jnp.float64,  # compute only: float64 matmul accumulation (numerics.py), needs JAX_ENABLE_X64=1
     "bfloat16": jnp.bfloat16,
     "bf16": jnp.bfloat16,
     "float16": jnp.float16,

@@ -2,6 +2,10 @@
 
 ``einsum(cfg, spec, a, b)`` rounds both operands to ``cfg.dtype`` and accumulates in fp32:
 
+* **float64** (CPU parity checks, needs ``JAX_ENABLE_X64=1``): fp32 weights and activations, every matmul
+  accumulated in float64 and rounded once to fp32. XLA:CPU's fp32 dot sums in an order whose rounding error
+  shows on models with large activations (SmolLM2's residual entries reach ~2.5e4); this mode removes it, so
+  a comparison measures the model, not the accumulation order.
 * **fp32**: true fp32 matmuls (``Precision.HIGHEST``, so TPU/GPU do not silently use bf16 passes).
 * **bf16**: a mixed-precision matmul: bf16 x bf16 -> fp32 in the forward pass *and* in the backward pass. JAX's
   own transpose of ``einsum(..., preferred_element_type=float32)`` multiplies the fp32 cotangent with the
@@ -25,6 +29,13 @@ def operand(cfg, x):
     return x.astype(cfg.compute_dtype)
 
 
+def check_float64(cfg) -> None:
+    if cfg.compute_dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        from mogu_jax.errors import MoguError
+        raise MoguError("dtype float64 (float64 matmul accumulation) needs JAX's 64-bit mode: set "
+                        "JAX_ENABLE_X64=1 in the environment before starting Python")
+
+
 def precision(cfg):
     # fp32 compute means true fp32 matmuls on every backend (TPU/GPU would otherwise use bf16 passes)
     if cfg.compute_dtype == jnp.float32:
@@ -33,6 +44,11 @@ def precision(cfg):
 
 
 def einsum(cfg, spec: str, a, b):
+    if cfg.compute_dtype == jnp.float64:
+        # reference numerics for CPU parity checks: fp32 activations, every matmul accumulated in float64
+        check_float64(cfg)
+        return jnp.einsum(spec, a.astype(jnp.float64), b.astype(jnp.float64),
+                          precision=jax.lax.Precision.HIGHEST).astype(jnp.float32)
     a, b = operand(cfg, a), operand(cfg, b)
     if cfg.compute_dtype == jnp.float32:
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=precision(cfg))
