@@ -52,12 +52,20 @@ def run_eval(cfg, params, tok, rows: list[dict], out_dir: str, *, template=None,
 
 # -------------------------------------------------------------------------------------------- demo
 DEMO = {
-    # the reference run's levers (issue notes): lr 5e-4, glad 4 epochs, unwilling 6, router 9, batches of
-    # 8 pairs / 16 router rows, bf16 compute, every token routed for a base with no refusal of its own
-    "glad": {"optim.lr": 5e-4, "train.epochs": 4, "train.batch_size": 8},
-    "unwilling": {"optim.lr": 5e-4, "train.epochs": 6, "train.batch_size": 8},
-    "router": {"optim.lr": 5e-4, "train.epochs": 9, "train.batch_size": 16},
+    # Fitted to <= 10 minutes on 2 CPU cores (issue 5; what was tried is in the README). bf16 compute (bf16 x bf16
+    # -> fp32 matmuls, ~4x the fp32 rate on AMX), remat, one length bucket of 80 tokens (a ~42-token prompt with
+    # SmolLM2's default system prompt + ~38 response tokens: the first sentences decide refuse vs comply).
+    # The reference run's levers: lr 5e-4 for 4/6/9 epochs; here fewer, larger steps, and label-balanced router
+    # batches (length grouping had put the short refusals, label 1, into batches of their own).
+    "glad": {"optim.lr": 1e-3, "train.epochs": 1, "train.batch_size": 8},
+    "unwilling": {"optim.lr": 1e-3, "train.epochs": 2, "train.batch_size": 8},
+    "router": {"optim.lr": 3e-3, "optim.schedule": "cosine", "optim.warmup_steps": 4, "train.epochs": 2.5,
+               "train.batch_size": 16, "data.balance_labels": "true"},
 }
+DEMO_DATA = {"max_new_tokens": 40, "batch_size": 32}  # base-model answers for the stage files
+DEMO_TRAIN = {"max_len": 80, "remat": True, "param_dtype": "bfloat16"}
+DEMO_EVAL = {"max_new_tokens": 40, "batch_size": 32}
+QUICK = {"limit": 8, "max_new_tokens": 16, "max_len": 64, "per_kind": 2}
 
 
 def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tokens: Optional[int] = None,
@@ -87,20 +95,24 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     timings["import"] = time.perf_counter() - t
 
     t = step("2/6 build the stage data from the shipped seed lists (base model answers, refusal bank)")
-    cfg, params, tok = api.load(base_ckpt, dtype=dtype)
-    limit = 8 if quick else None
-    gen_tokens = max_new_tokens or (16 if quick else 64)
+    # bf16 weights for generation: decoding reads every weight per token
+    cfg, params, tok = api.load(base_ckpt, dtype=dtype, param_dtype=_gen_param_dtype(dtype))
+    limit = QUICK["limit"] if quick else None
+    gen_tokens = max_new_tokens or (QUICK["max_new_tokens"] if quick else DEMO_DATA["max_new_tokens"])
     data_dir = os.path.join(out, "data")
-    summary = synth.build_data(cfg, params, tok, data_dir, max_new_tokens=gen_tokens, batch_size=16, limit=limit,
-                               progress=True)
+    summary = synth.build_data(cfg, params, tok, data_dir, max_new_tokens=gen_tokens,
+                               batch_size=DEMO_DATA["batch_size"], limit=limit, progress=True)
+    del params
     timings["data"] = time.perf_counter() - t
 
     # one length bucket: every stage compiles its step once (on 2 CPU cores a compile costs ~20 s)
-    max_len = 64 if quick else 128
+    max_len = QUICK["max_len"] if quick else DEMO_TRAIN["max_len"]
     stage_dirs = {}
     for i, stage in enumerate(("glad", "unwilling", "router"), start=3):
         t = step(f"{i}/6 train the {stage} stage")
         over = [f"model.base={base_ckpt}", f"model.dtype={dtype}", f"output.dir={os.path.join(out, stage)}",
+                f"model.remat={str(DEMO_TRAIN['remat']).lower()}",
+                f"model.param_dtype={_gen_param_dtype(dtype) or 'null'}",
                 f"data.{stage}.jsonl={os.path.join(data_dir, stage + '.jsonl')}", f"data.max_len={max_len}",
                 f"data.buckets=[{max_len}]", "mesh.data=1", "checkpoint.every=1000", "output.tensorboard=false"]
         over += [f"{k}={v}" for k, v in DEMO[stage].items()]
@@ -117,13 +129,14 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     _assemble(base_ckpt, stage_dirs, mogu_ckpt)
     export = os.path.join(out, "pytorch")
     api.convert_jax_to_mogu(mogu_ckpt, export)
-    cfg, params, tok = api.load(mogu_ckpt, dtype=dtype)
-    from mogu_jax import evaluate as Ev
-    rows = Ev.load_prompts(os.path.join(data_dir, "heldout.jsonl"))
+    cfg, params, tok = api.load(mogu_ckpt, dtype=dtype, param_dtype=_gen_param_dtype(dtype))
+    rows = E.load_prompts(os.path.join(data_dir, "heldout.jsonl"))
     if quick:
-        rows = _take_per_kind(rows, 2)
+        rows = _take_per_kind(rows, QUICK["per_kind"])
     report_dir = os.path.join(out, "report")
-    report = run_eval(cfg, params, tok, rows, report_dir, max_new_tokens=gen_tokens, batch_size=16)
+    eval_tokens = max_new_tokens or (QUICK["max_new_tokens"] if quick else DEMO_EVAL["max_new_tokens"])
+    report = run_eval(cfg, params, tok, rows, report_dir, max_new_tokens=eval_tokens,
+                      batch_size=DEMO_EVAL["batch_size"])
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     with open(os.path.join(out, "timings.json"), "w") as f:
@@ -135,6 +148,11 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     print(f"MoGU checkpoint:   {mogu_ckpt}")
     print(f"PyTorch artifacts: {export}/glad, {export}/unwilling (PEFT LoRA), {export}/router.pth")
     return {"report": report, "timings": timings, "out": out}
+
+
+def _gen_param_dtype(dtype: str):
+    """Weights stored in the compute dtype when it is bf16 (half the bytes per decoded token); fp32 stays fp32."""
+    return "bfloat16" if str(dtype) in ("bfloat16", "bf16") else None
 
 
 def _take_per_kind(rows, n):
