@@ -164,11 +164,32 @@ def main(argv=None):
         hs = f"{h:9.1f}" if h is not None else f"{'-':>9}"
         rs = f"{ratio:7.2f}" if ratio is not None else f"{'-':>7}"
         print(f"{b:>5} | {a:10.1f} | {hs} | {rs} | {same or '-'}")
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    gbs = read_bandwidth(weight_bytes)
+    print(f"memory-bandwidth ceiling at batch 1: every token reads all {weight_bytes / 1e6:.0f} MB of weights; "
+          f"this machine reads {gbs:.1f} GB/s (jitted sum over an array that size, best of 10) -> "
+          f"<= {gbs * 1e9 / weight_bytes:.1f} tok/s for any implementation")
     if not args.skip_routing:
         bench_routing(cfg, params, prompt_ids, args)
     if not args.skip_pipeline:
         bench_routed_pipeline(cfg, params, hf, prompt_ids, args)
     return rows
+
+
+def read_bandwidth(n_bytes: int, repeats: int = 10) -> float:
+    """GB/s of a jitted fp32 sum over ``n_bytes`` (the streaming-read rate that bounds batch-1 decoding)."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((max(n_bytes // 4, 1),), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    del x
+    return n_bytes / best / 1e9
 
 
 def bench_routed_pipeline(cfg, params, hf, prompt_ids, args, m=5):
