@@ -585,14 +585,10 @@ class StageLoader:
         if not self.shuffle:
             order = np.arange(n)
             batches = [order[i:i + b] for i in range(0, n, b)]
+        elif self.balance_labels:
+            batches = self._balanced_batches(self._epoch_rng(epoch))
         else:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch)])))
-            if self.balance_labels:
-                batches = self._balanced_batches(rng)
-                if self.drop_last and len(batches[-1]) < b:
-                    batches.pop()
-                self._order_cache = (epoch, batches)
-                return batches
+            rng = self._epoch_rng(epoch)
             order = _stable_permutation(rng, n)
             # the short batch (n % b random examples) goes last; the full batches are length-grouped
             n_full = n - n % b
@@ -610,6 +606,9 @@ class StageLoader:
             batches.pop()
         self._order_cache = (epoch, batches)
         return batches
+
+    def _epoch_rng(self, epoch: int) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch)])))
 
     def _balanced_batches(self, rng) -> list[np.ndarray]:
         labels = np.asarray(self.data.labels)

@@ -348,6 +348,13 @@ def tied_logits(cfg: ModelConfig, x: Array, embedding: Array) -> Array:
     return numerics.einsum(cfg, "btd,vd->btv", x, embedding)
 
 
+def layer_class(cfg: ModelConfig):
+    """``DecoderLayer``, rematerialised (nothing saved) when ``cfg.remat``; both layer drivers use it."""
+    if cfg.remat:
+        return nn.remat(DecoderLayer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    return DecoderLayer
+
+
 class Decoder(nn.Module):
     """tokens [B,T] -> (logits [B,T,V] fp32, new cache or None, (a, b) each [L,B,T]).
 
@@ -369,10 +376,7 @@ class Decoder(nn.Module):
         cos, sin, bias = positional(cfg, positions, kv_mask)
         mask = attention_mask(cfg, kv_mask, t, cache_index)
 
-        layer = DecoderLayer
-        if cfg.remat:
-            layer = nn.remat(DecoderLayer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
-        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        stack = nn.scan(layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         kv = (cache["k"], cache["v"]) if cache is not None else None
@@ -491,10 +495,7 @@ def forward_unrolled(cfg: ModelConfig, params: dict, tokens: Array, positions: O
     cos, sin, bias = positional(cfg, positions, kv_mask)
     mask = attention_mask(cfg, kv_mask, t, cache_index)
     layers = base["layers"]
-    layer_cls = DecoderLayer
-    if cfg.remat:
-        layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
-    layer, plain = layer_cls(cfg, mode), layer_cls(cfg, "base")
+    layer, plain = layer_class(cfg)(cfg, mode), layer_class(cfg)(cfg, "base")
     routed_ids = set(cfg.router_layer_ids)
     new_cache, alphas, betas = [], [], []
     for i in range(cfg.num_layers):

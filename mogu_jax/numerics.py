@@ -24,6 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mogu_jax.errors import MoguError
+
 
 def operand(cfg, x):
     return x.astype(cfg.compute_dtype)
@@ -31,16 +33,8 @@ def operand(cfg, x):
 
 def check_float64(cfg) -> None:
     if cfg.compute_dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        from mogu_jax.errors import MoguError
         raise MoguError("dtype float64 (float64 matmul accumulation) needs JAX's 64-bit mode: set "
                         "JAX_ENABLE_X64=1 in the environment before starting Python")
-
-
-def precision(cfg):
-    # fp32 compute means true fp32 matmuls on every backend (TPU/GPU would otherwise use bf16 passes)
-    if cfg.compute_dtype == jnp.float32:
-        return jax.lax.Precision.HIGHEST
-    return None
 
 
 def einsum(cfg, spec: str, a, b):
@@ -50,12 +44,10 @@ def einsum(cfg, spec: str, a, b):
         return jnp.einsum(spec, a.astype(jnp.float64), b.astype(jnp.float64),
                           precision=jax.lax.Precision.HIGHEST).astype(jnp.float32)
     a, b = operand(cfg, a), operand(cfg, b)
-    if cfg.compute_dtype == jnp.float32:
-        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=precision(cfg))
-    if _on_cpu() and _has_batch_dims(spec):
-        # XLA:CPU's batched dot has no bf16 x bf16 -> fp32 kernel: carry the rounded operands in fp32 (the
-        # same result: a product of two bf16 numbers is exact in fp32). Only attention's score/value
-        # contractions are batched; their cost is small next to the projections.
+    if cfg.compute_dtype == jnp.float32 or (_on_cpu() and _has_batch_dims(spec)):
+        # fp32; or bf16 in a batched dot on CPU, where XLA has no bf16 x bf16 -> fp32 kernel: the rounded operands
+        # are carried in fp32 (the same result: a product of two bf16 numbers is exact in fp32). Only attention's
+        # score/value contractions are batched; their cost is small next to the projections.
         return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32), preferred_element_type=jnp.float32,
                           precision=jax.lax.Precision.HIGHEST)
     return _mixed_einsum(spec, a, b)
@@ -66,10 +58,15 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-@functools.lru_cache(maxsize=None)
-def _has_batch_dims(spec: str) -> bool:
+def _split(spec: str) -> tuple[str, str, str]:
     inputs, out = spec.replace(" ", "").split("->")
     x, y = inputs.split(",")
+    return x, y, out
+
+
+@functools.lru_cache(maxsize=None)
+def _has_batch_dims(spec: str) -> bool:
+    x, y, out = _split(spec)
     return any(c in y and c in out for c in x.replace("...", "")) or ("..." in x and "..." in y and "..." in out)
 
 
@@ -77,8 +74,7 @@ def _has_batch_dims(spec: str) -> bool:
 def _transposed_specs(spec: str) -> tuple[str, str]:
     """For ``X,Y->Z``: the specs of dL/dX = ``Z,Y->X`` and dL/dY = ``X,Z->Y``. Valid when every index of an
     operand also appears in the other operand or in the output (true of every matmul in this package)."""
-    inputs, out = spec.replace(" ", "").split("->")
-    x, y = inputs.split(",")
+    x, y, out = _split(spec)
     for operand_spec, other in ((x, y + out), (y, x + out)):
         for c in operand_spec.replace("...", ""):
             if c not in other:

@@ -63,7 +63,7 @@ DEMO = {
                "train.batch_size": 16, "data.balance_labels": "true"},
 }
 DEMO_DATA = {"max_new_tokens": 40, "batch_size": 32}  # base-model answers for the stage files
-DEMO_TRAIN = {"max_len": 80, "remat": True, "param_dtype": "bfloat16"}
+DEMO_TRAIN = {"max_len": 80, "remat": True}
 DEMO_EVAL = {"max_new_tokens": 40, "batch_size": 32}
 QUICK = {"limit": 8, "max_new_tokens": 16, "max_len": 64, "per_kind": 2}
 
@@ -96,7 +96,7 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
 
     t = step("2/6 build the stage data from the shipped seed lists (base model answers, refusal bank)")
     # bf16 weights for generation: decoding reads every weight per token
-    cfg, params, tok = api.load(base_ckpt, dtype=dtype, param_dtype=_gen_param_dtype(dtype))
+    cfg, params, tok = api.load(base_ckpt, dtype=dtype, param_dtype=_weights_dtype(dtype))
     limit = QUICK["limit"] if quick else None
     gen_tokens = max_new_tokens or (QUICK["max_new_tokens"] if quick else DEMO_DATA["max_new_tokens"])
     data_dir = os.path.join(out, "data")
@@ -112,7 +112,7 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
         t = step(f"{i}/6 train the {stage} stage")
         over = [f"model.base={base_ckpt}", f"model.dtype={dtype}", f"output.dir={os.path.join(out, stage)}",
                 f"model.remat={str(DEMO_TRAIN['remat']).lower()}",
-                f"model.param_dtype={_gen_param_dtype(dtype) or 'null'}",
+                f"model.param_dtype={_weights_dtype(dtype) or 'null'}",
                 f"data.{stage}.jsonl={os.path.join(data_dir, stage + '.jsonl')}", f"data.max_len={max_len}",
                 f"data.buckets=[{max_len}]", "mesh.data=1", "checkpoint.every=1000", "output.tensorboard=false"]
         over += [f"{k}={v}" for k, v in DEMO[stage].items()]
@@ -129,7 +129,7 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     _assemble(base_ckpt, stage_dirs, mogu_ckpt)
     export = os.path.join(out, "pytorch")
     api.convert_jax_to_mogu(mogu_ckpt, export)
-    cfg, params, tok = api.load(mogu_ckpt, dtype=dtype, param_dtype=_gen_param_dtype(dtype))
+    cfg, params, tok = api.load(mogu_ckpt, dtype=dtype, param_dtype=_weights_dtype(dtype))
     rows = E.load_prompts(os.path.join(data_dir, "heldout.jsonl"))
     if quick:
         rows = _take_per_kind(rows, QUICK["per_kind"])
@@ -150,8 +150,9 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     return {"report": report, "timings": timings, "out": out}
 
 
-def _gen_param_dtype(dtype: str):
-    """Weights stored in the compute dtype when it is bf16 (half the bytes per decoded token); fp32 stays fp32."""
+def _weights_dtype(dtype: str):
+    """Frozen weights stored in the compute dtype when it is bf16 (half the bytes per decoded token, no cast per
+    train step); fp32 stays as stored."""
     return "bfloat16" if str(dtype) in ("bfloat16", "bf16") else None
 
 
