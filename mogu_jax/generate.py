@@ -10,7 +10,9 @@ Two compiled functions per (model config, forward function):
 
 Shapes are bucketed (batch, prompt length and ``max_new_tokens`` round up to powers of two with a
 minimum), and ``temperature``, ``top_p``, ``seed``, ``max_new_tokens``, the EOS ids and the pad id are
-traced values, so calls that fit the same buckets reuse the compiled code. :data:`COMPILE_COUNTS`
+traced values, so calls that fit the same buckets reuse the compiled code. :func:`generate_text` pads
+every batch of one call to the call's largest batch and prompt buckets (:func:`call_buckets`): one
+compilation per call, whatever the prompt lengths and a short last batch. :data:`COMPILE_COUNTS`
 counts traces (incremented in the Python bodies of the traced functions) for tests.
 
 The model call is pluggable: ``forward(params, tokens, positions, kv_mask, cache, cache_index) ->
@@ -422,7 +424,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_ids=None, pad_id=None,
              progress: bool = False, forward: Optional[Forward] = None,
              return_logits: bool = False, mode: str = "base",
-             routed_tokens: Optional[int] = None) -> GenerationOutput:
+             routed_tokens: Optional[int] = None, min_batch: int = MIN_BATCH_BUCKET,
+             min_prompt_len: int = MIN_PROMPT_BUCKET) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids), as one batch.
 
     Greedy when ``temperature == 0``, else temperature + top-p sampling from ``seed``. Each row stops at
@@ -433,6 +436,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     ``routed_tokens`` (with ``mode="routed"``): MoGU's handoff — only the first ``routed_tokens`` new tokens
     are routed, then the plain base model continues (None or >= max_new_tokens: every token routed).
     In routed mode the output carries the router weights of the routed tokens (``router``).
+    ``min_batch`` / ``min_prompt_len``: lower bounds of the batch and prompt-length buckets, so that a caller
+    generating many batches (:func:`generate_text`) gets one shape, hence one compilation, for all of them.
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -455,8 +460,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     eos = resolve_eos(cfg, eos_ids)
     pad = resolve_pad(cfg, pad_id, eos)
     n_rows = len(prompts)
-    b = bucket(n_rows, MIN_BATCH_BUCKET)
-    p = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
+    b = bucket(n_rows, max(MIN_BATCH_BUCKET, min_batch))
+    p = bucket(max(len(x) for x in prompts), max(MIN_PROMPT_BUCKET, min_prompt_len))
     n = bucket(max_new_tokens, MIN_NEW_BUCKET)
     e = bucket(len(eos), MIN_EOS_BUCKET)
 
@@ -530,6 +535,17 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
 
 # ------------------------------------------------------------------------------------ from text
+def call_buckets(prompts: Sequence[Sequence[int]], batch_size: int) -> dict:
+    """The :func:`generate` bucket bounds that give every batch of one call (``batch_size`` rows at a time,
+    the last one possibly shorter, prompts of any of the lengths given) the same shapes: one compilation per
+    call instead of one per batch size and prompt-length bucket met (a compile costs ~10 s on 2 CPU cores; the
+    padding costs a little prefill)."""
+    if not prompts:
+        return {}
+    return {"min_batch": bucket(min(batch_size, len(prompts)), MIN_BATCH_BUCKET),
+            "min_prompt_len": bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)}
+
+
 def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[str], template: Optional[str] = None,
                   system: Optional[str] = None, batch_size: int = 8, progress: bool = False, **kw) -> list[dict]:
     """Responses to instructions: format each prompt (:func:`mogu_jax.templates.format_prompt`), encode it,
@@ -556,6 +572,7 @@ def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[st
 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    kw.update(call_buckets(encoded, batch_size))
     results: list[Optional[dict]] = [None] * len(encoded)
     it = batches
     if progress:

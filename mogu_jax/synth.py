@@ -270,7 +270,7 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
     the opening's tokens start the assistant turn (appended to the encoded prompt) and ``response`` is the
     continuation text (leading whitespace kept, so ``opening + response`` reads right).
     """
-    from mogu_jax.generate import generate, generate_text, resolve_eos
+    from mogu_jax.generate import call_buckets, generate, generate_text, resolve_eos
     from mogu_jax.templates import encode_prompt, format_prompt
 
     def gen(instructions: Sequence[str], system: Optional[str] = None,
@@ -294,6 +294,7 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
             prompts.append(encode_prompt(tokenizer, format_prompt(tokenizer, ins, template, system)) + ids)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+        shapes = call_buckets(prompts, batch_size)
         results: list[Optional[dict]] = [None] * len(prompts)
         it = batches
         if progress:
@@ -301,7 +302,7 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
             it = tqdm(batches, desc="generating", unit="batch")
         for bi, idx in enumerate(it):
             out = generate(cfg, params, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                           seed=seed + bi)
+                           seed=seed + bi, **shapes)
             for i, raw, fin in zip(idx, out.tokens, out.finished):
                 toks = raw[:-1] if raw and raw[-1] in eos else raw
                 # decode with the opening so word boundaries come out right, then drop the opening's text

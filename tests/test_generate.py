@@ -227,3 +227,22 @@ def test_generate_text(tiny, word_tokenizer):
         ids = T.encode_prompt(tok, T.format_prompt(tok, ins, "falcon"))
         want = G.generate(cfg, params, [ids], max_new_tokens=5, eos_ids=()).tokens[0]
         assert r["response"] == tok.decode(want, skip_special_tokens=True)
+
+
+def test_generate_text_compiles_once_per_call(tiny, word_tokenizer):
+    """Batches of one call share one shape: a short last batch and prompts in two length buckets (5 and 19
+    tokens with the falcon template) compile the prefill and decode once, and the answers equal one-by-one
+    generation."""
+    cfg, params, _ = tiny
+    tok = word_tokenizer
+    long = " ".join(["hello world"] * 8)
+    instructions = ["hi", long, "tell me a joke", "hello", "hi hi", long + " hi"]
+    G.clear_caches()
+    before = G.compile_count()
+    res = G.generate_text(cfg, params, tok, instructions, template="falcon", batch_size=4, max_new_tokens=4,
+                          eos_ids=(), progress=False)
+    assert G.compile_count() == before + 2  # prefill + decode, for batches of 4 and 2 rows, prompts 16 and 32
+    for ins, r in zip(instructions, res):
+        ids = T.encode_prompt(tok, T.format_prompt(tok, ins, "falcon"))
+        want = G.generate(cfg, params, [ids], max_new_tokens=4, eos_ids=()).tokens[0]
+        assert r["response"] == tok.decode(want, skip_special_tokens=True)
