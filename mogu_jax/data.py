@@ -414,6 +414,12 @@ class StageData:
     def sequences(self) -> dict[str, list[Example]]:
         return {"affirm": self.affirm, "refusal": self.refusal} if self.is_pairs else {"tokens": self.examples}
 
+    def logits_from(self) -> int:
+        """The first position whose logits any example's loss uses: the shortest prompt minus one (position t
+        predicts token t + 1), rounded down to a multiple of 8."""
+        first = min(ex.prompt_len for seqs in self.sequences().values() for ex in seqs)
+        return max(first - 1, 0) // 8 * 8
+
     def sort_keys(self) -> np.ndarray:
         """Per example, the length used to group examples into batches (sum of both halves for pairs)."""
         return np.asarray([sum(s[i].length for s in self.sequences().values()) for i in range(self.num_examples)],

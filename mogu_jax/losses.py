@@ -21,11 +21,13 @@ import jax.numpy as jnp
 Array = Any
 
 
-def token_ce(logits: Array, tokens: Array, loss_mask: Array) -> Array:
-    """Per-example mean CE over ``loss_mask`` positions. logits [B,T,V] (fp32), tokens/loss_mask [B,T] -> [B]."""
+def token_ce(logits: Array, tokens: Array, loss_mask: Array, start: int = 0) -> Array:
+    """Per-example mean CE over ``loss_mask`` positions. logits [B,T-start,V] (fp32; positions ``start``
+    onwards, see ``logits_from`` of :func:`mogu_jax.model.forward`), tokens/loss_mask [B,T] -> [B]. With
+    ``start`` > 0 no loss may fall at or before position ``start`` (the caller checks)."""
     logits = logits[:, :-1].astype(jnp.float32)
-    targets = tokens[:, 1:]
-    mask = loss_mask[:, 1:].astype(jnp.float32)
+    targets = tokens[:, start + 1:]
+    mask = loss_mask[:, start + 1:].astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = (lse - picked) * mask

@@ -36,9 +36,11 @@ MODE = {"glad": "glad", "unwilling": "unwilling", "router": "routed"}
 
 
 # ----------------------------------------------------------------------------------------- losses
-def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0) -> Callable:
+def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logits_from: int = 0) -> Callable:
     """``f(trainable, frozen, batch) -> (sum_i w_i * loss_i, stats)``: stats are weighted sums (divide by
-    ``stats["weight"]``) so they add up over micro-batches and processes."""
+    ``stats["weight"]``) so they add up over micro-batches and processes. ``logits_from``: the LM head runs
+    from this position on only (:meth:`mogu_jax.data.StageData.logits_from`: no example of the stage takes a
+    loss before it; the same loss, less work)."""
     mode = MODE[stage]
 
     def params_of(trainable, frozen):
@@ -52,8 +54,9 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0) -> C
             ces = {}
             for half in ("affirm", "refusal"):
                 b = batch[half]
-                logits = forward(cfg, params, b["tokens"], kv_mask=b["attn_mask"], mode=mode).logits
-                ces[half] = jnp.where(real, L.token_ce(logits, b["tokens"], b["loss_mask"]), 1.0)
+                logits = forward(cfg, params, b["tokens"], kv_mask=b["attn_mask"], mode=mode,
+                                 logits_from=logits_from).logits
+                ces[half] = jnp.where(real, L.token_ce(logits, b["tokens"], b["loss_mask"], logits_from), 1.0)
             per = jnp.where(real, L.pair_loss(stage, ces["affirm"], ces["refusal"]), 0.0)
             stats = {"loss": jnp.sum(per * w), "ce_affirm": jnp.sum(ces["affirm"] * w),
                      "ce_refusal": jnp.sum(ces["refusal"] * w), "weight": jnp.sum(w),
@@ -64,8 +67,8 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0) -> C
     def loss(trainable, frozen, batch):
         params = params_of(trainable, frozen)
         w = batch["weight"].astype(jnp.float32)
-        out = forward(cfg, params, batch["tokens"], kv_mask=batch["attn_mask"], mode=mode)
-        ce = L.token_ce(out.logits, batch["tokens"], batch["loss_mask"])
+        out = forward(cfg, params, batch["tokens"], kv_mask=batch["attn_mask"], mode=mode, logits_from=logits_from)
+        ce = L.token_ce(out.logits, batch["tokens"], batch["loss_mask"], logits_from)
         mse_a, mse_b = L.router_mse(out.alphas, out.betas, batch["attn_mask"], batch["label"])
         per = ce + router_lambda * (mse_a + mse_b)
         mal = (batch["label"] == 1) & (w > 0)
@@ -137,12 +140,12 @@ class StepFns:
     accumulation a grad step, an accumulate, and an update. All with explicit shardings; state donated."""
 
     def __init__(self, cfg: ModelConfig, stage: str, tx: optax.GradientTransformation, mesh, state_sh, frozen_sh,
-                 router_lambda: float = 2.0):
+                 router_lambda: float = 2.0, logits_from: int = 0):
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         from mogu_jax.sharding import batch_sharding
 
-        self.loss = stage_loss_fn(cfg, stage, router_lambda)
+        self.loss = stage_loss_fn(cfg, stage, router_lambda, logits_from)
         self.tx = tx
         rep = NamedSharding(mesh, P())
         grad_sh = state_sh["params"]

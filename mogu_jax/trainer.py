@@ -156,7 +156,8 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
     tdtype = np.dtype(str(np.dtype(_np_dtype(m["trainable_dtype"]))))
     trainable = T.trainable_dtype_cast(T.init_trainable(cfg, stage, int(tconf["seed"])), tdtype)
     state, frozen, state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, mesh, tx)
-    fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, float(tconf["router_lambda"]))
+    fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, float(tconf["router_lambda"]),
+                    logits_from=examples.logits_from())
 
     # ---- output folder, checkpoints, resume
     if lead:

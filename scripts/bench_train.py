@@ -119,7 +119,7 @@ def batch_tokens(stage: str, batch: dict) -> int:
 class Ours:
     """The train step of one stage, set up as mogu_jax.trainer.run_stage does."""
 
-    def __init__(self, cfg, params, stage: str, batch: dict, seed: int = 0):
+    def __init__(self, cfg, params, stage: str, batch: dict, seed: int = 0, logits_from: int = 0):
         import jax
 
         from mogu_jax import train as T
@@ -144,7 +144,8 @@ class Ours:
         tx = T.make_optimizer(optim, 1000)
         trainable = T.trainable_dtype_cast(T.init_trainable(cfg, stage, seed), np.float32)
         self.state, self.frozen, state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, mesh, tx)
-        self.fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, ROUTER_LAMBDA)
+        # the LM head from the first loss position on, as run_stage does (StageData.logits_from)
+        self.fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, ROUTER_LAMBDA, logits_from=logits_from)
         self.batch = T.local_batch_to_global(batch, mesh)
         self.n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable))
         self.last_loss = None
@@ -520,6 +521,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (masked out of the LM loss)")
+    ap.add_argument("--full-logits", action="store_true",
+                    help="ours: the LM head on every position (default: from the first loss position, as training)")
+    ap.add_argument("--ab-logits", action="store_true",
+                    help="also time ours with the LM head on every position, interleaved, and print the ratio")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 weights; torch: autocast bf16)")
     ap.add_argument("--remat", action="store_true", help="rematerialise the decoder layers (ours)")
     ap.add_argument("--unrolled", action="store_true", help="unrolled layers instead of nn.scan (ours)")
@@ -562,7 +567,8 @@ def main(argv=None):
         for k in peaks:  # the peak again before each stage (the machine is shared): keep the best
             peaks[k] = max(peaks[k], matmul_peak(k))
         t0 = time.perf_counter()
-        ours = Ours(cfg, params, stage, batch)
+        logits_from = 0 if args.full_logits else max(args.prompt_len - 1, 0) // 8 * 8
+        ours = Ours(cfg, params, stage, batch, logits_from=logits_from)
         ours.step()  # compile
         t_compile = time.perf_counter() - t0
         for _ in range(args.warmup):
@@ -574,19 +580,35 @@ def main(argv=None):
             for _ in range(max(args.warmup, 1) + 1):  # torch's first updates are slow (allocator, oneDNN)
                 ref.step()
             release_memory()
-        times_o, times_r = [], []
+        full = None
+        if args.ab_logits and logits_from:
+            full = Ours(cfg, params, stage, batch, logits_from=0)
+            for _ in range(args.warmup + 1):
+                full.step()
+        times_o, times_r, times_f = [], [], []
         for _ in range(args.rounds):
             for _ in range(args.steps):
                 t1 = time.perf_counter()
                 ours.step()
                 times_o.append(time.perf_counter() - t1)
             release_memory()
+            if full is not None:
+                for _ in range(args.steps):
+                    t1 = time.perf_counter()
+                    full.step()
+                    times_f.append(time.perf_counter() - t1)
             if ref is not None:
                 for _ in range(args.steps):
                     t1 = time.perf_counter()
                     ref.step()
                     times_r.append(time.perf_counter() - t1)
                 release_memory()
+        if full is not None:
+            mf, mo = statistics.median(times_f), statistics.median(times_o)
+            print(f"[{stage}] LM head from position {logits_from} (the first loss position) vs on all {args.seq}: "
+                  f"{mo:.2f}s vs {mf:.2f}s per update = {mf / mo:.2f}x (loss {ours.last_loss:.4f} vs "
+                  f"{full.last_loss:.4f}, interleaved, median of {len(times_o)})")
+            del full
         fl = flop_model(ours.cfg, stage, args.seq, tokens)
         med_o = statistics.median(times_o)
         med_r = statistics.median(times_r) if times_r else float("nan")

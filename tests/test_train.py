@@ -112,6 +112,35 @@ def test_stage_loss_equals_per_example_reference(world, stage, tmp_path):
     assert abs(ours - ref) <= 1e-5, (ours, ref)
 
 
+@pytest.mark.parametrize("stage", ["glad", "router"])
+def test_logits_only_from_the_first_loss_position(world, stage):
+    """The LM head applied from ``logits_from`` on gives the same loss and gradients; one position later
+    drops a loss token (the check is not vacuous)."""
+    cfg, tok = world["cfg"], world["tok"]
+    rows = D.load_stage_data(stage, world["router"] if stage == "router" else world["pairs"])
+    data = D.tokenize_stage(stage, rows, tok, max_len=1024)
+    start = min(ex.prompt_len for seqs in data.sequences().values() for ex in seqs) - 1
+    assert start > 0 and data.logits_from() <= start and data.logits_from() % 8 == 0
+    batch = next(D.StageLoader(data, 8, seed=3))
+    params = random_mogu(cfg, world["base"], seed=1, router_std=0.5)
+    frozen = {k: v for k, v in params.items() if k != stage}
+
+    def run(logits_from):
+        fn = T.stage_loss_fn(cfg, stage, 2.0, logits_from)
+        (total, _), g = jax.value_and_grad(fn, has_aux=True)(params[stage], frozen, batch)
+        return float(total), g
+
+    masks = [batch[h]["loss_mask"] for h in ("affirm", "refusal")] if stage == "glad" else [batch["loss_mask"]]
+    batch_start = min(int(np.argmax(row)) for m in masks for row in np.asarray(m) if row.any()) - 1
+    assert batch_start >= start
+    full, g_full = run(0)
+    part, g_part = run(batch_start)  # the furthest this batch allows (the data's own start is <= it)
+    assert abs(full - part) <= 1e-6 * max(1.0, abs(full))
+    for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_part)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert abs(run(batch_start + 1)[0] - full) > 1e-4
+
+
 def test_short_batch_weights_and_accumulation_average(world):
     """Gradient accumulation over micro-batches = one big batch: the mean of the per-example losses."""
     cfg, tok = world["cfg"], world["tok"]
