@@ -10,9 +10,9 @@ Two compiled functions per (model config, forward function):
 
 Shapes are bucketed (batch, prompt length and ``max_new_tokens`` round up to powers of two with a
 minimum), and ``temperature``, ``top_p``, ``seed``, ``max_new_tokens``, the EOS ids and the pad id are
-traced values, so calls that fit the same buckets reuse the compiled code. :func:`generate_text` pads
-every batch of one call to the call's largest batch and prompt buckets (:func:`call_buckets`): one
-compilation per call, whatever the prompt lengths and a short last batch. :data:`COMPILE_COUNTS`
+traced values, so calls that fit the same buckets reuse the compiled code. :func:`generate_text` pads a
+short last batch to the call's batch bucket (:func:`call_buckets`), so the batches of one call compile once
+per prompt-length bucket they meet (prompts are batched by length). :data:`COMPILE_COUNTS`
 counts traces (incremented in the Python bodies of the traced functions) for tests.
 
 The model call is pluggable: ``forward(params, tokens, positions, kv_mask, cache, cache_index) ->
@@ -437,7 +437,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     are routed, then the plain base model continues (None or >= max_new_tokens: every token routed).
     In routed mode the output carries the router weights of the routed tokens (``router``).
     ``min_batch`` / ``min_prompt_len``: lower bounds of the batch and prompt-length buckets, so that a caller
-    generating many batches (:func:`generate_text`) gets one shape, hence one compilation, for all of them.
+    generating many batches (:func:`generate_text`) can give them one shape, hence one compilation.
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -536,14 +536,13 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
 # ------------------------------------------------------------------------------------ from text
 def call_buckets(prompts: Sequence[Sequence[int]], batch_size: int) -> dict:
-    """The :func:`generate` bucket bounds that give every batch of one call (``batch_size`` rows at a time,
-    the last one possibly shorter, prompts of any of the lengths given) the same shapes: one compilation per
-    call instead of one per batch size and prompt-length bucket met (a compile costs ~10 s on 2 CPU cores; the
-    padding costs a little prefill)."""
+    """The :func:`generate` bucket bound that gives every batch of one call (``batch_size`` rows at a time)
+    the same batch shape: a short last batch costs at most one batch of padding rows instead of a compilation
+    (~10 s on 2 CPU cores for SmolLM2). Prompt-length buckets stay per batch: padding every prompt to the
+    longest one would cost prefill and cache in proportion to the longest prompt, without bound."""
     if not prompts:
         return {}
-    return {"min_batch": bucket(min(batch_size, len(prompts)), MIN_BATCH_BUCKET),
-            "min_prompt_len": bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)}
+    return {"min_batch": bucket(min(batch_size, len(prompts)), MIN_BATCH_BUCKET)}
 
 
 def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[str], template: Optional[str] = None,

@@ -229,20 +229,24 @@ def test_generate_text(tiny, word_tokenizer):
         assert r["response"] == tok.decode(want, skip_special_tokens=True)
 
 
-def test_generate_text_compiles_once_per_call(tiny, word_tokenizer):
-    """Batches of one call share one shape: a short last batch and prompts in two length buckets (5 and 19
-    tokens with the falcon template) compile the prefill and decode once, and the answers equal one-by-one
-    generation."""
+def test_generate_text_compiles_once_per_prompt_bucket(tiny, word_tokenizer):
+    """A call's short last batch takes the batch shape of the others: 6 prompts in batches of 4 and 2 in one
+    prompt bucket compile the prefill and decode once; a longer prompt bucket compiles once more. The answers
+    equal one-by-one generation."""
     cfg, params, _ = tiny
     tok = word_tokenizer
     long = " ".join(["hello world"] * 8)
-    instructions = ["hi", long, "tell me a joke", "hello", "hi hi", long + " hi"]
     G.clear_caches()
     before = G.compile_count()
-    res = G.generate_text(cfg, params, tok, instructions, template="falcon", batch_size=4, max_new_tokens=4,
+    short = ["hi", "tell me a joke", "hello", "hi hi", "hello world", "me"]
+    res = G.generate_text(cfg, params, tok, short, template="falcon", batch_size=4, max_new_tokens=4,
                           eos_ids=(), progress=False)
-    assert G.compile_count() == before + 2  # prefill + decode, for batches of 4 and 2 rows, prompts 16 and 32
-    for ins, r in zip(instructions, res):
+    assert G.compile_count() == before + 2  # prefill + decode, for the batches of 4 and 2 rows
+    both = short[:4] + [long, long + " hi"]  # batches: 4 short prompts (bucket 16), 2 long ones (bucket 32)
+    res2 = G.generate_text(cfg, params, tok, both, template="falcon", batch_size=4, max_new_tokens=4,
+                           eos_ids=(), progress=False)
+    assert G.compile_count() == before + 4
+    for ins, r in list(zip(short, res)) + list(zip(both, res2)):
         ids = T.encode_prompt(tok, T.format_prompt(tok, ins, "falcon"))
         want = G.generate(cfg, params, [ids], max_new_tokens=4, eos_ids=()).tokens[0]
         assert r["response"] == tok.decode(want, skip_special_tokens=True)
