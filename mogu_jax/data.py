@@ -388,6 +388,13 @@ def tokenize_example(tokenizer, instruction: str, response: str, *, template: Op
     return _make_example(prompt, resp, max_len, where)
 
 
+def logits_start(shortest_prompt: int) -> int:
+    """Where the LM head may start for data whose shortest prompt has ``shortest_prompt`` tokens: position t
+    predicts token t + 1, so the first response token needs the logits of position ``shortest_prompt - 1``;
+    rounded down to a multiple of 8."""
+    return max(shortest_prompt - 1, 0) // 8 * 8
+
+
 @dataclasses.dataclass(eq=False)
 class StageData:
     """The tokenised examples of one stage.
@@ -415,10 +422,9 @@ class StageData:
         return {"affirm": self.affirm, "refusal": self.refusal} if self.is_pairs else {"tokens": self.examples}
 
     def logits_from(self) -> int:
-        """The first position whose logits any example's loss uses: the shortest prompt minus one (position t
-        predicts token t + 1), rounded down to a multiple of 8."""
-        first = min(ex.prompt_len for seqs in self.sequences().values() for ex in seqs)
-        return max(first - 1, 0) // 8 * 8
+        """The first position whose logits any example's loss uses (:func:`logits_start` of the shortest
+        prompt)."""
+        return logits_start(min(ex.prompt_len for seqs in self.sequences().values() for ex in seqs))
 
     def sort_keys(self) -> np.ndarray:
         """Per example, the length used to group examples into batches (sum of both halves for pairs)."""

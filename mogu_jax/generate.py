@@ -424,8 +424,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_ids=None, pad_id=None,
              progress: bool = False, forward: Optional[Forward] = None,
              return_logits: bool = False, mode: str = "base",
-             routed_tokens: Optional[int] = None, min_batch: int = MIN_BATCH_BUCKET,
-             min_prompt_len: int = MIN_PROMPT_BUCKET) -> GenerationOutput:
+             routed_tokens: Optional[int] = None, min_batch: int = MIN_BATCH_BUCKET) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids), as one batch.
 
     Greedy when ``temperature == 0``, else temperature + top-p sampling from ``seed``. Each row stops at
@@ -436,8 +435,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     ``routed_tokens`` (with ``mode="routed"``): MoGU's handoff — only the first ``routed_tokens`` new tokens
     are routed, then the plain base model continues (None or >= max_new_tokens: every token routed).
     In routed mode the output carries the router weights of the routed tokens (``router``).
-    ``min_batch`` / ``min_prompt_len``: lower bounds of the batch and prompt-length buckets, so that a caller
-    generating many batches (:func:`generate_text`) can give them one shape, hence one compilation.
+    ``min_batch``: a lower bound of the batch bucket, so that a caller generating many batches
+    (:func:`generate_text`) gives a short last batch the shape, hence the compilation, of the others.
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -461,7 +460,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     pad = resolve_pad(cfg, pad_id, eos)
     n_rows = len(prompts)
     b = bucket(n_rows, max(MIN_BATCH_BUCKET, min_batch))
-    p = bucket(max(len(x) for x in prompts), max(MIN_PROMPT_BUCKET, min_prompt_len))
+    p = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
     n = bucket(max_new_tokens, MIN_NEW_BUCKET)
     e = bucket(len(eos), MIN_EOS_BUCKET)
 

@@ -24,7 +24,7 @@ Array = Any
 def token_ce(logits: Array, tokens: Array, loss_mask: Array, start: int = 0) -> Array:
     """Per-example mean CE over ``loss_mask`` positions. logits [B,T-start,V] (fp32; positions ``start``
     onwards, see ``logits_from`` of :func:`mogu_jax.model.forward`), tokens/loss_mask [B,T] -> [B]. With
-    ``start`` > 0 no loss may fall at or before position ``start`` (the caller checks)."""
+    ``start`` > 0 no loss may fall at or before position ``start`` (``StageData.logits_from`` ensures it)."""
     logits = logits[:, :-1].astype(jnp.float32)
     targets = tokens[:, start + 1:]
     mask = loss_mask[:, start + 1:].astype(jnp.float32)

@@ -542,6 +542,7 @@ def main(argv=None):
 
     import jax
     import torch
+    from mogu_jax.data import logits_start
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -567,7 +568,7 @@ def main(argv=None):
         for k in peaks:  # the peak again before each stage (the machine is shared): keep the best
             peaks[k] = max(peaks[k], matmul_peak(k))
         t0 = time.perf_counter()
-        logits_from = 0 if args.full_logits else max(args.prompt_len - 1, 0) // 8 * 8
+        logits_from = 0 if args.full_logits else logits_start(args.prompt_len)
         ours = Ours(cfg, params, stage, batch, logits_from=logits_from)
         ours.step()  # compile
         t_compile = time.perf_counter() - t0
