@@ -63,6 +63,7 @@ from mogu_jax.templates import encode_prompt, format_prompt
 DEFAULT_MAX_LEN = 1024
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 DEFAULT_GROUP_BATCHES = 8
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a second forward call
 
 PAIR_STAGES = ("glad", "unwilling")
 STAGES = ("glad", "unwilling", "router")
@@ -425,6 +426,21 @@ class StageData:
         """The first position whose logits any example's loss uses (:func:`logits_start` of the shortest
         prompt)."""
         return logits_start(min(ex.prompt_len for seqs in self.sequences().values() for ex in seqs))
+
+    def shared_prefix(self, min_len: int = MIN_SHARED_PREFIX) -> tuple:
+        """The tokens every sequence of the stage starts with (typically the chat template's system prompt),
+        cut to :meth:`logits_from` so that no loss position falls inside it; ``()`` when shorter than
+        ``min_len``. Training runs them once per batch instead of once per row
+        (``forward(..., shared_prefix=)``)."""
+        seqs = [ex.tokens for s in self.sequences().values() for ex in s]
+        first = np.asarray(seqs[0])
+        n = min(min(len(t) for t in seqs), self.logits_from())
+        for t in seqs[1:]:
+            if n == 0:
+                break
+            diff = np.flatnonzero(np.asarray(t[:n]) != first[:n])
+            n = int(diff[0]) if diff.size else n
+        return tuple(int(x) for x in first[:n]) if n >= min_len else ()
 
     def sort_keys(self) -> np.ndarray:
         """Per example, the length used to group examples into batches (sum of both halves for pairs)."""

@@ -39,7 +39,7 @@ each layer's weight slice every step).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -458,10 +458,17 @@ def _router_rows(cfg: ModelConfig, mode: str, ab) -> tuple[Array, Array]:
 
 def forward(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[Array] = None,
             kv_mask: Optional[Array] = None, cache: Optional[dict] = None, cache_index: Array | int = 0,
-            last_only: bool = False, mode: str = "base", logits_from: int = 0) -> ModelOutput:
+            last_only: bool = False, mode: str = "base", logits_from: int = 0,
+            shared_prefix: Sequence[int] = ()) -> ModelOutput:
     """Pure forward over the stacked layers (``nn.scan``; with ``cfg.scan_layers`` off and no cache, the
     same layers unrolled, :func:`forward_unrolled`). ``params``: a base tree, or a MoGU tree with the parts
-    ``mode`` needs. Differentiable and vmappable over ``params``."""
+    ``mode`` needs. Differentiable and vmappable over ``params``.
+
+    ``shared_prefix`` (token ids, static; training): every row of ``tokens`` starts with these tokens (e.g. a
+    chat template's system prompt). They are run once, not once per row, and the rows continue from their
+    keys and values; logits and router weights are those of the plain forward (see :func:`_forward_shared`)."""
+    if shared_prefix and cache is None:
+        return _forward_shared(cfg, params, tokens, positions, kv_mask, mode, logits_from, tuple(shared_prefix))
     if not cfg.scan_layers and cache is None:
         return forward_unrolled(cfg, params, tokens, positions, kv_mask, None, cache_index, last_only, mode,
                                 logits_from)
@@ -470,6 +477,40 @@ def forward(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[A
     logits, new_cache, ab = Decoder(cfg, mode).apply({"params": base}, tokens, positions, kv_mask, cache,
                                                      cache_index, last_only, mogu, logits_from)
     return ModelOutput(logits, new_cache, *_router_rows(cfg, mode, ab))
+
+
+def _forward_shared(cfg: ModelConfig, params: dict, tokens: Array, positions, kv_mask, mode: str,
+                    logits_from: int, prefix: tuple) -> ModelOutput:
+    """:func:`forward` of rows that all start with ``prefix`` (P tokens): the prefix runs once (batch 1) and
+    fills a cache; the B rows run from position P on over that cache, broadcast to B rows. The same maths as
+    the plain forward (causal attention: the prefix never sees the rows), so the same values and, through the
+    broadcast cache, the same gradients, for ~P/T less work in every projection and MLP. The router weights
+    of the prefix positions are broadcast to all rows, so per-position losses see every position.
+    ``logits_from`` must be >= P (no logits are taken inside the prefix); ``kv_mask``/``positions`` cover all
+    T positions (the prefix part of each row is taken as valid)."""
+    b, t = tokens.shape
+    p = len(prefix)
+    if not 0 < p < t:
+        raise MoguError(f"shared_prefix of {p} tokens needs rows longer than it; the rows have {t} tokens")
+    if logits_from < p:
+        raise MoguError(f"logits_from ({logits_from}) must not fall inside the shared prefix ({p} tokens)")
+    positions, kv_mask = _defaults(tokens, positions, kv_mask, t)
+    head_tokens = jnp.asarray(prefix, jnp.int32)[None]
+    head_pos = positions[:1, :p]
+    head_mask = jnp.ones((1, t), bool)
+    if cfg.scan_layers:
+        fwd, cache, axis = forward, init_cache(cfg, 1, t, jnp.float32), 1
+    else:
+        fwd, cache, axis = forward_unrolled, init_cache_unrolled(cfg, 1, t, jnp.float32), 0
+    head = fwd(cfg, params, head_tokens, head_pos, head_mask, cache, 0, True, mode)
+    cache = jax.tree_util.tree_map(lambda c: jnp.broadcast_to(c, c.shape[:axis] + (b,) + c.shape[axis + 1:]),
+                                   head.cache)
+    rest = fwd(cfg, params, tokens[:, p:], positions[:, p:], kv_mask, cache, p, False, mode, logits_from - p)
+
+    def grow(h, r):  # [R, 1, P] + [R, B, T - P] -> [R, B, T]
+        return jnp.concatenate([jnp.broadcast_to(h, (h.shape[0], b, p)), r], axis=2)
+
+    return ModelOutput(rest.logits, None, grow(head.alphas, rest.alphas), grow(head.betas, rest.betas))
 
 
 def apply(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[Array] = None,

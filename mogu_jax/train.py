@@ -36,11 +36,14 @@ MODE = {"glad": "glad", "unwilling": "unwilling", "router": "routed"}
 
 
 # ----------------------------------------------------------------------------------------- losses
-def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logits_from: int = 0) -> Callable:
+def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logits_from: int = 0,
+                  shared_prefix: tuple = ()) -> Callable:
     """``f(trainable, frozen, batch) -> (sum_i w_i * loss_i, stats)``: stats are weighted sums (divide by
     ``stats["weight"]``) so they add up over micro-batches and processes. ``logits_from``: the LM head runs
     from this position on only (:meth:`mogu_jax.data.StageData.logits_from`: no example of the stage takes a
-    loss before it; the same loss, less work)."""
+    loss before it; the same loss, less work). ``shared_prefix``: tokens every row of every batch starts with
+    (:meth:`mogu_jax.data.StageData.shared_prefix`), run once per batch instead of once per row (the same
+    loss, less work)."""
     mode = MODE[stage]
 
     def params_of(trainable, frozen):
@@ -55,7 +58,7 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
             for half in ("affirm", "refusal"):
                 b = batch[half]
                 logits = forward(cfg, params, b["tokens"], kv_mask=b["attn_mask"], mode=mode,
-                                 logits_from=logits_from).logits
+                                 logits_from=logits_from, shared_prefix=shared_prefix).logits
                 ces[half] = jnp.where(real, L.token_ce(logits, b["tokens"], b["loss_mask"], logits_from), 1.0)
             per = jnp.where(real, L.pair_loss(stage, ces["affirm"], ces["refusal"]), 0.0)
             stats = {"loss": jnp.sum(per * w), "ce_affirm": jnp.sum(ces["affirm"] * w),
@@ -67,7 +70,8 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
     def loss(trainable, frozen, batch):
         params = params_of(trainable, frozen)
         w = batch["weight"].astype(jnp.float32)
-        out = forward(cfg, params, batch["tokens"], kv_mask=batch["attn_mask"], mode=mode, logits_from=logits_from)
+        out = forward(cfg, params, batch["tokens"], kv_mask=batch["attn_mask"], mode=mode, logits_from=logits_from,
+                      shared_prefix=shared_prefix)
         ce = L.token_ce(out.logits, batch["tokens"], batch["loss_mask"], logits_from)
         mse_a, mse_b = L.router_mse(out.alphas, out.betas, batch["attn_mask"], batch["label"])
         per = ce + router_lambda * (mse_a + mse_b)
@@ -140,12 +144,12 @@ class StepFns:
     accumulation a grad step, an accumulate, and an update. All with explicit shardings; state donated."""
 
     def __init__(self, cfg: ModelConfig, stage: str, tx: optax.GradientTransformation, mesh, state_sh, frozen_sh,
-                 router_lambda: float = 2.0, logits_from: int = 0):
+                 router_lambda: float = 2.0, logits_from: int = 0, shared_prefix: tuple = ()):
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         from mogu_jax.sharding import batch_sharding
 
-        self.loss = stage_loss_fn(cfg, stage, router_lambda, logits_from)
+        self.loss = stage_loss_fn(cfg, stage, router_lambda, logits_from, tuple(shared_prefix))
         self.tx = tx
         rep = NamedSharding(mesh, P())
         grad_sh = state_sh["params"]

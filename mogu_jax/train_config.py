@@ -64,6 +64,9 @@ DEFAULTS: dict = {
         "examples_per_update": None,  # if set: grad_accum = examples_per_update / batch_size
         "seed": 0,
         "router_lambda": 2.0,
+        # run the tokens every example starts with (the chat template's system prompt) once per batch, not once
+        # per row: the same loss and gradients, less work (StageData.shared_prefix)
+        "share_prefix": True,
         "log_every": 1,
     },
     "checkpoint": {"every": 100, "keep": 3},

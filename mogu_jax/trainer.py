@@ -156,8 +156,11 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
     tdtype = np.dtype(str(np.dtype(_np_dtype(m["trainable_dtype"]))))
     trainable = T.trainable_dtype_cast(T.init_trainable(cfg, stage, int(tconf["seed"])), tdtype)
     state, frozen, state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, mesh, tx)
+    prefix = examples.shared_prefix() if tconf["share_prefix"] else ()
     fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, float(tconf["router_lambda"]),
-                    logits_from=examples.logits_from())
+                    logits_from=examples.logits_from(), shared_prefix=prefix)
+    if lead and progress and prefix:
+        print(f"[{stage}] the {len(prefix)} tokens every example starts with run once per batch (train.share_prefix)")
 
     # ---- output folder, checkpoints, resume
     if lead:

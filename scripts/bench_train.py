@@ -90,12 +90,15 @@ def load_models(tiny: bool, dtype: str, remat: bool):
 
 
 # ------------------------------------------------------------------------------------------------ batches
-def make_batch(stage: str, b: int, t: int, prompt_len: int, vocab: int, seed: int = 0) -> dict:
-    """A synthetic batch in the format of mogu_jax.data (every position real, response after the prompt)."""
+def make_batch(stage: str, b: int, t: int, prompt_len: int, vocab: int, seed: int = 0, shared: int = 0) -> dict:
+    """A synthetic batch in the format of mogu_jax.data (every position real, response after the prompt).
+    ``shared``: every row starts with the same this many tokens (a chat template's system prompt)."""
     rng = np.random.default_rng(seed)
+    head = rng.integers(3, vocab, size=shared).astype(np.int32)
 
     def seq():
         toks = rng.integers(3, vocab, size=(b, t)).astype(np.int32)
+        toks[:, :shared] = head
         plen = rng.integers(max(prompt_len // 2, 1), max(prompt_len, 2), size=b)
         loss = np.arange(t)[None, :] >= plen[:, None]
         return {"tokens": toks, "loss_mask": loss, "attn_mask": np.ones((b, t), bool)}
@@ -106,6 +109,10 @@ def make_batch(stage: str, b: int, t: int, prompt_len: int, vocab: int, seed: in
         out["weight"] = np.ones(b, np.float32)
         return out
     return {"affirm": seq(), "refusal": seq(), "weight": np.ones(b, np.float32)}
+
+
+def batch_rows(stage: str, batch: dict) -> np.ndarray:
+    return batch["tokens"] if stage == "router" else batch["affirm"]["tokens"]
 
 
 def batch_tokens(stage: str, batch: dict) -> int:
@@ -119,7 +126,8 @@ def batch_tokens(stage: str, batch: dict) -> int:
 class Ours:
     """The train step of one stage, set up as mogu_jax.trainer.run_stage does."""
 
-    def __init__(self, cfg, params, stage: str, batch: dict, seed: int = 0, logits_from: int = 0):
+    def __init__(self, cfg, params, stage: str, batch: dict, seed: int = 0, logits_from: int = 0,
+                 shared_prefix: tuple = ()):
         import jax
 
         from mogu_jax import train as T
@@ -145,7 +153,9 @@ class Ours:
         trainable = T.trainable_dtype_cast(T.init_trainable(cfg, stage, seed), np.float32)
         self.state, self.frozen, state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, mesh, tx)
         # the LM head from the first loss position on, as run_stage does (StageData.logits_from)
-        self.fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, ROUTER_LAMBDA, logits_from=logits_from)
+        # and the tokens all rows start with once per batch (StageData.shared_prefix)
+        self.fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, ROUTER_LAMBDA, logits_from=logits_from,
+                             shared_prefix=shared_prefix)
         self.batch = T.local_batch_to_global(batch, mesh)
         self.n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable))
         self.last_loss = None
@@ -525,6 +535,13 @@ def main(argv=None):
                     help="ours: the LM head on every position (default: from the first loss position, as training)")
     ap.add_argument("--ab-logits", action="store_true",
                     help="also time ours with the LM head on every position, interleaved, and print the ratio")
+    ap.add_argument("--shared-prefix", type=int, default=24, metavar="N",
+                    help="every row starts with the same N tokens (default 24: SmolLM2's chat template up to the "
+                         "instruction), which ours runs once per batch as training does (capped at the first loss "
+                         "position)")
+    ap.add_argument("--no-share", action="store_true", help="ours: run the shared prefix once per row")
+    ap.add_argument("--ab-prefix", action="store_true",
+                    help="also time ours running the shared prefix once per row, interleaved, and print the ratio")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 weights; torch: autocast bf16)")
     ap.add_argument("--remat", action="store_true", help="rematerialise the decoder layers (ours)")
     ap.add_argument("--unrolled", action="store_true", help="unrolled layers instead of nn.scan (ours)")
@@ -563,13 +580,16 @@ def main(argv=None):
 
     rows, notes = [], []
     for stage in args.stages:
-        batch = make_batch(stage, args.batch, args.seq, args.prompt_len, cfg.vocab_size, seed=1)
+        batch = make_batch(stage, args.batch, args.seq, args.prompt_len, cfg.vocab_size, seed=1,
+                           shared=args.shared_prefix)
         tokens = batch_tokens(stage, batch)
         for k in peaks:  # the peak again before each stage (the machine is shared): keep the best
             peaks[k] = max(peaks[k], matmul_peak(k))
         t0 = time.perf_counter()
         logits_from = 0 if args.full_logits else logits_start(args.prompt_len)
-        ours = Ours(cfg, params, stage, batch, logits_from=logits_from)
+        prefix = tuple(int(x) for x in batch_rows(stage, batch)[0, :min(args.shared_prefix, logits_from)])
+        share = prefix if not args.no_share else ()
+        ours = Ours(cfg, params, stage, batch, logits_from=logits_from, shared_prefix=share)
         ours.step()  # compile
         t_compile = time.perf_counter() - t0
         for _ in range(args.warmup):
@@ -581,35 +601,40 @@ def main(argv=None):
             for _ in range(max(args.warmup, 1) + 1):  # torch's first updates are slow (allocator, oneDNN)
                 ref.step()
             release_memory()
-        full = None
+        # A/B variants of ours, timed interleaved with it: (what changes, the step)
+        variants = []
         if args.ab_logits and logits_from:
-            full = Ours(cfg, params, stage, batch, logits_from=0)
+            variants.append((f"LM head from position {logits_from} (the first loss position) vs on all {args.seq}",
+                             Ours(cfg, params, stage, batch, logits_from=0, shared_prefix=())))
+        if args.ab_prefix and share:
+            variants.append((f"the {len(share)} tokens all rows start with run once per batch vs once per row",
+                             Ours(cfg, params, stage, batch, logits_from=logits_from, shared_prefix=())))
+        for _, v in variants:
             for _ in range(args.warmup + 1):
-                full.step()
-        times_o, times_r, times_f = [], [], []
+                v.step()
+        times_o, times_r, times_v = [], [], [[] for _ in variants]
         for _ in range(args.rounds):
             for _ in range(args.steps):
                 t1 = time.perf_counter()
                 ours.step()
                 times_o.append(time.perf_counter() - t1)
             release_memory()
-            if full is not None:
+            for (_, v), tv in zip(variants, times_v):
                 for _ in range(args.steps):
                     t1 = time.perf_counter()
-                    full.step()
-                    times_f.append(time.perf_counter() - t1)
+                    v.step()
+                    tv.append(time.perf_counter() - t1)
             if ref is not None:
                 for _ in range(args.steps):
                     t1 = time.perf_counter()
                     ref.step()
                     times_r.append(time.perf_counter() - t1)
                 release_memory()
-        if full is not None:
-            mf, mo = statistics.median(times_f), statistics.median(times_o)
-            print(f"[{stage}] LM head from position {logits_from} (the first loss position) vs on all {args.seq}: "
-                  f"{mo:.2f}s vs {mf:.2f}s per update = {mf / mo:.2f}x (loss {ours.last_loss:.4f} vs "
-                  f"{full.last_loss:.4f}, interleaved, median of {len(times_o)})")
-            del full
+        for (what, v), tv in zip(variants, times_v):
+            mf, mo = statistics.median(tv), statistics.median(times_o)
+            print(f"[{stage}] {what}: {mo:.2f}s vs {mf:.2f}s per update = {mf / mo:.2f}x (loss "
+                  f"{ours.last_loss:.4f} vs {v.last_loss:.4f}, interleaved, median of {len(times_o)})")
+        del variants
         fl = flop_model(ours.cfg, stage, args.seq, tokens)
         med_o = statistics.median(times_o)
         med_r = statistics.median(times_r) if times_r else float("nan")

@@ -19,6 +19,7 @@ from mogu_jax.convert import mogu_artifacts as art
 from mogu_jax.convert.hf import params_from_source
 from mogu_jax.convert.sources import HFDirSource
 from mogu_jax.config import ModelConfig
+from mogu_jax.errors import MoguError
 from mogu_jax.model import forward, forward_unrolled, unstack_layers
 from tiny_models import make_hf_model, random_tokens, save_hf, cli_fails
 
@@ -436,3 +437,49 @@ def test_unrolled_layers_equal_scan_in_values_and_gradients(tiny, subset):
         for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref[2])):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
         assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grad)) > 0
+
+
+def test_shared_prefix_forward_equals_plain_forward(tiny):
+    """forward(shared_prefix=...) (the prefix once, the rows over its broadcast cache) gives the plain forward's
+    logits, router weights (prefix positions included) and gradients: scan, unrolled, remat and a MoGU v2
+    router subset; routed and glad; with a padded row (kv_mask)."""
+    _, cfg, base = tiny
+    p = random_mogu(cfg, base, router_std=1.0)
+    tokens = np.asarray(random_tokens(3, 12, seed=5))
+    tokens[:, :5] = tokens[0, :5]  # every row starts with the same 5 tokens
+    kv_mask = np.ones((3, 12), bool)
+    kv_mask[2, 9:] = False  # row 2 is shorter (right padding)
+    tokens, kv_mask = jnp.asarray(tokens), jnp.asarray(kv_mask)
+    prefix = tuple(int(x) for x in tokens[0, :4])
+
+    def run(c, mode, shared, start=6):
+        def loss(trainable):
+            params = dict(p, **trainable)
+            out = forward(c, params, tokens, kv_mask=kv_mask, mode=mode, logits_from=start, shared_prefix=shared)
+            return jnp.mean(jnp.sin(out.logits)) + jnp.mean(out.alphas ** 2 * kv_mask) - jnp.mean(out.betas), out
+        trainable = {"router": p["router"]} if mode == "routed" else {"glad": p["glad"]}
+        (value, out), grad = jax.value_and_grad(loss, has_aux=True)(trainable)
+        return value, out, grad
+
+    cases = [(cfg, "routed"), (cfg.replace(scan_layers=False), "routed"), (cfg.replace(remat=True), "routed"),
+             (cfg.replace(router_layers=(1,)), "routed"), (cfg, "glad")]
+    for c, mode in cases:
+        ref = run(c, mode, ())
+        value, out, grad = run(c, mode, prefix)
+        assert out.logits.shape == ref[1].logits.shape == (3, 6, cfg.vocab_size)
+        assert out.alphas.shape == ref[1].alphas.shape
+        np.testing.assert_allclose(float(value), float(ref[0]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref[1].logits), atol=TOL)
+        np.testing.assert_allclose(np.asarray(out.alphas), np.asarray(ref[1].alphas), atol=TOL)
+        np.testing.assert_allclose(np.asarray(out.betas), np.asarray(ref[1].betas), atol=TOL)
+        for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref[2])):
+            # fp32 sums in another order (the prefix's gradient adds up the rows first); in the float64
+            # accumulation mode the two agree to 1e-16 (measured)
+            assert np.abs(np.asarray(g) - np.asarray(r)).max() <= 1e-3 * np.abs(np.asarray(r)).max()
+        assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grad)) > 0
+    # a prefix the rows do not have gives other numbers (the check above is not vacuous)
+    wrong = ((prefix[0] + 1) % cfg.vocab_size,) + prefix[1:]
+    right = np.asarray(run(cfg, "routed", ())[1].logits)
+    assert np.abs(np.asarray(run(cfg, "routed", wrong)[1].logits) - right).max() > 1e-3
+    with pytest.raises(MoguError, match="inside the shared prefix"):
+        forward(cfg, p, tokens, mode="routed", logits_from=2, shared_prefix=prefix)

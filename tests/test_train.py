@@ -72,15 +72,28 @@ def _ce(logits, tokens, loss_mask):
     return float(np.mean([-lp[t - 1, tokens[t]] for t in idx]))
 
 
-@pytest.mark.parametrize("stage", ["glad", "unwilling", "router"])
-def test_stage_loss_equals_per_example_reference(world, stage, tmp_path):
+SYSTEM = " ".join(f"w{i}" for i in range(30, 45))
+
+
+@pytest.mark.parametrize("stage,shared", [("glad", False), ("unwilling", False), ("router", False), ("glad", True),
+                                          ("router", True)])
+def test_stage_loss_equals_per_example_reference(world, stage, shared, tmp_path):
+    """Our batched stage loss = the per-example loss of the real HF model (PEFT for the responders, the spec's
+    formula for the router). ``shared``: a template with a system prompt, whose tokens the loss runs once per
+    batch (StageData.shared_prefix), and the LM head from the first loss position, as run_stage does."""
     cfg, tok = world["cfg"], world["tok"]
     rows = D.load_stage_data(stage, world["router"] if stage == "router" else world["pairs"])
-    data = D.tokenize_stage(stage, rows, tok, max_len=1024)
+    if shared:
+        data = D.tokenize_stage(stage, rows, tok, max_len=1024, template="vicuna", system=SYSTEM)
+        prefix, start = data.shared_prefix(), data.logits_from()
+        assert len(prefix) == start >= D.MIN_SHARED_PREFIX  # the system prompt, cut at the first loss position
+    else:
+        data = D.tokenize_stage(stage, rows, tok, max_len=1024)
+        prefix, start = (), 0
     batch = next(D.StageLoader(data, 8, seed=3))
     params = random_mogu(cfg, world["base"], seed=1, router_std=0.5)
     frozen = {k: v for k, v in params.items() if k != stage}
-    total, stats = T.stage_loss_fn(cfg, stage, 2.0)(params[stage], frozen, batch)
+    total, stats = T.stage_loss_fn(cfg, stage, 2.0, start, prefix)(params[stage], frozen, batch)
     ours = float(total) / float(stats["weight"])
 
     per = []
@@ -139,6 +152,22 @@ def test_logits_only_from_the_first_loss_position(world, stage):
     for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_part)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     assert abs(run(batch_start + 1)[0] - full) > 1e-4
+
+
+def test_shared_prefix_of_the_data(world):
+    """StageData.shared_prefix: the tokens all sequences (both halves of pairs) start with, never past the first
+    loss position; nothing when they share less than MIN_SHARED_PREFIX tokens."""
+    tok = world["tok"]
+    pairs = D.load_stage_data("glad", world["pairs"])
+    data = D.tokenize_stage("glad", pairs, tok, max_len=1024, template="vicuna", system=SYSTEM)
+    prefix = data.shared_prefix(min_len=1)
+    seqs = [ex.tokens for s in data.sequences().values() for ex in s]
+    assert all(tuple(t[:len(prefix)]) == prefix for t in seqs) and len(prefix) == data.logits_from()
+    common = next(n for n in range(min(map(len, seqs)) + 1)
+                  if n == min(map(len, seqs)) or len({int(t[n]) for t in seqs}) > 1)
+    assert common > len(prefix)  # the system prompt goes on: the cut is the first loss position's
+    plain = D.tokenize_stage("glad", pairs, tok, max_len=1024)  # the tiny tokenizer's bare template
+    assert plain.shared_prefix() == () and len(plain.shared_prefix(min_len=1)) < D.MIN_SHARED_PREFIX
 
 
 def test_short_batch_weights_and_accumulation_average(world):
