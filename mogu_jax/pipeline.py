@@ -59,7 +59,7 @@ DEMO = {
     # batches (length grouping had put the short refusals, label 1, into batches of their own). Measured: 8.6-8.9 min.
     "glad": {"optim.lr": 1e-3, "train.epochs": 1, "train.batch_size": 8},
     "unwilling": {"optim.lr": 1e-3, "train.epochs": 2, "train.batch_size": 8},
-    "router": {"optim.lr": 3e-3, "optim.schedule": "cosine", "optim.warmup_steps": 4, "train.epochs": 3,
+    "router": {"optim.lr": 3e-3, "optim.schedule": "cosine", "optim.warmup_steps": 4, "train.epochs": 4,
                "train.batch_size": 16, "data.balance_labels": "true"},
 }
 DEMO_DATA = {"max_new_tokens": 40, "batch_size": 32}  # base-model answers for the stage files
