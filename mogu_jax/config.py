@@ -94,6 +94,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype for matmuls; accumulation is always fp32
     remat: bool = False
+    # what a rematerialised layer keeps for the backward pass: "nothing" (recompute the whole layer) or "dots"
+    # (keep the outputs of the weight matmuls, recompute attention's batched dots and the elementwise ops)
+    remat_policy: str = "nothing"
     # layers driven by nn.scan (one compiled layer body: fast compiles, the TPU/GPU default) or by an unrolled
     # loop (XLA:CPU copies the scan's stacked residuals every layer, ~40% of a training step here; unrolled,
     # the backward pass also stops below the lowest layer that has something to train)

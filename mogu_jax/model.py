@@ -348,10 +348,21 @@ def tied_logits(cfg: ModelConfig, x: Array, embedding: Array) -> Array:
     return numerics.einsum(cfg, "btd,vd->btv", x, embedding)
 
 
+REMAT_POLICIES = {"nothing": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_policy(cfg: ModelConfig):
+    try:
+        return REMAT_POLICIES[cfg.remat_policy]
+    except KeyError:
+        raise MoguError(f"unknown remat_policy {cfg.remat_policy!r}; one of {', '.join(REMAT_POLICIES)}") from None
+
+
 def layer_class(cfg: ModelConfig):
     """``DecoderLayer``, rematerialised (nothing saved) when ``cfg.remat``; both layer drivers use it."""
     if cfg.remat:
-        return nn.remat(DecoderLayer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+        return nn.remat(DecoderLayer, prevent_cse=False, policy=remat_policy(cfg))
     return DecoderLayer
 
 

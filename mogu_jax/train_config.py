@@ -27,6 +27,7 @@ DEFAULTS: dict = {
         "param_dtype": None,  # cast the frozen base weights (None: as stored)
         "trainable_dtype": "float32",  # the trained subtree (master weights) and its optimizer state
         "remat": False,
+        "remat_policy": "nothing",  # with remat: nothing | dots (keep the weight matmuls' outputs: less recompute)
         "scan_layers": True,  # nn.scan over layers; false: unrolled (faster steps on CPU, longer compile)
         "template": None,  # llama2-chat | vicuna | falcon | None (tokenizer chat template)
         "system": None,

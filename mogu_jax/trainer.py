@@ -119,7 +119,8 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
 
     # ---- model
     m = conf["model"]
-    cfg, params, tok = api.load(m["base"], dtype=m["dtype"], param_dtype=m["param_dtype"], remat=bool(m["remat"]))
+    cfg, params, tok = api.load(m["base"], dtype=m["dtype"], param_dtype=m["param_dtype"], remat=bool(m["remat"]),
+                              remat_policy=str(m["remat_policy"]))
     if tok is None:
         raise MoguError(f"{m['base']} has no tokenizer; training needs one")
     base, _ = split_params(params)

@@ -544,6 +544,10 @@ def main(argv=None):
                     help="also time ours running the shared prefix once per row, interleaved, and print the ratio")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 weights; torch: autocast bf16)")
     ap.add_argument("--remat", action="store_true", help="rematerialise the decoder layers (ours)")
+    ap.add_argument("--remat-policy", default="nothing", choices=["nothing", "dots"],
+                    help="with --remat: what a layer keeps for the backward pass (ours)")
+    ap.add_argument("--ab-remat", action="store_true",
+                    help="with --remat: also time ours with the other remat policy, interleaved")
     ap.add_argument("--unrolled", action="store_true", help="unrolled layers instead of nn.scan (ours)")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
     ap.add_argument("--steps", type=int, default=1, help="updates per side per round")
@@ -566,7 +570,7 @@ def main(argv=None):
     dtype = "bfloat16" if args.bf16 else "float32"
     t0 = time.perf_counter()
     cfg, params, hf, source = load_models(args.tiny, dtype, args.remat)
-    cfg = cfg.replace(scan_layers=not args.unrolled)
+    cfg = cfg.replace(scan_layers=not args.unrolled, remat_policy=args.remat_policy)
     print(f"model: {source}, loaded in {time.perf_counter() - t0:.0f}s")
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s)), torch "
           f"{torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores; "
@@ -609,6 +613,11 @@ def main(argv=None):
         if args.ab_prefix and share:
             variants.append((f"the {len(share)} tokens all rows start with run once per batch vs once per row",
                              Ours(cfg, params, stage, batch, logits_from=logits_from, shared_prefix=())))
+        if args.ab_remat and args.remat:
+            other = "dots" if args.remat_policy == "nothing" else "nothing"
+            variants.append((f"remat policy {args.remat_policy} vs {other}",
+                             Ours(cfg.replace(remat_policy=other), params, stage, batch, logits_from=logits_from,
+                                  shared_prefix=share)))
         for _, v in variants:
             for _ in range(args.warmup + 1):
                 v.step()

@@ -414,7 +414,7 @@ def test_generate_cli_routed_options(tiny, tmp_path, capsys):
 @pytest.mark.parametrize("subset", [(), (1,)])
 def test_unrolled_layers_equal_scan_in_values_and_gradients(tiny, subset):
     """cfg.scan_layers=False (unrolled training forward, layers without a router statically plain) gives the
-    scan's logits, router weights and router gradients; so does remat."""
+    scan's logits, router weights and router gradients; so does remat, with either policy."""
     _, cfg, base = tiny
     cfg = cfg.replace(router_layers=subset)
     p = random_mogu(cfg, base, router_std=1.0)
@@ -428,7 +428,8 @@ def test_unrolled_layers_equal_scan_in_values_and_gradients(tiny, subset):
         return value, out, grad
 
     ref = run(cfg)
-    for c in (cfg.replace(scan_layers=False), cfg.replace(scan_layers=False, remat=True)):
+    for c in (cfg.replace(scan_layers=False), cfg.replace(scan_layers=False, remat=True),
+              cfg.replace(remat=True, remat_policy="dots")):
         value, out, grad = run(c)
         np.testing.assert_allclose(float(value), float(ref[0]), atol=1e-6)
         np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref[1].logits), atol=TOL)
@@ -483,3 +484,9 @@ def test_shared_prefix_forward_equals_plain_forward(tiny):
     assert np.abs(np.asarray(run(cfg, "routed", wrong)[1].logits) - right).max() > 1e-3
     with pytest.raises(MoguError, match="inside the shared prefix"):
         forward(cfg, p, tokens, mode="routed", logits_from=2, shared_prefix=prefix)
+
+
+def test_unknown_remat_policy(tiny):
+    _, cfg, base = tiny
+    with pytest.raises(MoguError, match="unknown remat_policy 'some'"):
+        forward(cfg.replace(remat=True, remat_policy="some"), base, jnp.asarray(random_tokens(1, 4)))
