@@ -211,6 +211,26 @@ def test_meshes_give_the_same_training(world, tmp_path):
             np.testing.assert_allclose(x, y, atol=1e-5, err_msg=str(mesh))
 
 
+def test_shared_prefix_training_on_meshes(world, tmp_path):
+    """run_stage with a system prompt (its tokens run once per batch): a sharded mesh trains as one device does,
+    and as training with train.share_prefix off."""
+    results = {}
+    for mesh, share in [((1, 1, 1), True), ((2, 2, 2), True), ((1, 1, 1), False)]:
+        out = str(tmp_path / ("glad_%d%d%d_%s" % (*mesh, share)))
+        conf = _conf(world, "glad", out, "train.max_steps=3", "optim.lr=1e-2", f"mesh.data={mesh[0]}",
+                     f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}", "model.template=vicuna",
+                     f"model.system={SYSTEM}", f"train.share_prefix={str(share).lower()}")
+        res = run_stage(conf, progress=False)
+        assert res["done"] and res["updates"] == 3
+        results[(mesh, share)] = (_losses(out), _final(out, "glad", res["cfg"]))
+    ref_losses, ref_params = results[((1, 1, 1), False)]
+    assert float(np.abs(ref_params["B"]).max()) > 0
+    for key, (losses, params) in results.items():
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(key))
+        for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params)):
+            np.testing.assert_allclose(x, y, atol=1e-5, err_msg=str(key))
+
+
 def test_only_the_trainable_subtree_changes(world):
     from mogu_jax.sharding import make_mesh, param_logical_axes, replicated, tree_shardings
     from mogu_jax.trainer import optax_shardings
