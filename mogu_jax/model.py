@@ -478,7 +478,9 @@ def forward(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[A
     ``shared_prefix`` (token ids, static; training): every row of ``tokens`` starts with these tokens (e.g. a
     chat template's system prompt). They are run once, not once per row, and the rows continue from their
     keys and values; logits and router weights are those of the plain forward (see :func:`_forward_shared`)."""
-    if shared_prefix and cache is None:
+    if shared_prefix:
+        if cache is not None:
+            raise MoguError("shared_prefix is for cache-free forwards (training); decoding has its own cache")
         return _forward_shared(cfg, params, tokens, positions, kv_mask, mode, logits_from, tuple(shared_prefix))
     if not cfg.scan_layers and cache is None:
         return forward_unrolled(cfg, params, tokens, positions, kv_mask, None, cache_index, last_only, mode,
@@ -513,7 +515,7 @@ def _forward_shared(cfg: ModelConfig, params: dict, tokens: Array, positions, kv
         fwd, cache, axis = forward, init_cache(cfg, 1, t, jnp.float32), 1
     else:
         fwd, cache, axis = forward_unrolled, init_cache_unrolled(cfg, 1, t, jnp.float32), 0
-    head = fwd(cfg, params, head_tokens, head_pos, head_mask, cache, 0, True, mode)
+    head = fwd(cfg, params, head_tokens, head_pos, head_mask, cache, 0, True, mode)  # (one logits row, unused)
     cache = jax.tree_util.tree_map(lambda c: jnp.broadcast_to(c, c.shape[:axis] + (b,) + c.shape[axis + 1:]),
                                    head.cache)
     rest = fwd(cfg, params, tokens[:, p:], positions[:, p:], kv_mask, cache, p, False, mode, logits_from - p)

@@ -56,7 +56,8 @@ DEMO = {
     # -> fp32 matmuls, ~4x the fp32 rate on AMX), remat, one length bucket of 80 tokens (a ~42-token prompt with
     # SmolLM2's default system prompt + ~38 response tokens: the first sentences decide refuse vs comply).
     # The reference run's levers: lr 5e-4 for 4/6/9 epochs; here fewer, larger steps, and label-balanced router
-    # batches (length grouping had put the short refusals, label 1, into batches of their own). Measured: 8.6-8.9 min.
+    # batches (length grouping had put the short refusals, label 1, into batches of their own). Training runs the
+    # template's 24 shared tokens once per batch (train.share_prefix). Measured: 7.8-11.4 min, the same table every run (this machine's speed drifts ~2x).
     "glad": {"optim.lr": 1e-3, "train.epochs": 1, "train.batch_size": 8},
     "unwilling": {"optim.lr": 1e-3, "train.epochs": 2, "train.batch_size": 8},
     "router": {"optim.lr": 3e-3, "optim.schedule": "cosine", "optim.warmup_steps": 4, "train.epochs": 4,

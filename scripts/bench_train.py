@@ -608,7 +608,9 @@ def main(argv=None):
         # A/B variants of ours, timed interleaved with it: (what changes, the step)
         variants = []
         if args.ab_logits and logits_from:
-            variants.append((f"LM head from position {logits_from} (the first loss position) vs on all {args.seq}",
+            # no shared prefix there either: it needs the head to start after it
+            variants.append((f"LM head from position {logits_from} (the first loss position) vs on all {args.seq}"
+                             + (" (and the shared prefix once per row)" if share else ""),
                              Ours(cfg, params, stage, batch, logits_from=0, shared_prefix=())))
         if args.ab_prefix and share:
             variants.append((f"the {len(share)} tokens all rows start with run once per batch vs once per row",

@@ -20,7 +20,7 @@ from mogu_jax.convert.hf import params_from_source
 from mogu_jax.convert.sources import HFDirSource
 from mogu_jax.config import ModelConfig
 from mogu_jax.errors import MoguError
-from mogu_jax.model import forward, forward_unrolled, unstack_layers
+from mogu_jax.model import forward, forward_unrolled, init_cache, unstack_layers
 from tiny_models import make_hf_model, random_tokens, save_hf, cli_fails
 
 TOL = 1e-4
@@ -484,6 +484,8 @@ def test_shared_prefix_forward_equals_plain_forward(tiny):
     assert np.abs(np.asarray(run(cfg, "routed", wrong)[1].logits) - right).max() > 1e-3
     with pytest.raises(MoguError, match="inside the shared prefix"):
         forward(cfg, p, tokens, mode="routed", logits_from=2, shared_prefix=prefix)
+    with pytest.raises(MoguError, match="cache-free"):
+        forward(cfg, p, tokens, cache=init_cache(cfg, 3, 16), mode="routed", logits_from=6, shared_prefix=prefix)
 
 
 def test_unknown_remat_policy(tiny):
