@@ -28,9 +28,11 @@ def load(path: str | os.PathLike, dtype: str = "float32", param_dtype: Optional[
          progress: bool = False, **cfg_overrides):
     """Load one of our checkpoints, an HF folder, a .gguf file or ``smollm2`` -> (cfg, params, tokenizer).
 
-    ``dtype`` is the compute dtype (float32 or bfloat16); ``param_dtype`` casts the weights
-    (None keeps what the checkpoint stores)."""
+    ``dtype`` is the compute dtype (float32, bfloat16, or ``auto``: :func:`mogu_jax.precision.resolve_dtype`);
+    ``param_dtype`` casts the weights (None keeps what the checkpoint stores; ``auto``: bf16 when the compute
+    dtype is bf16, else as stored)."""
     path = os.fspath(path)
+    dtype, param_dtype = resolve_dtypes(dtype, param_dtype)
     overrides = dict(dtype=dtype, **cfg_overrides)
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
@@ -42,6 +44,17 @@ def load(path: str | os.PathLike, dtype: str = "float32", param_dtype: Optional[
     cfg = ModelConfig.from_hf(source.hf_config(), **overrides)
     params = params_from_source(source, cfg, dtype=cast, finish=lambda _, a: jnp.asarray(a), progress=progress)
     return cfg, params, source.tokenizer()
+
+
+def resolve_dtypes(dtype, param_dtype=None) -> tuple[str, Optional[str]]:
+    """(compute dtype, weights dtype) with ``auto`` resolved: weights follow a bf16 compute dtype (half the
+    bytes per decoded token, no cast per step), and stay as stored under fp32."""
+    from mogu_jax.precision import is_auto, resolve_dtype
+
+    dtype = resolve_dtype(dtype)
+    if param_dtype is not None and is_auto(param_dtype):
+        param_dtype = "bfloat16" if as_dtype(dtype) == jnp.bfloat16 else None
+    return dtype, param_dtype
 
 
 def convert_hf_to_jax(src: str, out_dir: str, overwrite: bool = False, dtype: Optional[str] = None,

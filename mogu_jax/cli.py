@@ -14,6 +14,10 @@ import numpy as np
 from mogu_jax.errors import MoguError
 
 
+DTYPE_HELP = ("compute dtype: auto (default: bf16 where the hardware multiplies bf16 natively, else fp32; "
+              "the choice and its reason are printed), float32 or bfloat16")
+
+
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face / GGUF and mogu_jax")
     csub = p.add_subparsers(dest="direction", required=True)
@@ -62,7 +66,7 @@ def _add_generate(sub):
     p.add_argument("--template", default=None, help="llama2-chat | vicuna | falcon (default: tokenizer chat template)")
     p.add_argument("--system", default=None, help="system prompt for chat templates")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--mode", default=None, choices=["base", "glad", "unwilling", "routed"],
                    help="MoGU mode every new token is decoded in (default: routed decoding with handoff when the "
                         "checkpoint has MoGU parts, else base)")
@@ -94,7 +98,7 @@ def _add_eval(sub):
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--template", default=None)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -112,7 +116,7 @@ def _add_data(sub):
                    help="refusal targets: the shipped bank, or the base model under a safety system prompt")
     b.add_argument("--no-prime", action="store_true", help="do not prime malicious answers with an affirmative opening")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--dtype", default="float32")
+    b.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     b.add_argument("--overwrite", action="store_true")
 
 
@@ -120,6 +124,7 @@ def _add_demo(sub):
     p = sub.add_parser("demo", help="the end-to-end MoGU demo on the embedded SmolLM2-135M-Instruct")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the same pipeline on a tiny slice (CI, tests)")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -173,42 +178,6 @@ def write_jsonl_atomic(path: str, rows: list[dict], overwrite: bool) -> None:
         raise
 
 
-def decoding_mode(cfg, params, mode, routed_tokens, base_only, max_new_tokens):
-    """(mode, routed_tokens) for generate: explicit --mode wins; else routed decoding with handoff when the
-    params hold every MoGU part, else the base model."""
-    from mogu_jax.model import split_params
-    parts = split_params(params)[1]
-    has_mogu = all(k in parts for k in ("glad", "unwilling", "router"))
-    if base_only:
-        if mode not in (None, "base") or routed_tokens is not None:
-            raise MoguError("--base-only excludes --mode and --routed-tokens")
-        return "base", None
-    if routed_tokens is not None:
-        if mode not in (None, "routed"):
-            raise MoguError("--routed-tokens goes with routed decoding, not --mode " + mode)
-        mode = "routed"
-    if mode is None:
-        mode = "routed" if has_mogu else "base"
-    if mode == "routed" and not has_mogu:
-        missing = [k for k in ("glad", "unwilling", "router") if k not in parts]
-        raise MoguError(f"routed decoding needs a MoGU checkpoint; this one has no {', '.join(missing)} "
-                        "(train the stages or convert published artifacts with `convert mogu-to-jax`)")
-    if mode != "routed":
-        return mode, None
-    if routed_tokens is None:
-        m = cfg.routed_tokens
-    elif str(routed_tokens).lower() == "all":
-        m = -1
-    else:
-        try:
-            m = int(routed_tokens)
-        except ValueError:
-            raise MoguError(f"--routed-tokens takes a number or 'all', got {routed_tokens!r}") from None
-        if m < 0:
-            raise MoguError(f"--routed-tokens must be >= 0 or 'all', got {m}")
-    return "routed", (None if m < 0 or m >= max_new_tokens else m)
-
-
 def write_router_trace(path: str, rows, outs, cfg) -> None:
     """npz: ids, the routed layer ids, and per row a_<i> / b_<i> arrays [n_routed_tokens, n_routed_layers]."""
     arrays = {"ids": np.asarray([str(r["id"]) for r in rows]), "layers": np.asarray(cfg.router_layer_ids)}
@@ -255,7 +224,7 @@ def cmd_convert(args) -> int:
 
 def cmd_generate(args) -> int:
     from mogu_jax import api
-    from mogu_jax.generate import generate_text
+    from mogu_jax.generate import decoding_mode, generate_text
     if args.prompts:
         if not args.out:
             raise MoguError("--prompts needs --out")
@@ -334,7 +303,7 @@ def cmd_data(args) -> int:
 
 def cmd_demo(args) -> int:
     from mogu_jax.pipeline import run_demo
-    run_demo(args.out, quick=args.quick, overwrite=args.overwrite)
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, dtype=args.dtype)
     return 0
 
 

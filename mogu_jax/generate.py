@@ -61,6 +61,11 @@ MIN_EOS_BUCKET = 4
 COMPILE_COUNTS: collections.Counter = collections.Counter()
 
 
+# Analytic FLOPs of every generate() call so far (mogu_jax.flops.generation_flops): the demo reads the growth
+# of this counter per phase.
+FLOPS_DONE = [0]
+
+
 def compile_count() -> int:
     """Total number of traces of the generation functions so far."""
     return sum(COMPILE_COUNTS.values())
@@ -513,6 +518,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
             bar.close()
             _PROGRESS_BAR[0] = None
 
+    from mogu_jax.flops import generation_flops
+    FLOPS_DONE[0] += generation_flops(cfg, mode, b, p, p + n, steps, n_routed if handoff else None)
     eos_set = set(eos)
     rows, finished = [], []
     for r in range(n_rows):
@@ -586,3 +593,39 @@ def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[st
             if out.router is not None:
                 results[i]["router"] = out.router[j]  # {"a": [n_routed, R], "b": ...}
     return results  # type: ignore[return-value]
+
+
+def decoding_mode(cfg, params, mode, routed_tokens, base_only, max_new_tokens):
+    """(mode, routed_tokens) for generation (the CLI's and the evaluation's): explicit --mode wins; else routed decoding with handoff when the
+    params hold every MoGU part, else the base model."""
+    from mogu_jax.model import split_params
+    parts = split_params(params)[1]
+    has_mogu = all(k in parts for k in ("glad", "unwilling", "router"))
+    if base_only:
+        if mode not in (None, "base") or routed_tokens is not None:
+            raise MoguError("--base-only excludes --mode and --routed-tokens")
+        return "base", None
+    if routed_tokens is not None:
+        if mode not in (None, "routed"):
+            raise MoguError("--routed-tokens goes with routed decoding, not --mode " + mode)
+        mode = "routed"
+    if mode is None:
+        mode = "routed" if has_mogu else "base"
+    if mode == "routed" and not has_mogu:
+        missing = [k for k in ("glad", "unwilling", "router") if k not in parts]
+        raise MoguError(f"routed decoding needs a MoGU checkpoint; this one has no {', '.join(missing)} "
+                        "(train the stages or convert published artifacts with `convert mogu-to-jax`)")
+    if mode != "routed":
+        return mode, None
+    if routed_tokens is None:
+        m = cfg.routed_tokens
+    elif str(routed_tokens).lower() == "all":
+        m = -1
+    else:
+        try:
+            m = int(routed_tokens)
+        except ValueError:
+            raise MoguError(f"--routed-tokens takes a number or 'all', got {routed_tokens!r}") from None
+        if m < 0:
+            raise MoguError(f"--routed-tokens must be >= 0 or 'all', got {m}")
+    return "routed", (None if m < 0 or m >= max_new_tokens else m)

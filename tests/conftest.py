@@ -11,3 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `dtype: auto` (the CLI's and training's default) would pick bf16 on a CPU with bf16 units and fp32 on one
+# without: the suite pins it to fp32 so every test computes the same numbers on every CPU (test_precision.py
+# unsets it to test the choice itself).
+os.environ.setdefault("MOGU_JAX_AUTO_DTYPE", "float32")

@@ -1,0 +1,108 @@
+"""`dtype: auto`: the probe's verdict both ways, an explicit dtype wins, the per-machine cache (used, and
+invalidated by another CPU model or jaxlib), the environment override, and the CLI/config defaults."""
+
+import json
+import os
+
+import pytest
+
+from mogu_jax import api, precision
+from mogu_jax.errors import MoguError
+from mogu_jax.train_config import load_config
+
+
+@pytest.fixture
+def probe(monkeypatch, tmp_path):
+    """A fresh cache folder, no env pin, no 'said once' memory, and a fake probe that counts its calls."""
+    monkeypatch.delenv(precision.FORCE_ENV, raising=False)
+    monkeypatch.setenv("MOGU_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "_said", set())
+    state = {"speedup": 3.0, "calls": 0, "cpu": "Fake CPU with AMX"}
+
+    def fake_measure(*a, **k):
+        state["calls"] += 1
+        return state["speedup"]
+
+    monkeypatch.setattr(precision, "measure_bf16_speedup", fake_measure)
+    monkeypatch.setattr(precision, "cpu_model", lambda: state["cpu"])
+    return state
+
+
+def test_auto_picks_bf16_where_the_probe_finds_it_faster(probe, capsys):
+    assert precision.resolve_dtype("auto") == "bfloat16"
+    err = capsys.readouterr().err
+    assert "dtype auto -> bfloat16" in err and "3.00x the fp32 rate" in err and "Fake CPU with AMX" in err
+    precision.resolve_dtype("auto")
+    assert capsys.readouterr().err == ""  # printed once per process
+
+
+def test_auto_picks_fp32_where_bf16_is_slower(probe, capsys):
+    probe["speedup"] = 0.55  # an AVX2-only CPU: XLA emulates bf16
+    assert precision.resolve_dtype(None) == "float32"
+    assert "bf16 needs >= 1.25x" in capsys.readouterr().err
+    probe["speedup"] = 1.1  # faster, but not by enough to pay for the casts
+    probe["cpu"] = "Another CPU"
+    assert precision.resolve_dtype("auto") == "float32"
+
+
+def test_explicit_dtype_wins_and_never_probes(probe):
+    assert precision.resolve_dtype("float32") == "float32"
+    assert precision.resolve_dtype("bfloat16") == "bfloat16"
+    assert api.resolve_dtypes("float32", "auto") == ("float32", None)
+    assert api.resolve_dtypes("bfloat16", "auto") == ("bfloat16", "bfloat16")
+    assert probe["calls"] == 0
+
+
+def test_probe_is_cached_per_cpu_model_and_jaxlib(probe, tmp_path):
+    assert precision.resolve_dtype("auto") == "bfloat16"
+    assert precision.resolve_dtype("auto") == "bfloat16"
+    assert probe["calls"] == 1  # the second answer came from the cache
+    path = tmp_path / "cache" / precision.CACHE_FILE
+    cached = json.loads(path.read_text())
+    (key,) = cached
+    assert key.startswith("Fake CPU with AMX | jaxlib ") and cached[key]["bf16_speedup"] == 3.0
+    assert "cached in" in precision.auto_choice().reason
+    # another CPU model (say the home folder moved to an AVX2-only machine) probes again and keeps both entries
+    probe["cpu"], probe["speedup"] = "AMD EPYC Zen 3", 0.6
+    assert precision.resolve_dtype("auto") == "float32"
+    assert probe["calls"] == 2 and len(json.loads(path.read_text())) == 2
+    # a new jaxlib invalidates too
+    import jaxlib
+    old = jaxlib.__version__
+    try:
+        jaxlib.__version__ = "0.0.1-test"
+        precision.auto_choice()
+    finally:
+        jaxlib.__version__ = old
+    assert probe["calls"] == 3
+    # an unreadable cache file is probed over, not an error
+    path.write_text("{not json")
+    assert precision.resolve_dtype("auto") == "float32" and probe["calls"] == 4
+
+
+def test_env_pin(probe, monkeypatch):
+    monkeypatch.setenv(precision.FORCE_ENV, "bfloat16")
+    assert precision.resolve_dtype("auto") == "bfloat16"
+    assert probe["calls"] == 0
+    monkeypatch.setenv(precision.FORCE_ENV, "fp8")
+    with pytest.raises(MoguError, match="MOGU_JAX_AUTO_DTYPE"):
+        precision.resolve_dtype("auto")
+
+
+def test_real_probe_is_fast_and_sane(monkeypatch, tmp_path):
+    """The real measurement: a positive ratio, in well under the second the issue allows (compiles included)."""
+    import time
+    t = time.perf_counter()
+    ratio = precision.measure_bf16_speedup()
+    assert time.perf_counter() - t < 5.0  # < 1 s on an idle machine; slack for a loaded CI worker
+    assert 0.05 < ratio < 50
+
+
+def test_auto_is_the_default_of_training_and_the_cli():
+    assert load_config("glad")["model"]["dtype"] == "auto"
+    from mogu_jax.cli import build_parser
+    p = build_parser()
+    for argv in (["generate", "x", "--prompt", "hi"], ["eval", "x", "--prompts", "p", "--out", "o"],
+                 ["data", "build", "--model", "m", "--out", "o"], ["demo"]):
+        assert p.parse_args(argv).dtype == "auto", argv
+    assert p.parse_args(["demo", "--dtype", "float32"]).dtype == "float32"
