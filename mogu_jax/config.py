@@ -101,6 +101,10 @@ class ModelConfig:
     # loop (XLA:CPU copies the scan's stacked residuals every layer, ~40% of a training step here; unrolled,
     # the backward pass also stops below the lowest layer that has something to train)
     scan_layers: bool = True
+    # training: the first N layers hold nothing that is trained (e.g. routers only in upper layers, branches
+    # frozen). They run forward only, outside the differentiated layer stack: no backward pass, no remat
+    # recompute below layer N. Set by the trainer per stage (train.frozen_layers); 0 for every other use.
+    frozen_layers: int = 0
 
     # ------------------------------------------------------------------ helpers
     @property

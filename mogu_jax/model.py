@@ -366,6 +366,13 @@ def layer_class(cfg: ModelConfig):
     return DecoderLayer
 
 
+def layer_stack(cfg: ModelConfig, length: int):
+    """``nn.scan`` of :func:`layer_class` over ``length`` stacked layers (leading ``layers`` axis)."""
+    return nn.scan(layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+                   length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
 class Decoder(nn.Module):
     """tokens [B,T] -> (logits [B,T,V] fp32, new cache or None, (a, b) each [L,B,T]).
 
@@ -387,11 +394,9 @@ class Decoder(nn.Module):
         cos, sin, bias = positional(cfg, positions, kv_mask)
         mask = attention_mask(cfg, kv_mask, t, cache_index)
 
-        stack = nn.scan(layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
-                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         kv = (cache["k"], cache["v"]) if cache is not None else None
-        x, (new_kv, ab) = stack(cfg, self.mode, name="layers")(x, cos, sin, mask, bias, kv, cache_index, mogu or {})
+        stack = layer_stack(cfg, cfg.num_layers)(cfg, self.mode, name="layers")
+        x, (new_kv, ab) = stack(x, cos, sin, mask, bias, kv, cache_index, mogu or {})
 
         x = Norm(cfg, name="final_norm")(x)
         x = _logit_rows(x, last_only, logits_from)
@@ -485,10 +490,60 @@ def forward(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[A
     if not cfg.scan_layers and cache is None:
         return forward_unrolled(cfg, params, tokens, positions, kv_mask, None, cache_index, last_only, mode,
                                 logits_from)
+    if cfg.scan_layers and 0 < cfg.frozen_layers < cfg.num_layers:
+        return _forward_frozen_below(cfg, params, tokens, positions, kv_mask, cache, cache_index, last_only, mode,
+                                     logits_from)
     base, parts = split_params(params)
     mogu = mogu_inputs(cfg, mode, parts)
     logits, new_cache, ab = Decoder(cfg, mode).apply({"params": base}, tokens, positions, kv_mask, cache,
                                                      cache_index, last_only, mogu, logits_from)
+    return ModelOutput(logits, new_cache, *_router_rows(cfg, mode, ab))
+
+
+def _forward_frozen_below(cfg: ModelConfig, params: dict, tokens: Array, positions, kv_mask, cache, cache_index,
+                          last_only: bool, mode: str, logits_from: int) -> ModelOutput:
+    """:func:`forward` with the stacked layers cut at ``k = cfg.frozen_layers``: layers ``[0, k)`` hold nothing
+    that is trained, so they run as a plain base stack (no remat, no MoGU inputs: below the lowest router a
+    routed layer *is* the base layer) whose output enters the differentiated upper stack through
+    ``stop_gradient``. The same values as the single scan; the backward pass (and remat's recompute) covers
+    only the upper ``L - k`` layers, where a single scan carrying per-layer trained inputs differentiates all."""
+    k = cfg.frozen_layers
+    if mode == "routed" and min(cfg.router_layer_ids) < k:
+        raise MoguError(f"frozen_layers={k} would cut through the routers (lowest routed layer "
+                        f"{min(cfg.router_layer_ids)})")
+    if mode in ("glad", "unwilling"):
+        raise MoguError(f"frozen_layers={k} with mode {mode!r}: the {mode} branch sits in every layer")
+    base, parts = split_params(params)
+    mogu = mogu_inputs(cfg, mode, parts)
+    b, t = tokens.shape
+    positions, kv_mask = _defaults(tokens, positions, kv_mask, cache["k"].shape[3] if cache is not None else t)
+    x = embed(cfg, base["embedding"], tokens)
+    cos, sin, bias = positional(cfg, positions, kv_mask)
+    mask = attention_mask(cfg, kv_mask, t, cache_index)
+
+    def cut(tree, lo, hi):
+        return jax.tree_util.tree_map(lambda a: a[lo:hi], tree)
+
+    kv_lo = (cache["k"][:k], cache["v"][:k]) if cache is not None else None
+    kv_hi = (cache["k"][k:], cache["v"][k:]) if cache is not None else None
+    plain = cfg.replace(remat=False)
+    x, (new_lo, _) = layer_stack(plain, k)(plain, "base").apply(
+        {"params": cut(base["layers"], 0, k)}, x, cos, sin, mask, bias, kv_lo, cache_index, {})
+    x = jax.lax.stop_gradient(x)
+    new_lo = jax.lax.stop_gradient(new_lo)
+    x, (new_hi, (a, b_)) = layer_stack(cfg, cfg.num_layers - k)(cfg, mode).apply(
+        {"params": cut(base["layers"], k, None)}, x, cos, sin, mask, bias, kv_hi, cache_index,
+        cut(mogu, k, None))
+    x = _logit_rows(Norm(cfg).apply({"params": base["final_norm"]}, x), last_only, logits_from)
+    if cfg.tie_word_embeddings:
+        logits = tied_logits(cfg, x, base["embedding"])
+    else:
+        logits = lm_head(cfg).apply({"params": base["lm_head"]}, x)
+    new_cache = None
+    if cache is not None:
+        new_cache = {"k": jnp.concatenate([new_lo[0], new_hi[0]]), "v": jnp.concatenate([new_lo[1], new_hi[1]])}
+    pad = jnp.zeros((k,) + a.shape[1:], a.dtype)  # layers below the cut have no router (dropped below)
+    ab = (jnp.concatenate([pad, a]), jnp.concatenate([pad, b_]))
     return ModelOutput(logits, new_cache, *_router_rows(cfg, mode, ab))
 
 

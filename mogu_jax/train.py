@@ -45,6 +45,7 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
     (:meth:`mogu_jax.data.StageData.shared_prefix`), run once per batch instead of once per row (the same
     loss, less work)."""
     mode = MODE[stage]
+    cfg = cfg.replace(frozen_layers=lowest_trained_layer(cfg, stage))
 
     def params_of(trainable, frozen):
         return {**frozen, stage: trainable}
@@ -92,6 +93,13 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
             stats[f"a_sum_{name}"], stats[f"b_sum_{name}"], stats[f"n_{name}"] = sa, sb, n
         return jnp.sum(per * w), stats
     return loss
+
+
+def lowest_trained_layer(cfg: ModelConfig, stage: str) -> int:
+    """The lowest layer holding a parameter the stage trains: the branches sit in every layer; the router stage
+    (branches frozen) trains routers only, so with MoGU v2 routers in upper layers everything below the lowest
+    one runs forward only (``cfg.frozen_layers``, :func:`mogu_jax.model.forward`)."""
+    return min(cfg.router_layer_ids) if stage == "router" else 0
 
 
 def summarize(stats: dict, stage: str) -> dict:

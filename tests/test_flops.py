@@ -1,0 +1,129 @@
+"""The backward pass stops below the lowest trained layer (values and gradients unchanged, the lower layers'
+backward absent from the differentiated program), and the analytic FLOP counts agree with the matmuls in the
+traced programs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mogu_jax import flops as F
+from mogu_jax import mogu as mogu_lib
+from mogu_jax import train as T
+from mogu_jax.config import ModelConfig
+from mogu_jax.errors import MoguError
+from mogu_jax.model import forward, init_params
+from tiny_models import random_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny4():
+    """A random 4-layer GQA Llama, MoGU parts with routers in layers 2 and 3 (MoGU v2 style)."""
+    cfg = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      router_layers=(2, 3))
+    p = mogu_lib.init_mogu(cfg, 0, init_params(cfg, 1))
+    key = jax.random.PRNGKey(3)
+    p["router"] = jax.tree_util.tree_map(lambda x: x + 0.3 * jax.random.normal(key, x.shape), p["router"])
+    for name in ("glad", "unwilling"):
+        p[name]["B"] = 0.05 * jax.random.normal(key, p[name]["B"].shape)
+    return cfg, p
+
+
+def matmul_flops(jaxpr, mult=1) -> float:
+    """2 x multiply-adds of every dot_general in a jaxpr, scan bodies times their length."""
+    n = 0.0
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            (ca, _), _ = e.params["dimension_numbers"]
+            k = np.prod([e.invars[0].aval.shape[i] for i in ca])
+            n += 2.0 * np.prod(e.outvars[0].aval.shape) * k * mult
+        inner = mult * (e.params.get("length", 1) if e.primitive.name == "scan" else 1)
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else [v]):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    n += matmul_flops(sub, inner)
+    return n
+
+
+def router_grad(cfg, p, tokens, prefix=(), logits_from=0):
+    def loss(trainable):
+        out = forward(cfg, dict(p, **trainable), tokens, mode="routed", shared_prefix=prefix,
+                      logits_from=logits_from)
+        return jnp.mean(jnp.sin(out.logits)) + jnp.mean(out.alphas ** 2) - jnp.mean(out.betas), out
+    return loss
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_backward_stops_below_the_lowest_router(tiny4, remat):
+    cfg, p = tiny4
+    cfg = cfg.replace(remat=remat)
+    tokens = jnp.asarray(random_tokens(3, 12, seed=7))
+    tokens = tokens.at[:, :4].set(tokens[0, :4])
+    trainable = {"router": p["router"]}
+    assert T.lowest_trained_layer(cfg, "router") == 2 and T.lowest_trained_layer(cfg, "glad") == 0
+    for prefix in ((), tuple(int(t) for t in tokens[0, :4])):
+        results = {}
+        for k in (0, 2):
+            c = cfg.replace(frozen_layers=k)
+            f = router_grad(c, p, tokens, prefix, logits_from=4 if prefix else 0)
+            (value, out), grad = jax.value_and_grad(f, has_aux=True)(trainable)
+            program = jax.make_jaxpr(jax.grad(lambda t: f(t)[0]))(trainable).jaxpr
+            results[k] = value, out, grad, matmul_flops(program)
+        (v0, o0, g0, f0), (v2, o2, g2, f2) = results[0], results[2]
+        np.testing.assert_allclose(float(v2), float(v0), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(o2.logits), np.asarray(o0.logits), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(o2.alphas), np.asarray(o0.alphas), atol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(g0)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6 * max(1.0, float(jnp.abs(b).max())))
+        assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(g2)) > 0
+        # the lower two layers run forward only: no backward, no remat recompute there
+        assert f2 < 0.8 * f0, (f2, f0)
+
+
+def test_frozen_layers_guard_rails(tiny4):
+    cfg, p = tiny4
+    tokens = jnp.asarray(random_tokens(2, 6))
+    with pytest.raises(MoguError, match="cut through the routers"):
+        forward(cfg.replace(frozen_layers=3), p, tokens, mode="routed")
+    with pytest.raises(MoguError, match="every layer"):
+        forward(cfg.replace(frozen_layers=1), p, tokens, mode="glad")
+
+
+@pytest.mark.parametrize("stage,remat,frozen,prefix", [
+    ("glad", False, 0, 0), ("glad", True, 0, 4), ("router", False, 0, 0), ("router", True, 2, 0),
+    ("router", False, 2, 4)])
+def test_analytic_train_flops_match_the_traced_step(tiny4, stage, remat, frozen, prefix):
+    cfg, p = tiny4
+    cfg = cfg.replace(remat=remat, frozen_layers=frozen)
+    b, t, lf = 4, 16, 8
+    tokens = jnp.asarray(random_tokens(b, t, seed=1))
+    tokens = tokens.at[:, :4].set(tokens[0, :4])
+    pre = tuple(int(x) for x in tokens[0, :prefix])
+    mode = T.MODE[stage]
+    seqs = 2 if stage in F.PAIR_STAGES else 1
+
+    def loss(trainable):
+        total = 0.0
+        for _ in range(seqs):  # the pair stages run the affirmative and the refusal sequence
+            out = forward(cfg, dict(p, **trainable), tokens, mode=mode, shared_prefix=pre, logits_from=lf)
+            total = total + jnp.mean(out.logits)
+        return total
+
+    traced = matmul_flops(jax.make_jaxpr(jax.grad(loss))({stage: p[stage]} if stage != "router"
+                                                          else {"router": p["router"]}).jaxpr)
+    analytic = F.train_step_flops(cfg, stage, b, t, prefix, lf)
+    assert abs(analytic - traced) <= 0.08 * traced, (analytic, traced)
+
+
+def test_generation_flops_scale():
+    cfg = ModelConfig(model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=4, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0)
+    one = F.generation_flops(cfg, "base", 1, 16, 32, 8)
+    assert F.generation_flops(cfg, "base", 2, 16, 32, 8) == 2 * one
+    assert F.generation_flops(cfg, "routed", 1, 16, 32, 8) > one
+    ledger = F.Ledger()
+    ledger.add("data", 2e12)
+    ledger.add("glad", 1e12)
+    assert ledger.total == 3e12 and "compute 3.00 TFLOP (data 2.00, glad 1.00)" == ledger.format()
