@@ -21,8 +21,7 @@ def run_eval(cfg, params, tok, rows: list[dict], out_dir: str, *, template=None,
     """Generate with the base model and with MoGU (routed decoding, handoff after ``routed_tokens``; None:
     the config's default) side by side, judge, and write the report. Returns the report."""
     from mogu_jax import evaluate as E
-    from mogu_jax.cli import decoding_mode
-    from mogu_jax.generate import generate_text
+    from mogu_jax.generate import decoding_mode, generate_text
     from mogu_jax.io_utils import check_output_dir
 
     check_output_dir(out_dir, overwrite)
@@ -51,40 +50,42 @@ def run_eval(cfg, params, tok, rows: list[dict], out_dir: str, *, template=None,
 
 
 # -------------------------------------------------------------------------------------------- demo
-DEMO = {
-    # Fitted to <= 10 minutes on 2 CPU cores (issue 5; what was tried is in the README). bf16 compute (bf16 x bf16
-    # -> fp32 matmuls, ~4x the fp32 rate on AMX), remat, one length bucket of 80 tokens (a ~42-token prompt with
-    # SmolLM2's default system prompt + ~38 response tokens: the first sentences decide refuse vs comply).
-    # The reference run's levers: lr 5e-4 for 4/6/9 epochs; here fewer, larger steps, and label-balanced router
-    # batches (length grouping had put the short refusals, label 1, into batches of their own). Training runs the
-    # template's 24 shared tokens once per batch (train.share_prefix). Measured: 7.8-11.4 min, the same table every run (this machine's speed drifts ~2x).
-    "glad": {"optim.lr": 1e-3, "train.epochs": 1, "train.batch_size": 8},
-    "unwilling": {"optim.lr": 1e-3, "train.epochs": 2, "train.batch_size": 8},
-    "router": {"optim.lr": 3e-3, "optim.schedule": "cosine", "optim.warmup_steps": 4, "train.epochs": 4,
-               "train.batch_size": 16, "data.balance_labels": "true"},
-}
-DEMO_DATA = {"max_new_tokens": 40, "batch_size": 32}  # base-model answers for the stage files
-DEMO_TRAIN = {"max_len": 80, "remat": True}
-DEMO_EVAL = {"max_new_tokens": 40, "batch_size": 32}
-QUICK = {"limit": 8, "max_new_tokens": 16, "max_len": 64, "per_kind": 2}
+DEMO_CONFIG = "demo_config.yaml"  # the package's copy of configs/smollm2-135m.yaml (a link in the source tree)
+
+
+def demo_settings(path: Optional[str] = None) -> dict:
+    """The demo's settings: ``configs/smollm2-135m.yaml`` (shipped in the package), or another file."""
+    from importlib import resources
+
+    from mogu_jax.train_config import read_yaml
+
+    if path is None:
+        with resources.as_file(resources.files("mogu_jax").joinpath(DEMO_CONFIG)) as p:
+            return read_yaml(str(p))
+    return read_yaml(path)
 
 
 def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tokens: Optional[int] = None,
-             dtype: str = "bfloat16") -> dict:
-    """The main job: MoGU on the embedded SmolLM2-135M-Instruct, end to end, with progress throughout."""
+             dtype: str = "auto", config: Optional[str] = None) -> dict:
+    """The main job: MoGU on the embedded SmolLM2-135M-Instruct, end to end, with progress throughout.
+    ``config``: a YAML in the layout of configs/smollm2-135m.yaml (default: that file); ``dtype`` overrides
+    its ``model.dtype`` unless ``auto``."""
     from mogu_jax import api, synth
     from mogu_jax import evaluate as E
+    from mogu_jax import generate as G
+    from mogu_jax.flops import Ledger
     from mogu_jax.train_config import load_config
     from mogu_jax.trainer import run_stage
 
     t0 = time.perf_counter()
-    out = os.path.abspath(out)
-    if os.path.exists(out) and os.listdir(out):
-        if not overwrite:
-            raise MoguError(f"{out} is not empty; pass --overwrite to start the demo again there")
-        shutil.rmtree(out)
-    os.makedirs(out)
-    timings = {}
+    out = _fresh_dir(os.path.abspath(out), overwrite)
+    settings = demo_settings(config)
+    # the demo section and the model's dtypes as the schema resolves them (one validation of the whole file)
+    probe = load_config("glad", settings, values={"model": {"dtype": dtype}} if dtype != "auto" else None)
+    dtype, weights = api.resolve_dtypes(probe["model"]["dtype"], probe["model"]["param_dtype"])
+    demo = probe["demo"]
+    gen = dict(demo["quick"] if quick else {}, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
+    timings, ledger = {}, Ledger()
 
     def step(name):
         print(f"\n==> {name}", flush=True)
@@ -92,37 +93,34 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
 
     t = step("1/6 import the embedded SmolLM2-135M-Instruct (GGUF -> our checkpoint)")
     base_ckpt = os.path.join(out, "smollm2")
-    api.convert_hf_to_jax("smollm2", base_ckpt, progress=True)
+    api.convert_hf_to_jax(settings.get("model", {}).get("base") or "smollm2", base_ckpt, progress=True)
     timings["import"] = time.perf_counter() - t
 
     t = step("2/6 build the stage data from the shipped seed lists (base model answers, refusal bank)")
-    # bf16 weights for generation: decoding reads every weight per token
-    cfg, params, tok = api.load(base_ckpt, dtype=dtype, param_dtype=_weights_dtype(dtype))
-    limit = QUICK["limit"] if quick else None
-    gen_tokens = max_new_tokens or (QUICK["max_new_tokens"] if quick else DEMO_DATA["max_new_tokens"])
+    cfg, params, tok = api.load(base_ckpt, dtype=dtype, param_dtype=weights)
+    gen_flops = G.FLOPS_DONE[0]
     data_dir = os.path.join(out, "data")
-    summary = synth.build_data(cfg, params, tok, data_dir, max_new_tokens=gen_tokens,
-                               batch_size=DEMO_DATA["batch_size"], limit=limit, progress=True)
+    summary = synth.build_data(cfg, params, tok, data_dir,
+                               max_new_tokens=gen.get("max_new_tokens", demo["data"]["max_new_tokens"]),
+                               batch_size=demo["data"]["batch_size"], limit=gen.get("limit"), progress=True)
+    ledger.add("data", G.FLOPS_DONE[0] - gen_flops)
     del params
     timings["data"] = time.perf_counter() - t
 
-    # one length bucket: every stage compiles its step once (on 2 CPU cores a compile costs ~20 s)
-    max_len = QUICK["max_len"] if quick else DEMO_TRAIN["max_len"]
     stage_dirs = {}
     for i, stage in enumerate(("glad", "unwilling", "router"), start=3):
         t = step(f"{i}/6 train the {stage} stage")
-        over = [f"model.base={base_ckpt}", f"model.dtype={dtype}", f"output.dir={os.path.join(out, stage)}",
-                f"model.remat={str(DEMO_TRAIN['remat']).lower()}",
-                f"model.param_dtype={_weights_dtype(dtype) or 'null'}",
-                f"data.{stage}.jsonl={os.path.join(data_dir, stage + '.jsonl')}", f"data.max_len={max_len}",
-                f"data.buckets=[{max_len}]", "mesh.data=1", "checkpoint.every=1000", "output.tensorboard=false"]
-        over += [f"{k}={v}" for k, v in DEMO[stage].items()]
+        values = {"model": {"base": base_ckpt, "dtype": dtype, "param_dtype": weights},
+                  "data": {stage: {"jsonl": os.path.join(data_dir, stage + ".jsonl")}},
+                  "output": {"dir": os.path.join(out, stage)}}
         if quick:
-            over += ["train.epochs=1"]
+            values["data"].update(max_len=gen["max_len"], buckets=[gen["max_len"]])
+            values["train"] = {"epochs": gen["epochs"]}
         if stage == "router":
-            over += [f"inputs.glad={stage_dirs['glad']}", f"inputs.unwilling={stage_dirs['unwilling']}"]
-        res = run_stage(load_config(stage, None, over), progress=True)
+            values["inputs"] = {"glad": stage_dirs["glad"], "unwilling": stage_dirs["unwilling"]}
+        res = run_stage(load_config(stage, settings, values=values), progress=True)
         stage_dirs[stage] = res["out_dir"]
+        ledger.add(stage, res["flops"])
         timings[stage] = time.perf_counter() - t
 
     t = step("6/6 evaluate base vs MoGU on the held-out split, export the PyTorch artifacts")
@@ -130,31 +128,43 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     _assemble(base_ckpt, stage_dirs, mogu_ckpt)
     export = os.path.join(out, "pytorch")
     api.convert_jax_to_mogu(mogu_ckpt, export)
-    cfg, params, tok = api.load(mogu_ckpt, dtype=dtype, param_dtype=_weights_dtype(dtype))
+    cfg, params, tok = api.load(mogu_ckpt, dtype=dtype, param_dtype=weights)
     rows = E.load_prompts(os.path.join(data_dir, "heldout.jsonl"))
     if quick:
-        rows = _take_per_kind(rows, QUICK["per_kind"])
+        rows = _take_per_kind(rows, gen["per_kind"])
     report_dir = os.path.join(out, "report")
-    eval_tokens = max_new_tokens or (QUICK["max_new_tokens"] if quick else DEMO_EVAL["max_new_tokens"])
-    report = run_eval(cfg, params, tok, rows, report_dir, max_new_tokens=eval_tokens,
-                      batch_size=DEMO_EVAL["batch_size"])
+    gen_flops = G.FLOPS_DONE[0]
+    report = run_eval(cfg, params, tok, rows, report_dir, batch_size=demo["eval"]["batch_size"],
+                      max_new_tokens=gen.get("max_new_tokens", demo["eval"]["max_new_tokens"]))
+    ledger.add("eval", G.FLOPS_DONE[0] - gen_flops)
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
+    _finish(out, report, timings, ledger, summary, quick, dtype, report_dir, mogu_ckpt, export)
+    return {"report": report, "timings": timings, "out": out, "flops": ledger.phases, "dtype": dtype}
+
+
+def _fresh_dir(out: str, overwrite: bool) -> str:
+    if os.path.exists(out) and os.listdir(out):
+        if not overwrite:
+            raise MoguError(f"{out} is not empty; pass --overwrite to start the demo again there")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def _finish(out, report, timings, ledger, summary, quick, dtype, report_dir, mogu_ckpt, export) -> None:
+    from mogu_jax import evaluate as E
+
     with open(os.path.join(out, "timings.json"), "w") as f:
-        json.dump({"timings_s": timings, "data": summary, "quick": quick}, f, indent=2, default=str)
+        json.dump({"timings_s": timings, "flops": ledger.phases, "dtype": dtype, "data": summary, "quick": quick},
+                  f, indent=2, default=str)
     print("\n" + E.format_table(report))
     print(f"\nwall time {timings['total'] / 60:.1f} min "
-          f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})")
+          f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')}); dtype {dtype}")
+    print(ledger.format())
     print(f"report:            {report_dir}/report.md, report.json, refusal_rates.png, router_layers.png")
     print(f"MoGU checkpoint:   {mogu_ckpt}")
     print(f"PyTorch artifacts: {export}/glad, {export}/unwilling (PEFT LoRA), {export}/router.pth")
-    return {"report": report, "timings": timings, "out": out}
-
-
-def _weights_dtype(dtype: str):
-    """Frozen weights stored in the compute dtype when it is bf16 (half the bytes per decoded token, no cast per
-    train step); fp32 stays as stored."""
-    return "bfloat16" if str(dtype) in ("bfloat16", "bf16") else None
 
 
 def _take_per_kind(rows, n):

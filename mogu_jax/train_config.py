@@ -23,8 +23,10 @@ STAGES = ("glad", "unwilling", "router")
 DEFAULTS: dict = {
     "model": {
         "base": None,  # HF folder, .gguf, smollm2 or one of our checkpoints
-        "dtype": "float32",  # compute dtype (bfloat16: bf16 matmuls, fp32 accumulation)
-        "param_dtype": None,  # cast the frozen base weights (None: as stored)
+        # compute dtype: auto (bf16 where the hardware multiplies bf16 natively, else fp32: mogu_jax.precision),
+        # float32 or bfloat16 (bf16 matmuls, fp32 accumulation)
+        "dtype": "auto",
+        "param_dtype": None,  # cast the frozen base weights (None: as stored; auto: bf16 under bf16 compute)
         "trainable_dtype": "float32",  # the trained subtree (master weights) and its optimizer state
         "remat": False,
         "remat_policy": "nothing",  # with remat: nothing | dots (keep the weight matmuls' outputs: less recompute)
@@ -75,6 +77,13 @@ DEFAULTS: dict = {
     "distributed": {"coordinator": None, "num_processes": None, "process_id": None, "local_devices": None},
     "output": {"dir": None, "tensorboard": True},
     "per_stage": {"glad": {}, "unwilling": {}, "router": {}},
+    # `mogu-jax demo` only (configs/smollm2-135m.yaml): the generation around the three stages; training
+    # ignores it
+    "demo": {
+        "data": {"max_new_tokens": 40, "batch_size": 32},  # the base model's answers for the stage files
+        "eval": {"max_new_tokens": 40, "batch_size": 32},  # base vs MoGU on the evaluation split
+        "quick": {"limit": 8, "max_new_tokens": 16, "max_len": 64, "per_kind": 2, "epochs": 1},  # --quick
+    },
 }
 
 # Keys whose value is a free-form mapping or list (not validated key by key).
@@ -161,37 +170,61 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             schema = schema[p]
 
 
-def load_config(stage: str, path=None, overrides: Sequence[str] = ()) -> dict:
-    """Defaults <- YAML file(s) (later files win) <- ``key=value`` overrides; then the stage's
-    ``per_stage`` section applies (command-line overrides still win)."""
+def read_yaml(path: str) -> dict:
+    """A config file's mapping (one clear error for a missing, unreadable or non-mapping file)."""
+    if not os.path.isfile(path):
+        raise MoguError(f"config file {path} does not exist")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise MoguError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise MoguError(f"config file {path} must hold a mapping")
+    return data
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested mapping of settings -> (dotted key, value) pairs (a schema section's leaves)."""
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        node = DEFAULTS
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(v, dict) and isinstance(node, dict) and node and tuple(key.split(".")) not in _LEAF_DICTS:
+            out += _dotted(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def load_config(stage: str, path=None, overrides: Sequence[str] = (), values: Optional[dict] = None) -> dict:
+    """Defaults <- YAML files or mappings (later ones win) <- ``key=value`` overrides and ``values`` (a nested
+    mapping of typed settings, as code passes them); then the stage's ``per_stage`` section applies (the
+    overrides and ``values`` still win)."""
     if stage not in STAGES:
         raise MoguError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     cfg = copy.deepcopy(DEFAULTS)
-    for path in ([path] if isinstance(path, str) else list(path or [])):
-        if not os.path.isfile(path):
-            raise MoguError(f"config file {path} does not exist")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise MoguError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise MoguError(f"config file {path} must hold a mapping")
-        _merge_layer(cfg, data)
+    for layer in ([path] if isinstance(path, (str, dict)) else list(path or [])):
+        _merge_layer(cfg, copy.deepcopy(layer) if isinstance(layer, dict) else read_yaml(layer))
+    pairs = []
     for item in overrides:
         if "=" not in item:
             raise MoguError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
-        _set_dotted(cfg, key.strip(), _parse_value(value))
+        pairs.append((key.strip(), _parse_value(value)))
+    pairs += _dotted(values or {})
+    for key, value in pairs:
+        _set_dotted(cfg, key, value)
     # the stage's own section wins over the common one
     stage_over = cfg["per_stage"].get(stage) or {}
     resolved = copy.deepcopy(cfg)
     _merge(resolved, stage_over, {k: v for k, v in DEFAULTS.items() if k != "per_stage"})
-    # explicit command-line overrides win over per_stage
-    for item in overrides:
-        key, value = item.split("=", 1)
-        if not key.strip().startswith("per_stage."):
-            _set_dotted(resolved, key.strip(), _parse_value(value))
+    # explicit overrides win over per_stage
+    for key, value in pairs:
+        if not key.startswith("per_stage."):
+            _set_dotted(resolved, key, value)
     t = resolved["train"]
     if t.get("examples_per_update"):
         n, b = int(t["examples_per_update"]), int(t["batch_size"])

@@ -95,30 +95,50 @@ def restore_part(path: str, cfg, part: str):
 # ------------------------------------------------------------------------------------------- run
 def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_after: Optional[int] = None) -> dict:
     """Train one stage as configured. Returns a summary (last metrics, output paths)."""
-    import orbax.checkpoint as ocp
-    from tqdm.auto import tqdm
+    stage, out_dir = conf["stage"], conf["output"]["dir"]
+    ckpt_dir = _check_run_folder(conf, resume)
+    maybe_init_distributed(conf["distributed"])
+    lead = jax.process_index() == 0
+    cfg, frozen, tok = _load_model(conf)
+    examples, loader = _load_data(conf, tok, say=lead and progress)
+    tconf = conf["train"]
+    accum = int(tconf["grad_accum"])
+    total = T.total_updates(loader.steps_per_epoch, tconf["epochs"], accum, tconf["max_steps"])
+    run = _Run(conf, cfg, examples, loader, frozen, total, ckpt_dir, say=lead and progress)
+    if lead:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(conf, f, sort_keys=False)
+    start = run.restore() if resume else 0
+    last = run.train(start, accum, progress=progress and lead, stop_after=stop_after)
+    done = int(T.host_value(run.state["step"])) >= total
+    paths = export_stage(out_dir, cfg, stage, run.state["params"], base_name=conf["model"]["base"]) if done else {}
+    return {"stage": stage, "updates": int(T.host_value(run.state["step"])), "total_updates": total, "last": last,
+            "done": done, "out_dir": out_dir, **paths, "cfg": cfg, "flops": run.flops}
 
-    from mogu_jax import api, data as D
-    from mogu_jax.model import split_params
-    from mogu_jax.sharding import make_mesh
 
-    stage = conf["stage"]
+def _check_run_folder(conf: dict, resume: bool) -> str:
+    """The run's checkpoint folder, after the checks that need nothing loaded."""
     out_dir = conf["output"]["dir"]
     if not out_dir:
         raise MoguError("output.dir is not set")
     if not conf["model"]["base"]:
         raise MoguError("model.base is not set (an HF folder, .gguf, smollm2 or one of our checkpoints)")
-    maybe_init_distributed(conf["distributed"])
-    lead = jax.process_index() == 0
     ckpt_dir = os.path.abspath(os.path.join(out_dir, "checkpoints"))
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not resume:
         raise MoguError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it, "
                         "or choose another output.dir")
     if os.path.isfile(os.path.join(out_dir, DONE)) and resume:
         raise MoguError(f"{out_dir} holds a finished stage ({DONE}); nothing to resume")
+    return ckpt_dir
 
-    # ---- model
-    m = conf["model"]
+
+def _load_model(conf: dict):
+    """(cfg with the stage's MoGU shape, the frozen trees {base[, glad, unwilling]}, tokenizer)."""
+    from mogu_jax import api
+    from mogu_jax.model import split_params
+
+    m, stage = conf["model"], conf["stage"]
     cfg, params, tok = api.load(m["base"], dtype=m["dtype"], param_dtype=m["param_dtype"], remat=bool(m["remat"]),
                               remat_policy=str(m["remat_policy"]))
     if tok is None:
@@ -135,101 +155,135 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
                 raise MoguError(f"the router stage needs inputs.{part} (the {part} stage's output folder, a "
                                 "MoGU checkpoint or a PEFT adapter folder)")
             frozen[part] = load_part(src, part, cfg)
+    return cfg, frozen, tok
 
-    # ---- data
-    dconf = conf["data"]
+
+def _load_data(conf: dict, tok, say: bool):
+    """The stage's tokenised examples and this process's loader."""
+    from mogu_jax import data as D
+
+    stage, dconf, tconf, m = conf["stage"], conf["data"], conf["train"], conf["model"]
     rows = D.load_stage_data(stage, *stage_paths(stage, dconf[stage]))
     examples = D.tokenize_stage(stage, rows, tok, template=m["template"], system=m["system"],
                                 max_len=int(dconf["max_len"]))
-    tconf = conf["train"]
     loader = D.StageLoader(examples, int(tconf["batch_size"]), seed=int(tconf["seed"]),
                            shuffle=bool(dconf["shuffle"]), buckets=tuple(dconf["buckets"]),
                            group_batches=int(dconf["group_batches"]), balance_labels=bool(dconf["balance_labels"]),
                            process_index=jax.process_index(), process_count=jax.process_count())
-    if lead and progress:
+    if say:
         print(f"[{stage}] data: {D.format_summary(loader.summary())}")
-    accum = int(tconf["grad_accum"])
-    total = T.total_updates(loader.steps_per_epoch, tconf["epochs"], accum, tconf["max_steps"])
+    return examples, loader
 
-    # ---- mesh, shardings, state
-    mesh = make_mesh(conf["mesh"])
-    tx = T.make_optimizer(conf["optim"], total)
-    tdtype = np.dtype(str(np.dtype(_np_dtype(m["trainable_dtype"]))))
-    trainable = T.trainable_dtype_cast(T.init_trainable(cfg, stage, int(tconf["seed"])), tdtype)
-    state, frozen, state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, mesh, tx)
-    prefix = examples.shared_prefix() if tconf["share_prefix"] else ()
-    fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, float(tconf["router_lambda"]),
-                    logits_from=examples.logits_from(), shared_prefix=prefix)
-    if lead and progress and prefix:
-        print(f"[{stage}] the {len(prefix)} tokens every example starts with run once per batch (train.share_prefix)")
 
-    # ---- output folder, checkpoints, resume
-    if lead:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(conf, f, sort_keys=False)
-    mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=int(conf["checkpoint"]["keep"]), create=True))
-    start = 0
-    if resume and mngr.latest_step() is not None:
-        step = mngr.latest_step()
+class _Run:
+    """A stage's sharded train state, step functions, checkpoints and loop."""
+
+    def __init__(self, conf: dict, cfg, examples, loader, frozen: dict, total: int, ckpt_dir: str, say: bool):
+        import orbax.checkpoint as ocp
+
+        from mogu_jax.sharding import make_mesh
+
+        self.conf, self.cfg, self.loader, self.total, self.ckpt_dir = conf, cfg, loader, total, ckpt_dir
+        self.stage = stage = conf["stage"]
+        tconf, m = conf["train"], conf["model"]
+        self.mesh = make_mesh(conf["mesh"])
+        tx = T.make_optimizer(conf["optim"], total)
+        tdtype = np.dtype(str(np.dtype(_np_dtype(m["trainable_dtype"]))))
+        trainable = T.trainable_dtype_cast(T.init_trainable(cfg, stage, int(tconf["seed"])), tdtype)
+        self.state, self.frozen, self.state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, self.mesh, tx)
+        self.prefix = examples.shared_prefix() if tconf["share_prefix"] else ()
+        self.logits_from = examples.logits_from()
+        self.fns = T.StepFns(cfg, stage, tx, self.mesh, self.state_sh, frozen_sh, float(tconf["router_lambda"]),
+                             logits_from=self.logits_from, shared_prefix=self.prefix)
+        if say and self.prefix:
+            print(f"[{stage}] the {len(self.prefix)} tokens every example starts with run once per batch "
+                  "(train.share_prefix)")
+        self.mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+            max_to_keep=int(conf["checkpoint"]["keep"]), create=True))
+        self.flops = 0  # analytic FLOPs of the updates run (mogu_jax.flops)
+
+    def restore(self) -> int:
+        """Continue from the last checkpoint (state and data position); the update to start at."""
+        import orbax.checkpoint as ocp
+
+        step = self.mngr.latest_step()
+        if step is None:
+            return 0
         abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                          state, state_sh)
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                              data=ocp.args.JsonRestore()))
-        state = restored["state"]
-        loader.skip_to(restored["data"]["loader"])
-        start = int(restored["data"]["update"])
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    writer = _tensorboard(out_dir) if (lead and conf["output"].get("tensorboard")) else None
+                                          self.state, self.state_sh)
+        restored = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                   data=ocp.args.JsonRestore()))
+        self.state = restored["state"]
+        self.loader.skip_to(restored["data"]["loader"])
+        return int(restored["data"]["update"])
 
-    def save(update: int):
-        mngr.save(update, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"update": update, "loader": loader.state(), "stage": stage})))
+    def save(self, update: int) -> None:
+        import orbax.checkpoint as ocp
 
-    bar = tqdm(total=total, initial=start, desc=f"train {stage}", unit="update", disable=not (progress and lead))
-    last = {}
-    every = int(conf["checkpoint"]["every"])
-    log_every = max(int(tconf["log_every"]), 1)
-    try:
-        for update in range(start, total):
-            t0 = T.now()
-            mbs = [T.local_batch_to_global(next(loader), mesh) for _ in range(accum)]
-            state, stats = fns.step(state, frozen, mbs)
-            stats = {k: float(T.host_value(v)) for k, v in stats.items()}
-            if not all(np.isfinite(v) for v in (stats["loss"], stats["grad_norm"])):
-                good = mngr.latest_step()
-                raise MoguError(f"non-finite loss or gradient at update {update + 1} of the {stage} stage "
-                                f"(loss={stats['loss']}, grad_norm={stats['grad_norm']}); stopped. The last good "
-                                f"checkpoint is {'update ' + str(good) if good is not None else 'none'} in {ckpt_dir}")
-            dt = T.now() - t0
-            last = T.summarize(stats, stage)
-            last.update(update=update + 1, grad_norm=stats["grad_norm"], step_time=dt, tokens_per_s=last["tokens"] / dt,
-                        epoch=loader.global_step / max(loader.steps_per_epoch, 1))
-            if lead and ((update + 1) % log_every == 0 or update + 1 == total):
-                T.write_jsonl(metrics_path, last)
-                if writer is not None:
-                    for k, v in last.items():
-                        writer.add_scalar(f"{stage}/{k}", v, update + 1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            bar.update(1)
-            if (update + 1) % every == 0 or update + 1 == total:
-                save(update + 1)
-            if stop_after is not None and update + 1 >= stop_after:
-                break
-        mngr.wait_until_finished()
-    finally:
-        bar.close()
-        mngr.wait_until_finished()
-        if writer is not None:
-            writer.close()
-    done = int(T.host_value(state["step"])) >= total
-    paths = {}
-    if done:
-        paths = export_stage(out_dir, cfg, stage, state["params"], base_name=m["base"])
-    return {"stage": stage, "updates": int(T.host_value(state["step"])), "total_updates": total, "last": last,
-            "done": done, "out_dir": out_dir, **paths, "cfg": cfg}
+        self.mngr.save(update, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self.state),
+            data=ocp.args.JsonSave({"update": update, "loader": self.loader.state(), "stage": self.stage})))
+
+    def step(self, update: int, accum: int) -> dict:
+        """One optimizer update: its metrics, after the non-finite check."""
+        t0 = T.now()
+        mbs = [T.local_batch_to_global(next(self.loader), self.mesh) for _ in range(accum)]
+        self.state, stats = self.fns.step(self.state, self.frozen, mbs)
+        stats = {k: float(T.host_value(v)) for k, v in stats.items()}
+        if not all(np.isfinite(v) for v in (stats["loss"], stats["grad_norm"])):
+            good = self.mngr.latest_step()
+            raise MoguError(f"non-finite loss or gradient at update {update + 1} of the {self.stage} stage "
+                            f"(loss={stats['loss']}, grad_norm={stats['grad_norm']}); stopped. The last good "
+                            f"checkpoint is {'update ' + str(good) if good is not None else 'none'} in "
+                            f"{self.ckpt_dir}")
+        dt = T.now() - t0
+        self.flops += sum(self.step_flops(mb) for mb in mbs)
+        last = T.summarize(stats, self.stage)
+        last.update(update=update + 1, grad_norm=stats["grad_norm"], step_time=dt, tokens_per_s=last["tokens"] / dt,
+                    epoch=self.loader.global_step / max(self.loader.steps_per_epoch, 1))
+        return last
+
+    def step_flops(self, mb: dict) -> int:
+        from mogu_jax import flops as F
+
+        tokens = mb["affirm"]["tokens"] if "affirm" in mb else mb["tokens"]
+        cfg = self.cfg.replace(frozen_layers=T.lowest_trained_layer(self.cfg, self.stage))
+        return F.train_step_flops(cfg, self.stage, tokens.shape[0], tokens.shape[1], len(self.prefix),
+                                  self.logits_from)
+
+    def train(self, start: int, accum: int, progress: bool, stop_after: Optional[int]) -> dict:
+        """Updates ``start`` .. total (or ``stop_after``), with progress, JSONL metrics and checkpoints."""
+        from tqdm.auto import tqdm
+
+        lead = jax.process_index() == 0
+        out_dir = self.conf["output"]["dir"]
+        metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        writer = _tensorboard(out_dir) if (lead and self.conf["output"].get("tensorboard")) else None
+        bar = tqdm(total=self.total, initial=start, desc=f"train {self.stage}", unit="update", disable=not progress)
+        every = int(self.conf["checkpoint"]["every"])
+        log_every = max(int(self.conf["train"]["log_every"]), 1)
+        last: dict = {}
+        try:
+            for update in range(start, self.total):
+                last = self.step(update, accum)
+                if lead and ((update + 1) % log_every == 0 or update + 1 == self.total):
+                    T.write_jsonl(metrics_path, last)
+                    if writer is not None:
+                        for k, v in last.items():
+                            writer.add_scalar(f"{self.stage}/{k}", v, update + 1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                bar.update(1)
+                if (update + 1) % every == 0 or update + 1 == self.total:
+                    self.save(update + 1)
+                if stop_after is not None and update + 1 >= stop_after:
+                    break
+            self.mngr.wait_until_finished()
+        finally:
+            bar.close()
+            self.mngr.wait_until_finished()
+            if writer is not None:
+                writer.close()
+        return last
 
 
 def place_state(cfg, stage: str, frozen: dict, trainable: dict, mesh, tx):
