@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
 
+from mogu_jax.cli_inputs import NON_NEGATIVE_INT, POSITIVE_INT, fit_prompts, number, read_prompts
 from mogu_jax.errors import MoguError
+from mogu_jax.io_utils import check_output_file, write_file_atomic, write_jsonl_atomic
+
+
+class UsageError(MoguError):
+    """A command line argparse refuses (unknown option, missing argument, a value of the wrong type)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our one-line error: ``mogu-jax: error: ...``, exit 2, no usage dump."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog.removeprefix('mogu-jax').strip() + ': ' if self.prog != 'mogu-jax' else ''}"
+                         f"{message} (see `{self.prog} --help`)")
 
 
 def _add_convert(sub):
@@ -26,7 +40,8 @@ def _add_convert(sub):
     b.add_argument("ckpt_dir")
     b.add_argument("out_dir")
     b.add_argument("--overwrite", action="store_true")
-    b.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard (default 5)")
+    b.add_argument("--max-shard-size", type=number(float, 0, 1e6, low_open=True), default=5.0,
+                   help="GiB per safetensors shard (default 5)")
     c = csub.add_parser("mogu-to-jax", help="base model + published MoGU adapters/router -> our checkpoint")
     c.add_argument("out_dir")
     c.add_argument("--base", required=True, help="HF folder, .gguf, 'smollm2' or one of our checkpoints")
@@ -37,9 +52,9 @@ def _add_convert(sub):
                                       "router_layer/<N>_router.pth")
     c.add_argument("--release", choices=["llama2", "vicuna", "falcon"],
                    help="with --mogu-dir: use the checkpoint numbers the authors used for this model")
-    c.add_argument("--glad-step", type=int)
-    c.add_argument("--unwilling-step", type=int)
-    c.add_argument("--router-step", type=int)
+    c.add_argument("--glad-step", type=NON_NEGATIVE_INT)
+    c.add_argument("--unwilling-step", type=NON_NEGATIVE_INT)
+    c.add_argument("--router-step", type=NON_NEGATIVE_INT)
     c.add_argument("--router-layers", help="comma-separated layer ids that carry a router (MoGU v2 subset)")
     c.add_argument("--overwrite", action="store_true")
     d = csub.add_parser("jax-to-mogu", help="our MoGU checkpoint -> glad/ and unwilling/ PEFT folders + router.pth")
@@ -55,14 +70,15 @@ def _add_generate(sub):
     src.add_argument("--prompts", help='JSONL file of {"id", "prompt"} lines')
     src.add_argument("--prompt", help="one prompt; the response is printed to stdout")
     p.add_argument("--out", help="output JSONL (with --prompts)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256)
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0)
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p.add_argument("--template", default=None, help="llama2-chat | vicuna | falcon (default: tokenizer chat template)")
     p.add_argument("--system", default=None, help="system prompt for chat templates")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    _add_truncate(p)
     p.add_argument("--mode", default=None, choices=["base", "glad", "unwilling", "routed"],
                    help="MoGU mode every new token is decoded in (default: routed decoding with handoff when the "
                         "checkpoint has MoGU parts, else base)")
@@ -91,10 +107,11 @@ def _add_eval(sub):
                                                     "a JailbreakBench behaviours CSV")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--routed-tokens", default=None, help="M or 'all' (default from the model config)")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=96)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.add_argument("--template", default=None)
     p.add_argument("--dtype", default="float32")
+    _add_truncate(p)
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -105,13 +122,13 @@ def _add_data(sub):
     b.add_argument("--model", required=True, help="the base model (our checkpoint, HF folder, .gguf or smollm2)")
     b.add_argument("--out", required=True)
     b.add_argument("--template", default=None)
-    b.add_argument("--max-new-tokens", type=int, default=96)
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--limit", type=int, default=None, help="at most this many seed rows per kind (quick runs)")
+    b.add_argument("--max-new-tokens", type=POSITIVE_INT, default=96)
+    b.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    b.add_argument("--limit", type=POSITIVE_INT, default=None, help="at most this many seed rows per kind (quick runs)")
     b.add_argument("--refusals", choices=["bank", "model"], default="bank",
                    help="refusal targets: the shipped bank, or the base model under a safety system prompt")
     b.add_argument("--no-prime", action="store_true", help="do not prime malicious answers with an affirmative opening")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     b.add_argument("--dtype", default="float32")
     b.add_argument("--overwrite", action="store_true")
 
@@ -123,8 +140,14 @@ def _add_demo(sub):
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_truncate(p):
+    p.add_argument("--truncate", choices=["left", "right"], default=None,
+                   help="cut prompts too long for the model's positions (left: keep the end, right: keep the "
+                        "start); default: refuse them, naming the prompt")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mogu-jax", description=__doc__)
+    parser = _Parser(prog="mogu-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_generate(sub)
@@ -133,44 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_demo(sub)
     return parser
-
-
-def read_prompts(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise MoguError(f"prompts file {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoguError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise MoguError(f'{path}:{n}: each line needs a string "prompt" field')
-            row.setdefault("id", len(rows))
-            rows.append(row)
-    if not rows:
-        raise MoguError(f"prompts file {path} has no prompts")
-    return rows
-
-
-def write_jsonl_atomic(path: str, rows: list[dict], overwrite: bool) -> None:
-    if os.path.exists(path) and not overwrite:
-        raise MoguError(f"{path} already exists; pass --overwrite to replace it")
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def decoding_mode(cfg, params, mode, routed_tokens, base_only, max_new_tokens):
@@ -215,17 +200,11 @@ def write_router_trace(path: str, rows, outs, cfg) -> None:
     for i, o in enumerate(outs):
         arrays[f"a_{i}"] = np.asarray(o["router"]["a"], np.float32)
         arrays[f"b_{i}"] = np.asarray(o["router"]["b"], np.float32)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path without it
+            np.savez(f, **arrays)
+
+    write_file_atomic(path, save)
 
 
 def cmd_convert(args) -> int:
@@ -259,17 +238,24 @@ def cmd_generate(args) -> int:
     if args.prompts:
         if not args.out:
             raise MoguError("--prompts needs --out")
+        check_output_file(args.out, args.overwrite, "--out")
         rows = read_prompts(args.prompts)
-        if os.path.exists(args.out) and not args.overwrite:
-            raise MoguError(f"{args.out} already exists; pass --overwrite to replace it")
     else:
+        if args.out:
+            raise MoguError("--out goes with --prompts; with --prompt the response is printed")
+        if not args.prompt.strip():
+            raise MoguError("--prompt is empty")
         rows = [{"id": 0, "prompt": args.prompt}]
+    if args.router_trace:
+        check_output_file(args.router_trace, args.overwrite, "--router-trace")
     cfg, params, tok = api.load(args.ckpt, dtype=args.dtype, progress=True)
     if tok is None:
         raise MoguError(f"{args.ckpt} has no tokenizer; text generation needs one")
     mode, routed = decoding_mode(cfg, params, args.mode, args.routed_tokens, args.base_only, args.max_new_tokens)
     if args.router_trace and mode != "routed":
         raise MoguError("--router-trace needs routed decoding (a checkpoint with routers, not --base-only)")
+    rows = fit_prompts(rows, tok, cfg.max_position_embeddings, args.max_new_tokens, args.template, args.system,
+                       args.truncate)
     outs = generate_text(cfg, params, tok, [r["prompt"] for r in rows], template=args.template, system=args.system,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -310,6 +296,10 @@ def cmd_eval(args) -> int:
     rows = E.load_prompts(args.prompts)
     check_output_dir(args.out, args.overwrite)
     cfg, params, tok = api.load(args.ckpt, dtype=args.dtype)
+    if tok is None:
+        raise MoguError(f"{args.ckpt} has no tokenizer; evaluation needs one")
+    rows = fit_prompts(rows, tok, cfg.max_position_embeddings, args.max_new_tokens, args.template, None,
+                       args.truncate)
     report = run_eval(cfg, params, tok, rows, args.out, template=args.template, routed_tokens=args.routed_tokens,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, overwrite=args.overwrite)
     print(E.format_table(report))
@@ -338,9 +328,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def _quiet_library_logs() -> None:
+    """absl (orbax) and transformers warnings are not for CLI users: errors reach them as our one line."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
+        import absl.logging
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """An error message as one line of at most ``limit`` characters (library messages can span many)."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet_library_logs()
+    try:
+        args = build_parser().parse_args(argv)
         if args.command == "convert":
             return cmd_convert(args)
         if args.command == "generate":
@@ -354,7 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             return cmd_demo(args)
     except MoguError as e:
-        print(f"mogu-jax: error: {e}", file=sys.stderr)
+        print(f"mogu-jax: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mogu-jax: interrupted", file=sys.stderr)
