@@ -140,5 +140,5 @@ def test_prompts_file_errors(capsys, hf_dir, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"id": 1, "prompt": "w5 w6"}\n{"id": 2}\n')
     cli_fails(capsys, ["generate", hf_dir, "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")],
-           "p.jsonl:2", "prompt")
+           "p.jsonl: row 2", "prompt")
     assert not os.path.exists(tmp_path / "o.jsonl")
