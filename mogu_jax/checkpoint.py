@@ -52,6 +52,8 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise MoguError(f"{p} is not valid JSON: {e}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise MoguError(f"{p} is not a mogu_jax checkpoint file ({type(e).__name__})") from None
+    except OSError as e:
+        raise MoguError(f"cannot read {p}: {e.strerror or e}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
         raise MoguError(f"{p} is not a mogu_jax checkpoint file (no model_config)")
     if meta.get("format") != FORMAT:

@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mogu_jax.cli_inputs import NON_NEGATIVE_INT, POSITIVE_INT, fit_prompts, number, read_prompts
+from mogu_jax.cli_inputs import (NON_NEGATIVE_INT, POSITIVE_INT, fit_prompts, layer_ids, number, path_arg,
+                                 read_prompts, routed_tokens)
 from mogu_jax.errors import MoguError
 from mogu_jax.io_utils import check_output_file, write_file_atomic, write_jsonl_atomic
 
@@ -31,44 +32,47 @@ def _add_convert(sub):
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face / GGUF and mogu_jax")
     csub = p.add_subparsers(dest="direction", required=True)
     a = csub.add_parser("hf-to-jax", help="HF folder (safetensors or .bin), .gguf file or 'smollm2' -> our checkpoint")
-    a.add_argument("src")
-    a.add_argument("out_dir")
+    a.add_argument("src", type=path_arg)
+    a.add_argument("out_dir", type=path_arg)
     a.add_argument("--dtype", default=None, help="cast weights (default: keep the source dtype, bit-exact)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing, different checkpoint")
     b = csub.add_parser("jax-to-hf", help="our checkpoint -> HF folder loadable by AutoModelForCausalLM")
-    b.add_argument("ckpt_dir")
-    b.add_argument("out_dir")
+    b.add_argument("ckpt_dir", type=path_arg)
+    b.add_argument("out_dir", type=path_arg)
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--max-shard-size", type=number(float, 0, 1e6, low_open=True), default=5.0,
                    help="GiB per safetensors shard (default 5)")
     c = csub.add_parser("mogu-to-jax", help="base model + published MoGU adapters/router -> our checkpoint")
-    c.add_argument("out_dir")
-    c.add_argument("--base", required=True, help="HF folder, .gguf, 'smollm2' or one of our checkpoints")
-    c.add_argument("--glad", help="glad PEFT adapter folder")
-    c.add_argument("--unwilling", help="unwilling PEFT adapter folder")
-    c.add_argument("--router", help="router file (torch.save .pth, or .safetensors)")
-    c.add_argument("--mogu-dir", help="released layout: resp_glad/<N>_lora, resp_unwill/<N>_lora, "
+    c.add_argument("out_dir", type=path_arg)
+    c.add_argument("--base", type=path_arg, required=True,
+                   help="HF folder, .gguf, 'smollm2' or one of our checkpoints")
+    c.add_argument("--glad", type=path_arg, help="glad PEFT adapter folder")
+    c.add_argument("--unwilling", type=path_arg, help="unwilling PEFT adapter folder")
+    c.add_argument("--router", type=path_arg, help="router file (torch.save .pth, or .safetensors)")
+    c.add_argument("--mogu-dir", type=path_arg, help="released layout: resp_glad/<N>_lora, resp_unwill/<N>_lora, "
                                       "router_layer/<N>_router.pth")
     c.add_argument("--release", choices=["llama2", "vicuna", "falcon"],
                    help="with --mogu-dir: use the checkpoint numbers the authors used for this model")
     c.add_argument("--glad-step", type=NON_NEGATIVE_INT)
     c.add_argument("--unwilling-step", type=NON_NEGATIVE_INT)
     c.add_argument("--router-step", type=NON_NEGATIVE_INT)
-    c.add_argument("--router-layers", help="comma-separated layer ids that carry a router (MoGU v2 subset)")
+    c.add_argument("--router-layers", type=layer_ids,
+                   help="comma-separated layer ids that carry a router (MoGU v2 subset)")
     c.add_argument("--overwrite", action="store_true")
     d = csub.add_parser("jax-to-mogu", help="our MoGU checkpoint -> glad/ and unwilling/ PEFT folders + router.pth")
-    d.add_argument("ckpt_dir")
-    d.add_argument("out_dir")
+    d.add_argument("ckpt_dir", type=path_arg)
+    d.add_argument("out_dir", type=path_arg)
     d.add_argument("--overwrite", action="store_true")
 
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="batched, cached generation")
-    p.add_argument("ckpt", help="our checkpoint, an HF folder, a .gguf file or 'smollm2' (converted on the fly)")
+    p.add_argument("ckpt", type=path_arg,
+                   help="our checkpoint, an HF folder, a .gguf file or 'smollm2' (converted on the fly)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", help='JSONL file of {"id", "prompt"} lines')
+    src.add_argument("--prompts", type=path_arg, help='JSONL file of {"id", "prompt"} lines')
     src.add_argument("--prompt", help="one prompt; the response is printed to stdout")
-    p.add_argument("--out", help="output JSONL (with --prompts)")
+    p.add_argument("--out", type=path_arg, help="output JSONL (with --prompts)")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256)
     p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0)
@@ -81,19 +85,19 @@ def _add_generate(sub):
     p.add_argument("--mode", default=None, choices=["base", "glad", "unwilling", "routed"],
                    help="MoGU mode every new token is decoded in (default: routed decoding with handoff when the "
                         "checkpoint has MoGU parts, else base)")
-    p.add_argument("--routed-tokens", default=None,
+    p.add_argument("--routed-tokens", type=routed_tokens, default=None,
                    help="routed decoding: the first M new tokens routed, then the base model ('all': every token); "
                         "default from the model config (5 as published; all for SmolLM2)")
     p.add_argument("--base-only", action="store_true", help="the plain base model, no branches or routers")
-    p.add_argument("--router-trace", help="save per-token, per-layer router weights a and b of the routed tokens "
-                                          "(.npz)")
+    p.add_argument("--router-trace", type=path_arg,
+                   help="save per-token, per-layer router weights a and b of the routed tokens (.npz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train one MoGU stage (glad, unwilling, router)")
     p.add_argument("stage", choices=["glad", "unwilling", "router"])
-    p.add_argument("--config", action="append", default=[],
+    p.add_argument("--config", type=path_arg, action="append", default=[],
                    help="YAML config (see configs/); repeat to layer files, later ones win")
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2 optim.lr=1e-4")
@@ -101,11 +105,12 @@ def _add_train(sub):
 
 def _add_eval(sub):
     p = sub.add_parser("eval", help="base vs MoGU on prompts with a kind (harmful, jailbreak, benign, borderline)")
-    p.add_argument("ckpt", help="a MoGU checkpoint (glad, unwilling and router parts)")
-    p.add_argument("--prompts", required=True, help="JSONL {prompt, kind[, id]}, AdvBench harmful_behaviors.csv or "
-                                                    "a JailbreakBench behaviours CSV")
-    p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--routed-tokens", default=None, help="M or 'all' (default from the model config)")
+    p.add_argument("ckpt", type=path_arg, help="a MoGU checkpoint (glad, unwilling and router parts)")
+    p.add_argument("--prompts", type=path_arg, required=True,
+                   help="JSONL {prompt, kind[, id]}, AdvBench harmful_behaviors.csv or a JailbreakBench behaviours CSV")
+    p.add_argument("--out", type=path_arg, required=True, help="report folder")
+    p.add_argument("--routed-tokens", type=routed_tokens, default=None,
+                   help="M or 'all' (default from the model config)")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=96)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.add_argument("--template", default=None)
@@ -118,8 +123,9 @@ def _add_data(sub):
     p = sub.add_parser("data", help="build the stage data files")
     dsub = p.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="seed instruction lists -> glad / unwilling / router files + held-out prompts")
-    b.add_argument("--model", required=True, help="the base model (our checkpoint, HF folder, .gguf or smollm2)")
-    b.add_argument("--out", required=True)
+    b.add_argument("--model", type=path_arg, required=True,
+                   help="the base model (our checkpoint, HF folder, .gguf or smollm2)")
+    b.add_argument("--out", type=path_arg, required=True)
     b.add_argument("--template", default=None)
     b.add_argument("--max-new-tokens", type=POSITIVE_INT, default=96)
     b.add_argument("--batch-size", type=POSITIVE_INT, default=16)
@@ -134,7 +140,7 @@ def _add_data(sub):
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the end-to-end MoGU demo on the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", type=path_arg, default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the same pipeline on a tiny slice (CI, tests)")
     p.add_argument("--overwrite", action="store_true")
 
@@ -211,12 +217,7 @@ def cmd_convert(args) -> int:
     if args.direction == "hf-to-jax":
         api.convert_hf_to_jax(args.src, args.out_dir, overwrite=args.overwrite, dtype=args.dtype, progress=True)
     elif args.direction == "mogu-to-jax":
-        layers = None
-        if args.router_layers:
-            try:
-                layers = tuple(int(x) for x in args.router_layers.split(","))
-            except ValueError:
-                raise MoguError(f"--router-layers takes comma-separated integers, got {args.router_layers!r}") from None
+        layers = args.router_layers
         steps = {"glad": args.glad_step, "unwilling": args.unwilling_step, "router": args.router_step}
         api.convert_mogu_to_jax(args.base, args.out_dir, glad=args.glad, unwilling=args.unwilling,
                                 router=args.router, mogu_dir=args.mogu_dir, release=args.release,
@@ -234,18 +235,18 @@ def cmd_convert(args) -> int:
 def cmd_generate(args) -> int:
     from mogu_jax import api
     from mogu_jax.generate import generate_text
-    if args.prompts:
-        if not args.out:
+    if args.prompts is not None:
+        if args.out is None:
             raise MoguError("--prompts needs --out")
         check_output_file(args.out, args.overwrite, "--out")
         rows = read_prompts(args.prompts)
     else:
-        if args.out:
+        if args.out is not None:
             raise MoguError("--out goes with --prompts; with --prompt the response is printed")
         if not args.prompt.strip():
             raise MoguError("--prompt is empty")
         rows = [{"id": 0, "prompt": args.prompt}]
-    if args.router_trace:
+    if args.router_trace is not None:
         check_output_file(args.router_trace, args.overwrite, "--router-trace")
     cfg, params, tok = api.load(args.ckpt, dtype=args.dtype, progress=True)
     if tok is None:
@@ -261,7 +262,7 @@ def cmd_generate(args) -> int:
                          progress=len(rows) > 1, mode=mode, routed_tokens=routed)
     if args.router_trace:
         write_router_trace(args.router_trace, rows, outs, cfg)
-    if args.prompts:
+    if args.prompts is not None:
         out_rows = []
         for r, o in zip(rows, outs):
             line = {"id": r["id"], "prompt": r["prompt"], "response": o["response"], "tokens": o["tokens"]}
@@ -322,7 +323,9 @@ def cmd_data(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from mogu_jax.io_utils import check_output_dir
     from mogu_jax.pipeline import run_demo
+    check_output_dir(args.out, args.overwrite)  # before any work (the demo's own check comes later)
     run_demo(args.out, quick=args.quick, overwrite=args.overwrite)
     return 0
 

@@ -45,6 +45,31 @@ POSITIVE_INT = number(int, 1)
 NON_NEGATIVE_INT = number(int, 0)
 
 
+def path_arg(text: str) -> str:
+    """A path argument: any non-empty text (whether it exists is checked where it is used)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
+def routed_tokens(text: str) -> str:
+    """``--routed-tokens``: a count >= 0 or ``all`` (kept as text; ``cli.decoding_mode`` reads it)."""
+    if text.strip().lower() != "all":
+        NON_NEGATIVE_INT(text)
+    return text.strip().lower()
+
+
+def layer_ids(text: str) -> tuple:
+    """``--router-layers``: comma-separated layer ids >= 0, e.g. ``3,5,7``."""
+    try:
+        ids = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        ids = ()
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"expected comma-separated, distinct layer ids >= 0, got {text!r}")
+    return ids
+
+
 # ------------------------------------------------------------------------------------- prompts
 def read_prompts(path: str) -> list[dict]:
     """``{"id", "prompt"}`` rows of a JSON lines file (``id`` optional: the row number). Every error names

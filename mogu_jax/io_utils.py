@@ -16,7 +16,11 @@ from mogu_jax.errors import MoguError
 
 def check_output_dir(out_dir: str, overwrite: bool, same: Optional[Callable[[str], bool]] = None) -> bool:
     """Fail fast before any work. Returns True when ``out_dir`` already holds the same result (``same``)."""
+    out_dir = os.fspath(out_dir)
+    if not out_dir:
+        raise MoguError("empty output directory path")
     if not os.path.exists(out_dir):
+        _check_parent(out_dir)
         return False
     if not os.path.isdir(out_dir):
         raise MoguError(f"output {out_dir} exists and is not a directory")
@@ -88,13 +92,23 @@ def check_output_file(path: str | os.PathLike, overwrite: bool, option: str = "o
         raise MoguError(f"{option} {path!r}: expected a file path")
     if os.path.isdir(path):
         raise MoguError(f"{option} {path} is a directory; expected a file path")
+    _check_parent(path, option)
+    if os.path.exists(path) and not overwrite:
+        raise MoguError(f"{option} {path} already exists; pass --overwrite to replace it")
+
+
+def _check_parent(path: str, option: str = "output") -> None:
+    """The nearest existing folder above ``path`` is a folder (not a file) that we can write into."""
+    if len(os.fsencode(os.path.abspath(path))) >= 4096 or any(
+            len(os.fsencode(part)) > 255 for part in os.path.abspath(path).split(os.sep)):
+        raise MoguError(f"{option} {path[:80]}...: path or file name too long for the file system")
     parent = os.path.dirname(os.path.abspath(path))
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
         raise MoguError(f"{option} {path}: {parent} is a file, not a folder")
-    if os.path.exists(path) and not overwrite:
-        raise MoguError(f"{option} {path} already exists; pass --overwrite to replace it")
+    if parent and not os.access(parent, os.W_OK | os.X_OK):
+        raise MoguError(f"{option} {path}: cannot write into {parent} (permission denied)")
 
 
 def write_json_atomic(path: str, obj, overwrite: bool = True) -> str:
