@@ -24,8 +24,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with our one-line error: ``mogu-jax: error: ...``, exit 2, no usage dump."""
 
     def error(self, message):
-        raise UsageError(f"{self.prog.removeprefix('mogu-jax').strip() + ': ' if self.prog != 'mogu-jax' else ''}"
-                         f"{message} (see `{self.prog} --help`)")
+        sub = self.prog.removeprefix("mogu-jax").strip()
+        raise UsageError(f"{sub + ': ' if sub else ''}{message} (see `{self.prog} --help`)")
 
 
 def _add_convert(sub):
@@ -49,8 +49,8 @@ def _add_convert(sub):
     c.add_argument("--glad", type=path_arg, help="glad PEFT adapter folder")
     c.add_argument("--unwilling", type=path_arg, help="unwilling PEFT adapter folder")
     c.add_argument("--router", type=path_arg, help="router file (torch.save .pth, or .safetensors)")
-    c.add_argument("--mogu-dir", type=path_arg, help="released layout: resp_glad/<N>_lora, resp_unwill/<N>_lora, "
-                                      "router_layer/<N>_router.pth")
+    c.add_argument("--mogu-dir", type=path_arg,
+                   help="released layout: resp_glad/<N>_lora, resp_unwill/<N>_lora, router_layer/<N>_router.pth")
     c.add_argument("--release", choices=["llama2", "vicuna", "falcon"],
                    help="with --mogu-dir: use the checkpoint numbers the authors used for this model")
     c.add_argument("--glad-step", type=NON_NEGATIVE_INT)

@@ -37,7 +37,6 @@ def number(kind: type = float, low: Optional[float] = None, high: Optional[float
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return value
 
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
     return parse
 
 
