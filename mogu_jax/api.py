@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mogu_jax.checkpoint import is_checkpoint, load_checkpoint, load_tokenizer, read_meta, save_checkpoint
+from mogu_jax.checkpoint import (is_checkpoint, load_checkpoint, load_tokenizer, looks_like_checkpoint,
+                                 read_meta, save_checkpoint)
 from mogu_jax.config import ModelConfig, as_dtype
 from mogu_jax.convert.hf import export_hf, params_from_source
 from mogu_jax.convert.sources import open_source
@@ -37,7 +38,7 @@ def load(path: str | os.PathLike, dtype: str = "float32", param_dtype: Optional[
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
     cast = as_dtype(param_dtype) if param_dtype is not None else None
-    if os.path.isdir(path) and is_checkpoint(path):
+    if os.path.isdir(path) and (is_checkpoint(path) or looks_like_checkpoint(path)):
         cfg, params, _ = load_checkpoint(path, cast=cast, **overrides)
         return cfg, params, load_tokenizer(path)
     source = open_source(path)

@@ -33,15 +33,29 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), META))
 
 
+def looks_like_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder with our ``params/`` orbax folder (whether or not ``mogu.json`` is there)."""
+    return os.path.isfile(os.path.join(os.fspath(path), "params", "_CHECKPOINT_METADATA"))
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     p = os.path.join(os.fspath(path), META)
+    if not os.path.isfile(p) and looks_like_checkpoint(path):
+        raise MoguError(f"checkpoint {os.fspath(path)} has params/ but no {META} (an incomplete or damaged "
+                        f"mogu_jax checkpoint; convert it again)")
     try:
-        with open(p) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
+        with open(p, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise MoguError(f"{os.fspath(path)} is not a mogu_jax checkpoint (no {META})") from None
     except json.JSONDecodeError as e:
         raise MoguError(f"{p} is not valid JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise MoguError(f"{p} is not a mogu_jax checkpoint file ({type(e).__name__})") from None
+    except OSError as e:
+        raise MoguError(f"cannot read {p}: {e.strerror or e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise MoguError(f"{p} is not a mogu_jax checkpoint file (no model_config)")
     if meta.get("format") != FORMAT:
         raise MoguError(f"{p} is not a mogu_jax checkpoint (format {meta.get('format')!r})")
     if meta.get("version", 0) > VERSION:
@@ -93,7 +107,7 @@ def load_checkpoint(path: str, shardings=None, cast=None, **cfg_overrides):
 
     from mogu_jax.model import abstract_params
 
-    path = os.fspath(path)
+    path = os.path.abspath(os.fspath(path))  # orbax resolves relative paths elsewhere: always hand it absolute ones
     meta = read_meta(path)
     cfg = ModelConfig.from_dict(meta["model_config"])
     if cfg_overrides:
@@ -106,7 +120,10 @@ def load_checkpoint(path: str, shardings=None, cast=None, **cfg_overrides):
         stored = ckptr.metadata(pdir)
         stored = getattr(stored, "item_metadata", stored)
     except Exception as e:  # noqa: BLE001 - orbax raises several types for damaged folders
-        raise MoguError(f"cannot read checkpoint parameters in {pdir}: {e}") from None
+        raise MoguError(f"checkpoint {path}: cannot read the parameter index in params/ "
+                        f"({' '.join(str(e).split())[:300]})") from None
+    if not stored:
+        raise MoguError(f"checkpoint {path}: cannot read the parameter index in params/ (damaged or incomplete)")
     expected = nn.meta.unbox(abstract_params(cfg))
     _validate_tree(stored, expected, path)
 
@@ -121,7 +138,7 @@ def load_checkpoint(path: str, shardings=None, cast=None, **cfg_overrides):
     try:
         params = ckptr.restore(pdir, abstract)
     except Exception as e:  # noqa: BLE001
-        raise MoguError(f"cannot restore checkpoint parameters from {pdir}: {e}") from None
+        raise restore_error(path, "params", e) from None
     parts = {}
     for name in meta.get("parts", []):
         parts[name] = _restore_part(ckptr, os.path.join(path, name), cfg, name)
@@ -134,6 +151,7 @@ def load_checkpoint(path: str, shardings=None, cast=None, **cfg_overrides):
 
 def _restore_part(ckptr, pdir: str, cfg: ModelConfig, name: str):
     from mogu_jax import mogu as mogu_lib
+    pdir = os.path.abspath(pdir)
     if not os.path.isdir(pdir):
         raise MoguError(f"checkpoint lists MoGU part {name!r} but has no {os.path.basename(pdir)}/ folder")
     try:
@@ -147,7 +165,22 @@ def _restore_part(ckptr, pdir: str, cfg: ModelConfig, name: str):
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
                                     _as_dict(stored))
-    return ckptr.restore(pdir, target)
+    try:
+        return ckptr.restore(pdir, target)
+    except Exception as e:  # noqa: BLE001
+        raise restore_error(os.path.dirname(pdir), name, e) from None
+
+
+def restore_error(ckpt: str, folder: str, err: Exception) -> MoguError:
+    """One line for a failed orbax restore, naming the checkpoint and the parameter (TensorStore's own
+    message spans dozens of lines of spec)."""
+    import re
+    text = str(err)
+    names = [p for p in re.findall(r"'path': '([^']+)'", text) if not p.startswith("/")]
+    what = f"parameter {names[-1].rstrip('/').replace('.', '/')}" if names else "its parameters"
+    first = " ".join(text.splitlines()[0].split("See full TensorStore details")[0].split())[:300] if text else ""
+    return MoguError(f"checkpoint {ckpt}: cannot read {what} from {folder}/ (the file is damaged or truncated"
+                     f"{': ' + first.rstrip('. ') if first else ''})")
 
 
 def _as_dict(tree):

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
 
+from mogu_jax.cli_inputs import (NON_NEGATIVE_INT, POSITIVE_INT, fit_prompts, layer_ids, number, path_arg,
+                                 read_prompts, routed_tokens)
 from mogu_jax.errors import MoguError
+from mogu_jax.io_utils import check_output_file, write_file_atomic, write_jsonl_atomic
+
+
+class UsageError(MoguError):
+    """A command line argparse refuses (unknown option, missing argument, a value of the wrong type)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our one-line error: ``mogu-jax: error: ...``, exit 2, no usage dump."""
+
+    def error(self, message):
+        sub = self.prog.removeprefix("mogu-jax").strip()
+        raise UsageError(f"{sub + ': ' if sub else ''}{message} (see `{self.prog} --help`)")
 
 
 DTYPE_HELP = ("compute dtype: auto (default: bf16 where the hardware multiplies bf16 natively, else fp32; "
@@ -22,67 +36,72 @@ def _add_convert(sub):
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face / GGUF and mogu_jax")
     csub = p.add_subparsers(dest="direction", required=True)
     a = csub.add_parser("hf-to-jax", help="HF folder (safetensors or .bin), .gguf file or 'smollm2' -> our checkpoint")
-    a.add_argument("src")
-    a.add_argument("out_dir")
+    a.add_argument("src", type=path_arg)
+    a.add_argument("out_dir", type=path_arg)
     a.add_argument("--dtype", default=None, help="cast weights (default: keep the source dtype, bit-exact)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing, different checkpoint")
     b = csub.add_parser("jax-to-hf", help="our checkpoint -> HF folder loadable by AutoModelForCausalLM")
-    b.add_argument("ckpt_dir")
-    b.add_argument("out_dir")
+    b.add_argument("ckpt_dir", type=path_arg)
+    b.add_argument("out_dir", type=path_arg)
     b.add_argument("--overwrite", action="store_true")
-    b.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard (default 5)")
+    b.add_argument("--max-shard-size", type=number(float, 0, 1e6, low_open=True), default=5.0,
+                   help="GiB per safetensors shard (default 5)")
     c = csub.add_parser("mogu-to-jax", help="base model + published MoGU adapters/router -> our checkpoint")
-    c.add_argument("out_dir")
-    c.add_argument("--base", required=True, help="HF folder, .gguf, 'smollm2' or one of our checkpoints")
-    c.add_argument("--glad", help="glad PEFT adapter folder")
-    c.add_argument("--unwilling", help="unwilling PEFT adapter folder")
-    c.add_argument("--router", help="router file (torch.save .pth, or .safetensors)")
-    c.add_argument("--mogu-dir", help="released layout: resp_glad/<N>_lora, resp_unwill/<N>_lora, "
-                                      "router_layer/<N>_router.pth")
+    c.add_argument("out_dir", type=path_arg)
+    c.add_argument("--base", type=path_arg, required=True,
+                   help="HF folder, .gguf, 'smollm2' or one of our checkpoints")
+    c.add_argument("--glad", type=path_arg, help="glad PEFT adapter folder")
+    c.add_argument("--unwilling", type=path_arg, help="unwilling PEFT adapter folder")
+    c.add_argument("--router", type=path_arg, help="router file (torch.save .pth, or .safetensors)")
+    c.add_argument("--mogu-dir", type=path_arg,
+                   help="released layout: resp_glad/<N>_lora, resp_unwill/<N>_lora, router_layer/<N>_router.pth")
     c.add_argument("--release", choices=["llama2", "vicuna", "falcon"],
                    help="with --mogu-dir: use the checkpoint numbers the authors used for this model")
-    c.add_argument("--glad-step", type=int)
-    c.add_argument("--unwilling-step", type=int)
-    c.add_argument("--router-step", type=int)
-    c.add_argument("--router-layers", help="comma-separated layer ids that carry a router (MoGU v2 subset)")
+    c.add_argument("--glad-step", type=NON_NEGATIVE_INT)
+    c.add_argument("--unwilling-step", type=NON_NEGATIVE_INT)
+    c.add_argument("--router-step", type=NON_NEGATIVE_INT)
+    c.add_argument("--router-layers", type=layer_ids,
+                   help="comma-separated layer ids that carry a router (MoGU v2 subset)")
     c.add_argument("--overwrite", action="store_true")
     d = csub.add_parser("jax-to-mogu", help="our MoGU checkpoint -> glad/ and unwilling/ PEFT folders + router.pth")
-    d.add_argument("ckpt_dir")
-    d.add_argument("out_dir")
+    d.add_argument("ckpt_dir", type=path_arg)
+    d.add_argument("out_dir", type=path_arg)
     d.add_argument("--overwrite", action="store_true")
 
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="batched, cached generation")
-    p.add_argument("ckpt", help="our checkpoint, an HF folder, a .gguf file or 'smollm2' (converted on the fly)")
+    p.add_argument("ckpt", type=path_arg,
+                   help="our checkpoint, an HF folder, a .gguf file or 'smollm2' (converted on the fly)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", help='JSONL file of {"id", "prompt"} lines')
+    src.add_argument("--prompts", type=path_arg, help='JSONL file of {"id", "prompt"} lines')
     src.add_argument("--prompt", help="one prompt; the response is printed to stdout")
-    p.add_argument("--out", help="output JSONL (with --prompts)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=path_arg, help="output JSONL (with --prompts)")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256)
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0)
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p.add_argument("--template", default=None, help="llama2-chat | vicuna | falcon (default: tokenizer chat template)")
     p.add_argument("--system", default=None, help="system prompt for chat templates")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    _add_truncate(p)
     p.add_argument("--mode", default=None, choices=["base", "glad", "unwilling", "routed"],
                    help="MoGU mode every new token is decoded in (default: routed decoding with handoff when the "
                         "checkpoint has MoGU parts, else base)")
-    p.add_argument("--routed-tokens", default=None,
+    p.add_argument("--routed-tokens", type=routed_tokens, default=None,
                    help="routed decoding: the first M new tokens routed, then the base model ('all': every token); "
                         "default from the model config (5 as published; all for SmolLM2)")
     p.add_argument("--base-only", action="store_true", help="the plain base model, no branches or routers")
-    p.add_argument("--router-trace", help="save per-token, per-layer router weights a and b of the routed tokens "
-                                          "(.npz)")
+    p.add_argument("--router-trace", type=path_arg,
+                   help="save per-token, per-layer router weights a and b of the routed tokens (.npz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train one MoGU stage (glad, unwilling, router)")
     p.add_argument("stage", choices=["glad", "unwilling", "router"])
-    p.add_argument("--config", action="append", default=[],
+    p.add_argument("--config", type=path_arg, action="append", default=[],
                    help="YAML config (see configs/); repeat to layer files, later ones win")
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2 optim.lr=1e-4")
@@ -90,15 +109,17 @@ def _add_train(sub):
 
 def _add_eval(sub):
     p = sub.add_parser("eval", help="base vs MoGU on prompts with a kind (harmful, jailbreak, benign, borderline)")
-    p.add_argument("ckpt", help="a MoGU checkpoint (glad, unwilling and router parts)")
-    p.add_argument("--prompts", required=True, help="JSONL {prompt, kind[, id]}, AdvBench harmful_behaviors.csv or "
-                                                    "a JailbreakBench behaviours CSV")
-    p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--routed-tokens", default=None, help="M or 'all' (default from the model config)")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("ckpt", type=path_arg, help="a MoGU checkpoint (glad, unwilling and router parts)")
+    p.add_argument("--prompts", type=path_arg, required=True,
+                   help="JSONL {prompt, kind[, id]}, AdvBench harmful_behaviors.csv or a JailbreakBench behaviours CSV")
+    p.add_argument("--out", type=path_arg, required=True, help="report folder")
+    p.add_argument("--routed-tokens", type=routed_tokens, default=None,
+                   help="M or 'all' (default from the model config)")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=96)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.add_argument("--template", default=None)
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    _add_truncate(p)
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -106,30 +127,37 @@ def _add_data(sub):
     p = sub.add_parser("data", help="build the stage data files")
     dsub = p.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="seed instruction lists -> glad / unwilling / router files + held-out prompts")
-    b.add_argument("--model", required=True, help="the base model (our checkpoint, HF folder, .gguf or smollm2)")
-    b.add_argument("--out", required=True)
+    b.add_argument("--model", type=path_arg, required=True,
+                   help="the base model (our checkpoint, HF folder, .gguf or smollm2)")
+    b.add_argument("--out", type=path_arg, required=True)
     b.add_argument("--template", default=None)
-    b.add_argument("--max-new-tokens", type=int, default=96)
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--limit", type=int, default=None, help="at most this many seed rows per kind (quick runs)")
+    b.add_argument("--max-new-tokens", type=POSITIVE_INT, default=96)
+    b.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    b.add_argument("--limit", type=POSITIVE_INT, default=None, help="at most this many seed rows per kind (quick runs)")
     b.add_argument("--refusals", choices=["bank", "model"], default="bank",
                    help="refusal targets: the shipped bank, or the base model under a safety system prompt")
     b.add_argument("--no-prime", action="store_true", help="do not prime malicious answers with an affirmative opening")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     b.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     b.add_argument("--overwrite", action="store_true")
 
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the end-to-end MoGU demo on the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", type=path_arg, default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the same pipeline on a tiny slice (CI, tests)")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_truncate(p):
+    p.add_argument("--truncate", choices=["left", "right"], default=None,
+                   help="cut prompts too long for the model's positions (left: keep the end, right: keep the "
+                        "start); default: refuse them, naming the prompt")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mogu-jax", description=__doc__)
+    parser = _Parser(prog="mogu-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_generate(sub)
@@ -140,42 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_prompts(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise MoguError(f"prompts file {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoguError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise MoguError(f'{path}:{n}: each line needs a string "prompt" field')
-            row.setdefault("id", len(rows))
-            rows.append(row)
-    if not rows:
-        raise MoguError(f"prompts file {path} has no prompts")
-    return rows
-
-
-def write_jsonl_atomic(path: str, rows: list[dict], overwrite: bool) -> None:
-    if os.path.exists(path) and not overwrite:
-        raise MoguError(f"{path} already exists; pass --overwrite to replace it")
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_router_trace(path: str, rows, outs, cfg) -> None:
@@ -184,17 +176,11 @@ def write_router_trace(path: str, rows, outs, cfg) -> None:
     for i, o in enumerate(outs):
         arrays[f"a_{i}"] = np.asarray(o["router"]["a"], np.float32)
         arrays[f"b_{i}"] = np.asarray(o["router"]["b"], np.float32)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path without it
+            np.savez(f, **arrays)
+
+    write_file_atomic(path, save)
 
 
 def cmd_convert(args) -> int:
@@ -202,12 +188,7 @@ def cmd_convert(args) -> int:
     if args.direction == "hf-to-jax":
         api.convert_hf_to_jax(args.src, args.out_dir, overwrite=args.overwrite, dtype=args.dtype, progress=True)
     elif args.direction == "mogu-to-jax":
-        layers = None
-        if args.router_layers:
-            try:
-                layers = tuple(int(x) for x in args.router_layers.split(","))
-            except ValueError:
-                raise MoguError(f"--router-layers takes comma-separated integers, got {args.router_layers!r}") from None
+        layers = args.router_layers
         steps = {"glad": args.glad_step, "unwilling": args.unwilling_step, "router": args.router_step}
         api.convert_mogu_to_jax(args.base, args.out_dir, glad=args.glad, unwilling=args.unwilling,
                                 router=args.router, mogu_dir=args.mogu_dir, release=args.release,
@@ -225,27 +206,34 @@ def cmd_convert(args) -> int:
 def cmd_generate(args) -> int:
     from mogu_jax import api
     from mogu_jax.generate import decoding_mode, generate_text
-    if args.prompts:
-        if not args.out:
+    if args.prompts is not None:
+        if args.out is None:
             raise MoguError("--prompts needs --out")
+        check_output_file(args.out, args.overwrite, "--out")
         rows = read_prompts(args.prompts)
-        if os.path.exists(args.out) and not args.overwrite:
-            raise MoguError(f"{args.out} already exists; pass --overwrite to replace it")
     else:
+        if args.out is not None:
+            raise MoguError("--out goes with --prompts; with --prompt the response is printed")
+        if not args.prompt.strip():
+            raise MoguError("--prompt is empty")
         rows = [{"id": 0, "prompt": args.prompt}]
+    if args.router_trace is not None:
+        check_output_file(args.router_trace, args.overwrite, "--router-trace")
     cfg, params, tok = api.load(args.ckpt, dtype=args.dtype, progress=True)
     if tok is None:
         raise MoguError(f"{args.ckpt} has no tokenizer; text generation needs one")
     mode, routed = decoding_mode(cfg, params, args.mode, args.routed_tokens, args.base_only, args.max_new_tokens)
     if args.router_trace and mode != "routed":
         raise MoguError("--router-trace needs routed decoding (a checkpoint with routers, not --base-only)")
+    rows = fit_prompts(rows, tok, cfg.max_position_embeddings, args.max_new_tokens, args.template, args.system,
+                       args.truncate)
     outs = generate_text(cfg, params, tok, [r["prompt"] for r in rows], template=args.template, system=args.system,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          progress=len(rows) > 1, mode=mode, routed_tokens=routed)
     if args.router_trace:
         write_router_trace(args.router_trace, rows, outs, cfg)
-    if args.prompts:
+    if args.prompts is not None:
         out_rows = []
         for r, o in zip(rows, outs):
             line = {"id": r["id"], "prompt": r["prompt"], "response": o["response"], "tokens": o["tokens"]}
@@ -279,6 +267,10 @@ def cmd_eval(args) -> int:
     rows = E.load_prompts(args.prompts)
     check_output_dir(args.out, args.overwrite)
     cfg, params, tok = api.load(args.ckpt, dtype=args.dtype)
+    if tok is None:
+        raise MoguError(f"{args.ckpt} has no tokenizer; evaluation needs one")
+    rows = fit_prompts(rows, tok, cfg.max_position_embeddings, args.max_new_tokens, args.template, None,
+                       args.truncate)
     report = run_eval(cfg, params, tok, rows, args.out, template=args.template, routed_tokens=args.routed_tokens,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, overwrite=args.overwrite)
     print(E.format_table(report))
@@ -302,14 +294,33 @@ def cmd_data(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from mogu_jax.io_utils import check_output_dir
     from mogu_jax.pipeline import run_demo
+    check_output_dir(args.out, args.overwrite)  # before any work (the demo's own check comes later)
     run_demo(args.out, quick=args.quick, overwrite=args.overwrite, dtype=args.dtype)
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def _quiet_library_logs() -> None:
+    """absl (orbax) and transformers warnings are not for CLI users: errors reach them as our one line."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
+        import absl.logging
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """An error message as one line of at most ``limit`` characters (library messages can span many)."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet_library_logs()
+    try:
+        args = build_parser().parse_args(argv)
         if args.command == "convert":
             return cmd_convert(args)
         if args.command == "generate":
@@ -323,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             return cmd_demo(args)
     except MoguError as e:
-        print(f"mogu-jax: error: {e}", file=sys.stderr)
+        print(f"mogu-jax: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mogu-jax: interrupted", file=sys.stderr)

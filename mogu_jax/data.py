@@ -100,48 +100,20 @@ def _parse_records(path: str, scalars: bool = False) -> tuple[list, list[str]]:
 
     ``scalars``: rows must be JSON scalars (the label file); otherwise rows must be JSON objects.
     """
-    from mogu_jax.io_utils import read_text_file
+    from mogu_jax.io_utils import read_json_records, read_text_file
     text = read_text_file(path, "a JSON or JSONL file")
-
-    def check_row(v, loc: str):
+    listed = text.lstrip().startswith("[")
+    if scalars and not listed:
+        raise MoguError(f"{path}: expected a JSON list of 0/1 labels")
+    values, locs = read_json_records(path, text=text)
+    for v, loc in zip(values, locs):
         if scalars:
             if isinstance(v, (dict, list)):
                 raise MoguError(f"{path}: {loc}: expected a label 0 or 1, got a JSON {_type_name(v)}")
+        elif not listed and isinstance(v, list):
+            raise MoguError(f"{path}: {loc}: expected a JSON list of objects or JSON lines (one object per line)")
         elif not isinstance(v, dict):
             raise MoguError(f"{path}: {loc}: expected a JSON object with fields, got {_type_name(v)}")
-
-    values: list = []
-    locs: list[str] = []
-    if scalars and not text.lstrip().startswith("["):
-        raise MoguError(f"{path}: expected a JSON list of 0/1 labels")
-    if text.lstrip().startswith("["):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MoguError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        for i, v in enumerate(obj):
-            check_row(v, f"row {i + 1}")
-            values.append(v)
-            locs.append(f"row {i + 1}")
-    else:
-        n = 0
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            n += 1
-            loc = f"row {n}" if n == lineno else f"row {n} (line {lineno})"
-            try:
-                v = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoguError(f"{path}: invalid JSON at line {lineno} column {e.colno}: {e.msg}") from None
-            if not scalars and isinstance(v, list):
-                raise MoguError(f"{path}: line {lineno}: expected a JSON list of objects or JSON lines "
-                                "(one object per line)")
-            check_row(v, loc)
-            values.append(v)
-            locs.append(loc)
-    if not locs:
-        raise MoguError(f"{path}: contains no rows")
     return values, locs
 
 

@@ -368,28 +368,9 @@ def load_prompts_jsonl(path: str | os.PathLike, default_kind: Optional[str] = No
     path = os.fspath(path)
     if default_kind is not None:
         _check_kind(default_kind, path, "default_kind")
-    text = _read_text(path)
+    from mogu_jax.io_utils import read_json_records
     stem = os.path.splitext(os.path.basename(path))[0]
-    records: list[tuple[Any, str]] = []
-    if text.lstrip().startswith("["):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MoguError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        records = [(v, f"row {i + 1}") for i, v in enumerate(obj)]
-    else:
-        n = 0
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            n += 1
-            try:
-                v = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoguError(f"{path}: invalid JSON at line {lineno} column {e.colno}: {e.msg}") from None
-            records.append((v, f"row {n}" if n == lineno else f"row {n} (line {lineno})"))
-    if not records:
-        raise MoguError(f"{path}: contains no rows")
+    records = list(zip(*read_json_records(path, "a prompt file")))
     needed = "prompt" if default_kind is not None else "prompt, kind"
     rows, locs = [], []
     for i, (v, loc) in enumerate(records):

@@ -49,9 +49,11 @@ def resolve_dtype(dtype, *, say: Optional[Callable[[str], None]] = None) -> str:
     if not is_auto(dtype):
         return str(dtype)
     choice = auto_choice()
+    if os.environ.get(FORCE_ENV, "").strip():
+        return choice.dtype  # pinned on purpose, like an explicit dtype: nothing to announce
     line = f"mogu-jax: dtype auto -> {choice.dtype} ({choice.reason}); pass --dtype / model.dtype to override"
-    if line not in _said:
-        _said.add(line)
+    if choice.dtype not in _said:  # once per process (a later answer from the cache says the same)
+        _said.add(choice.dtype)
         (say or (lambda s: print(s, file=sys.stderr, flush=True)))(line)
     return choice.dtype
 

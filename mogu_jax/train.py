@@ -229,6 +229,28 @@ def host_value(x) -> np.ndarray:
     return np.asarray(x)
 
 
+@jax.jit
+def _finite_leaves(tree) -> Array:
+    """[n_float_leaves] bools: every value of the leaf is finite (replicated over the mesh)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.ones((0,), bool)
+
+
+def non_finite_parts(state: dict) -> list[str]:
+    """The parts of a train state (``params``, ``opt_state``) holding a NaN or inf; [] when all are finite."""
+    return [k for k in ("params", "opt_state") if k in state and not host_value(_finite_leaves(state[k])).all()]
+
+
+def stop_if_not_finite(state: dict, update: int, stage: str, last_good: Optional[int], ckpt_dir: str) -> None:
+    """Raise (as a NaN loss does) when the trainable parameters or optimizer state hold a NaN or inf after
+    ``update``: nothing of such a run may be saved or exported as final."""
+    bad = non_finite_parts(state)
+    if bad:
+        raise MoguError(f"non-finite values in the {' and '.join(bad)} after update {update} of the {stage} "
+                        f"stage (a NaN/inf learning rate or a diverging run); stopped. The last good checkpoint "
+                        f"is {'update ' + str(last_good) if last_good is not None else 'none'} in {ckpt_dir}")
+
+
 def to_global(tree, shardings):
     """Put host numpy arrays (the same on every process) onto ``shardings`` (works multi-process)."""
     def put(x, sh):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
+import math
 from typing import Any, Optional, Sequence
 
 import yaml
@@ -85,6 +85,67 @@ DEFAULTS: dict = {
         "quick": {"limit": 8, "max_new_tokens": 16, "max_len": 64, "per_kind": 2, "epochs": 1},  # --quick
     },
 }
+
+# Numeric keys: (int or float, lowest value, lowest excluded, highest value or None, None allowed). Each is
+# checked after the layers are merged: a finite number in range, or the config is refused naming the key.
+NUMERIC: dict = {
+    "model.lora_rank": (int, 1, False, None, False),
+    "model.lora_alpha": (float, 0, True, None, False),
+    "model.router_hidden": (int, 1, False, None, False),
+    "data.max_len": (int, 1, False, None, False),
+    "data.group_batches": (int, 1, False, None, False),
+    "optim.lr": (float, 0, False, None, False),
+    "optim.b1": (float, 0, False, 1, False),
+    "optim.b2": (float, 0, False, 1, False),
+    "optim.eps": (float, 0, False, None, False),
+    "optim.weight_decay": (float, 0, False, None, False),
+    "optim.warmup_steps": (int, 0, False, None, False),
+    "optim.clip_norm": (float, 0, True, None, True),
+    "train.epochs": (float, 0, True, None, False),
+    "train.max_steps": (int, 1, False, None, True),
+    "train.batch_size": (int, 1, False, None, False),
+    "train.grad_accum": (int, 1, False, None, False),
+    "train.examples_per_update": (int, 1, False, None, True),
+    "train.seed": (int, 0, False, None, False),
+    "train.router_lambda": (float, 0, False, None, False),
+    "train.log_every": (int, 1, False, None, False),
+    "checkpoint.every": (int, 1, False, None, False),
+    "checkpoint.keep": (int, 1, False, None, False),
+    "mesh.data": (int, -1, False, None, False),
+    "mesh.fsdp": (int, 1, False, None, False),
+    "mesh.tensor": (int, 1, False, None, False),
+}
+
+
+def check_numbers(conf: dict) -> None:
+    """Every key of :data:`NUMERIC` holds a finite number in its range (numeric strings such as YAML's
+    ``1e-4`` are converted in place); NaN, inf, text or an out-of-range value is refused, naming the key."""
+    for key, (kind, low, low_open, high, optional) in NUMERIC.items():
+        section, name = key.split(".")
+        value = conf[section].get(name)
+        if value is None and optional:
+            continue
+        wanted = (f"{'an integer' if kind is int else 'a finite number'} {'>' if low_open else '>='} {low:g}"
+                  + (f" and <= {high:g}" if high is not None else "") + (" (or null)" if optional else ""))
+        number = _as_number(value)
+        if number is None or not math.isfinite(number) or (number <= low if low_open else number < low) or (
+                high is not None and number > high) or (kind is int and number != int(number)):
+            raise MoguError(f"config key {key!r} must be {wanted}, got {value!r}")
+        conf[section][name] = int(number) if kind is int else float(number)
+
+
+def _as_number(value) -> Optional[float]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
 
 # Keys whose value is a free-form mapping or list (not validated key by key).
 _LEAF_DICTS = {("per_stage", s) for s in STAGES}
@@ -171,14 +232,14 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def read_yaml(path: str) -> dict:
-    """A config file's mapping (one clear error for a missing, unreadable or non-mapping file)."""
-    if not os.path.isfile(path):
-        raise MoguError(f"config file {path} does not exist")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise MoguError(f"config file {path} is not valid YAML: {e}") from None
+    """A config file's mapping (one clear error for a missing, unreadable, binary or non-mapping file)."""
+    from mogu_jax.io_utils import read_text_file
+
+    text = read_text_file(path, "a YAML config file")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise MoguError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise MoguError(f"config file {path} must hold a mapping")
     return data
@@ -225,6 +286,7 @@ def load_config(stage: str, path=None, overrides: Sequence[str] = (), values: Op
     for key, value in pairs:
         if not key.startswith("per_stage."):
             _set_dotted(resolved, key, value)
+    check_numbers(resolved)
     t = resolved["train"]
     if t.get("examples_per_update"):
         n, b = int(t["examples_per_update"]), int(t["batch_size"])

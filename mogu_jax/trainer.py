@@ -15,7 +15,6 @@ Output folder (``output.dir``)::
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Optional
@@ -82,6 +81,7 @@ def restore_part(path: str, cfg, part: str):
 
     init = mogu_lib.init_router if part == "router" else mogu_lib.init_branch
     expected = jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(0)))
+    path = os.path.abspath(path)  # orbax wants absolute paths
     ck = ocp.StandardCheckpointer()
     meta = ck.metadata(os.path.join(path, "params"))
     meta = getattr(meta, "item_metadata", meta)
@@ -236,6 +236,7 @@ class _Run:
                             f"(loss={stats['loss']}, grad_norm={stats['grad_norm']}); stopped. The last good "
                             f"checkpoint is {'update ' + str(good) if good is not None else 'none'} in "
                             f"{self.ckpt_dir}")
+        T.stop_if_not_finite(self.state, update + 1, self.stage, self.mngr.latest_step(), self.ckpt_dir)
         dt = T.now() - t0
         self.flops += sum(self.step_flops(mb) for mb in mbs)
         last = T.summarize(stats, self.stage)
@@ -317,8 +318,10 @@ def export_stage(out_dir: str, cfg, stage: str, trained, base_name: str = "") ->
     from jax.experimental import multihost_utils
 
     from mogu_jax.convert import mogu_artifacts as art
-    from mogu_jax.io_utils import atomic_dir
+    from mogu_jax.io_utils import atomic_dir, write_file_atomic, write_json_atomic
 
+    if T.non_finite_parts({"params": trained}):
+        raise MoguError(f"the trained {stage} part holds NaN or inf values; not exported")
     lead = jax.process_index() == 0
     final = os.path.abspath(os.path.join(out_dir, "final", stage))
     pub = os.path.join(out_dir, "published")
@@ -333,8 +336,7 @@ def export_stage(out_dir: str, cfg, stage: str, trained, base_name: str = "") ->
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("mogu-export-saved")
     if lead:
-        with open(os.path.join(final, "stage.json"), "w") as f:
-            json.dump({"stage": stage, "model_config": cfg.to_dict()}, f, indent=2)
+        write_json_atomic(os.path.join(final, "stage.json"), {"stage": stage, "model_config": cfg.to_dict()})
         with atomic_dir(pub, overwrite=True) as tmp:
             if stage == "router":
                 try:
@@ -343,8 +345,7 @@ def export_stage(out_dir: str, cfg, stage: str, trained, base_name: str = "") ->
                     art.write_router(os.path.join(tmp, "router.safetensors"), host, cfg)
             else:
                 art.write_peft_adapter(os.path.join(tmp, stage), host, cfg, base_name)
-        with open(os.path.join(out_dir, DONE), "w") as f:
-            f.write(stage + "\n")
+        write_file_atomic(os.path.join(out_dir, DONE), stage + "\n")
     return {"final": final, "published": pub}
 
 
