@@ -572,6 +572,9 @@ class StageLoader:
         self._seqs = data.sequences()
         self._lengths = {k: np.asarray([ex.length for ex in v], np.int64) for k, v in self._seqs.items()}
         self._order_cache: tuple[int, list[np.ndarray]] | None = None
+        # router stage: ``f(example_rows, length) -> {name: [rows, length, ...]}``, more per-row inputs of a
+        # batch (the trainer's cached lower-layer hidden states, mogu_jax.train.FrozenLayersCache)
+        self.extra_inputs = None
         self._fingerprint: Optional[str] = None
         self.epoch = 0
         self.step = 0
@@ -658,6 +661,8 @@ class StageLoader:
         else:
             batch = self._pad_rows(self._seqs["tokens"], self._lengths["tokens"], indices, rows)
             batch["label"] = np.asarray(self.data.labels, np.int32)[rows]
+            if self.extra_inputs is not None:
+                batch.update(self.extra_inputs(rows, batch["tokens"].shape[1]))
         batch["weight"] = weight[sl]
         return batch
 

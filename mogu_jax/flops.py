@@ -71,16 +71,17 @@ def router_fold_flops(cfg: ModelConfig, layers: int) -> int:
 
 
 def train_step_flops(cfg: ModelConfig, stage: str, batch: int, length: int, prefix: int = 0,
-                     logits_from: int = 0) -> int:
+                     logits_from: int = 0, lower_cached: bool = False) -> int:
     """One micro-batch of ``batch`` examples padded to ``length`` tokens (pair stages run two sequences per
-    example), ``prefix`` shared tokens run once, the LM head from ``logits_from``."""
+    example), ``prefix`` shared tokens run once, the LM head from ``logits_from``; ``lower_cached``: the layers
+    below ``cfg.frozen_layers`` are not run (their output comes from a cache computed once)."""
     mode = MODE[stage]
     seqs = batch * (2 if stage in PAIR_STAGES else 1)
     tokens = seqs * (length - prefix) + (prefix and (2 if stage in PAIR_STAGES else 1) * prefix)
     lo = min(cfg.frozen_layers, cfg.num_layers)
     hi = cfg.num_layers - lo
     scanned = cfg.scan_layers
-    fwd_lo = tokens * layer_flops(cfg, "base", length, lo)
+    fwd_lo = 0 if lower_cached else tokens * layer_flops(cfg, "base", length, lo)
     if mode == "routed" and not scanned:
         routed_hi = sum(1 for i in cfg.router_layer_ids if i >= lo)
     else:

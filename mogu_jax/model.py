@@ -475,24 +475,31 @@ def _router_rows(cfg: ModelConfig, mode: str, ab) -> tuple[Array, Array]:
 def forward(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[Array] = None,
             kv_mask: Optional[Array] = None, cache: Optional[dict] = None, cache_index: Array | int = 0,
             last_only: bool = False, mode: str = "base", logits_from: int = 0,
-            shared_prefix: Sequence[int] = ()) -> ModelOutput:
+            shared_prefix: Sequence[int] = (), hidden: Optional[Array] = None) -> ModelOutput:
     """Pure forward over the stacked layers (``nn.scan``; with ``cfg.scan_layers`` off and no cache, the
     same layers unrolled, :func:`forward_unrolled`). ``params``: a base tree, or a MoGU tree with the parts
     ``mode`` needs. Differentiable and vmappable over ``params``.
 
     ``shared_prefix`` (token ids, static; training): every row of ``tokens`` starts with these tokens (e.g. a
     chat template's system prompt). They are run once, not once per row, and the rows continue from their
-    keys and values; logits and router weights are those of the plain forward (see :func:`_forward_shared`)."""
+    keys and values; logits and router weights are those of the plain forward (see :func:`_forward_shared`).
+
+    ``hidden`` [B, T, D] (training, with ``cfg.frozen_layers = k > 0``): the residual stream entering layer k,
+    as :func:`lower_hidden` computed it for these tokens; the embedding and layers below k are then skipped
+    (they hold nothing trained, so their output is the same every epoch)."""
+    if hidden is not None and not (cfg.scan_layers and 0 < cfg.frozen_layers < cfg.num_layers):
+        raise MoguError("hidden= needs the scanned layers with 0 < cfg.frozen_layers < num_layers")
     if shared_prefix:
         if cache is not None:
             raise MoguError("shared_prefix is for cache-free forwards (training); decoding has its own cache")
-        return _forward_shared(cfg, params, tokens, positions, kv_mask, mode, logits_from, tuple(shared_prefix))
+        return _forward_shared(cfg, params, tokens, positions, kv_mask, mode, logits_from, tuple(shared_prefix),
+                               hidden)
     if not cfg.scan_layers and cache is None:
         return forward_unrolled(cfg, params, tokens, positions, kv_mask, None, cache_index, last_only, mode,
                                 logits_from)
     if cfg.scan_layers and 0 < cfg.frozen_layers < cfg.num_layers:
         return _forward_frozen_below(cfg, params, tokens, positions, kv_mask, cache, cache_index, last_only, mode,
-                                     logits_from)
+                                     logits_from, hidden)
     base, parts = split_params(params)
     mogu = mogu_inputs(cfg, mode, parts)
     logits, new_cache, ab = Decoder(cfg, mode).apply({"params": base}, tokens, positions, kv_mask, cache,
@@ -500,8 +507,24 @@ def forward(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[A
     return ModelOutput(logits, new_cache, *_router_rows(cfg, mode, ab))
 
 
+def lower_hidden(cfg: ModelConfig, params: dict, tokens: Array, kv_mask: Optional[Array] = None) -> Array:
+    """The residual stream entering layer ``cfg.frozen_layers`` (fp32 [B, T, D]): the embedding and the plain
+    base layers below it. Training computes it once per example when nothing below is trained
+    (``train.cache_frozen_layers``) and hands it to :func:`forward` as ``hidden``."""
+    k = cfg.frozen_layers
+    base, _ = split_params(params)
+    positions, kv_mask = _defaults(tokens, None, kv_mask, tokens.shape[1])
+    x = embed(cfg, base["embedding"], tokens)
+    cos, sin, bias = positional(cfg, positions, kv_mask)
+    mask = attention_mask(cfg, kv_mask, tokens.shape[1], 0)
+    plain = cfg.replace(remat=False)
+    lower = jax.tree_util.tree_map(lambda a: a[:k], base["layers"])
+    x, _ = layer_stack(plain, k)(plain, "base").apply({"params": lower}, x, cos, sin, mask, bias, None, 0, {})
+    return x
+
+
 def _forward_frozen_below(cfg: ModelConfig, params: dict, tokens: Array, positions, kv_mask, cache, cache_index,
-                          last_only: bool, mode: str, logits_from: int) -> ModelOutput:
+                          last_only: bool, mode: str, logits_from: int, hidden=None) -> ModelOutput:
     """:func:`forward` with the stacked layers cut at ``k = cfg.frozen_layers``: layers ``[0, k)`` hold nothing
     that is trained, so they run as a plain base stack (no remat, no MoGU inputs: below the lowest router a
     routed layer *is* the base layer) whose output enters the differentiated upper stack through
@@ -526,9 +549,12 @@ def _forward_frozen_below(cfg: ModelConfig, params: dict, tokens: Array, positio
 
     kv_lo = (cache["k"][:k], cache["v"][:k]) if cache is not None else None
     kv_hi = (cache["k"][k:], cache["v"][k:]) if cache is not None else None
-    plain = cfg.replace(remat=False)
-    x, (new_lo, _) = layer_stack(plain, k)(plain, "base").apply(
-        {"params": cut(base["layers"], 0, k)}, x, cos, sin, mask, bias, kv_lo, cache_index, {})
+    if hidden is None:
+        plain = cfg.replace(remat=False)
+        x, (new_lo, _) = layer_stack(plain, k)(plain, "base").apply(
+            {"params": cut(base["layers"], 0, k)}, x, cos, sin, mask, bias, kv_lo, cache_index, {})
+    else:  # the lower layers' output, computed once (lower_hidden); their cache slots stay as they were
+        x, new_lo = hidden.astype(jnp.float32), kv_lo
     x = jax.lax.stop_gradient(x)
     new_lo = jax.lax.stop_gradient(new_lo)
     x, (new_hi, (a, b_)) = layer_stack(cfg, cfg.num_layers - k)(cfg, mode).apply(
@@ -548,7 +574,7 @@ def _forward_frozen_below(cfg: ModelConfig, params: dict, tokens: Array, positio
 
 
 def _forward_shared(cfg: ModelConfig, params: dict, tokens: Array, positions, kv_mask, mode: str,
-                    logits_from: int, prefix: tuple) -> ModelOutput:
+                    logits_from: int, prefix: tuple, hidden=None) -> ModelOutput:
     """:func:`forward` of rows that all start with ``prefix`` (P tokens): the prefix runs once (batch 1) and
     fills a cache; the B rows run from position P on over that cache, broadcast to B rows. The same maths as
     the plain forward (causal attention: the prefix never sees the rows), so the same values and, through the
@@ -570,10 +596,13 @@ def _forward_shared(cfg: ModelConfig, params: dict, tokens: Array, positions, kv
         fwd, cache, axis = forward, init_cache(cfg, 1, t, jnp.float32), 1
     else:
         fwd, cache, axis = forward_unrolled, init_cache_unrolled(cfg, 1, t, jnp.float32), 0
-    head = fwd(cfg, params, head_tokens, head_pos, head_mask, cache, 0, True, mode)  # (one logits row, unused)
+    extra = {} if hidden is None else {"hidden": hidden[:1, :p]}
+    head = fwd(cfg, params, head_tokens, head_pos, head_mask, cache, 0, True, mode, **extra)  # (logits unused)
     cache = jax.tree_util.tree_map(lambda c: jnp.broadcast_to(c, c.shape[:axis] + (b,) + c.shape[axis + 1:]),
                                    head.cache)
-    rest = fwd(cfg, params, tokens[:, p:], positions[:, p:], kv_mask, cache, p, False, mode, logits_from - p)
+    extra = {} if hidden is None else {"hidden": hidden[:, p:]}
+    rest = fwd(cfg, params, tokens[:, p:], positions[:, p:], kv_mask, cache, p, False, mode, logits_from - p,
+               **extra)
 
     def grow(h, r):  # [R, 1, P] + [R, B, T - P] -> [R, B, T]
         return jnp.concatenate([jnp.broadcast_to(h, (h.shape[0], b, p)), r], axis=2)

@@ -72,7 +72,7 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
         params = params_of(trainable, frozen)
         w = batch["weight"].astype(jnp.float32)
         out = forward(cfg, params, batch["tokens"], kv_mask=batch["attn_mask"], mode=mode, logits_from=logits_from,
-                      shared_prefix=shared_prefix)
+                      shared_prefix=shared_prefix, hidden=batch.get("hidden"))
         ce = L.token_ce(out.logits, batch["tokens"], batch["loss_mask"], logits_from)
         mse_a, mse_b = L.router_mse(out.alphas, out.betas, batch["attn_mask"], batch["label"])
         per = ce + router_lambda * (mse_a + mse_b)
@@ -100,6 +100,48 @@ def lowest_trained_layer(cfg: ModelConfig, stage: str) -> int:
     (branches frozen) trains routers only, so with MoGU v2 routers in upper layers everything below the lowest
     one runs forward only (``cfg.frozen_layers``, :func:`mogu_jax.model.forward`)."""
     return min(cfg.router_layer_ids) if stage == "router" else 0
+
+
+class FrozenLayersCache:
+    """The residual stream entering the lowest trained layer, per example, computed once
+    (:func:`mogu_jax.model.lower_hidden`): with MoGU v2 routers in the upper layers and the branches frozen,
+    the layers below run the same forward on the same tokens every epoch. Batches then carry ``hidden`` and
+    the train step skips those layers (the same loss and gradients). Host memory: examples x tokens x hidden
+    size x 4 bytes."""
+
+    def __init__(self, cfg: ModelConfig, frozen: dict, sequences: list, pad_id: int, batch_size: int = 32):
+        from mogu_jax.model import lower_hidden
+
+        fn = jax.jit(lambda base, tokens, mask: lower_hidden(cfg, base, tokens, mask))
+        base = jax.device_put(frozen["base"])
+        self.rows: list[np.ndarray] = [None] * len(sequences)  # type: ignore[list-item]
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo:lo + batch_size]
+            t = max(len(sequences[i]) for i in idx)
+            t = -(-t // 16) * 16  # a few shapes, few compiles
+            tokens = np.full((batch_size, t), pad_id, np.int32)
+            mask = np.zeros((batch_size, t), bool)
+            for r, i in enumerate(idx):
+                tokens[r, :len(sequences[i])] = sequences[i]
+                mask[r, :len(sequences[i])] = True
+            h = np.asarray(fn(base, tokens, mask))
+            for r, i in enumerate(idx):
+                self.rows[i] = h[r, :len(sequences[i])]
+        self.examples = len(sequences)
+        self.tokens = sum(len(x) for x in sequences)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.rows)
+
+    def batch(self, rows: np.ndarray, length: int) -> np.ndarray:
+        """[len(rows), length, D] fp32 for these example indices (zeros past each example's end)."""
+        d = self.rows[0].shape[-1]
+        out = np.zeros((len(rows), length, d), np.float32)
+        for r, i in enumerate(rows):
+            out[r, :len(self.rows[i])] = self.rows[i][:length]
+        return out
 
 
 def summarize(stats: dict, stage: str) -> dict:

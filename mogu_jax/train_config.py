@@ -70,6 +70,9 @@ DEFAULTS: dict = {
         # run the tokens every example starts with (the chat template's system prompt) once per batch, not once
         # per row: the same loss and gradients, less work (StageData.shared_prefix)
         "share_prefix": True,
+        # router stage with routers only from layer k up (branches frozen): the layers below run once per
+        # example, not once per epoch (the same loss and gradients; host memory: examples x tokens x hidden x 4 B)
+        "cache_frozen_layers": True,
         "log_every": 1,
     },
     "checkpoint": {"every": 100, "keep": 3},

@@ -201,6 +201,27 @@ class _Run:
         self.mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
             max_to_keep=int(conf["checkpoint"]["keep"]), create=True))
         self.flops = 0  # analytic FLOPs of the updates run (mogu_jax.flops)
+        self.hidden = self._cache_frozen_layers(examples, frozen, say)
+
+    def _cache_frozen_layers(self, examples, frozen: dict, say: bool):
+        """With nothing trained below layer k (router stage, routers from layer k up): their output per
+        example, once (``train.cache_frozen_layers``; one process; the lower layers then never run again)."""
+        from mogu_jax import flops as F
+
+        k = T.lowest_trained_layer(self.cfg, self.stage)
+        if not (k and self.cfg.scan_layers and self.conf["train"]["cache_frozen_layers"]
+                and jax.process_count() == 1):
+            return None
+        cfg = self.cfg.replace(frozen_layers=k)
+        seqs = [ex.tokens for ex in examples.examples]
+        cache = T.FrozenLayersCache(cfg, frozen, seqs, examples.pad_id)
+        self.loader.extra_inputs = lambda rows, length: {"hidden": cache.batch(rows, length)}
+        self.flops += cache.tokens * F.layer_flops(cfg, "base", max(len(s) for s in seqs), k)
+        if say:
+            print(f"[{self.stage}] layers 0-{k - 1} hold nothing trained: their output is computed once per "
+                  f"example ({cache.nbytes / 2**20:.0f} MiB) and every update runs layers {k}-"
+                  f"{self.cfg.num_layers - 1} only (train.cache_frozen_layers)")
+        return cache
 
     def restore(self) -> int:
         """Continue from the last checkpoint (state and data position); the update to start at."""
@@ -250,7 +271,7 @@ class _Run:
         tokens = mb["affirm"]["tokens"] if "affirm" in mb else mb["tokens"]
         cfg = self.cfg.replace(frozen_layers=T.lowest_trained_layer(self.cfg, self.stage))
         return F.train_step_flops(cfg, self.stage, tokens.shape[0], tokens.shape[1], len(self.prefix),
-                                  self.logits_from)
+                                  self.logits_from, lower_cached=self.hidden is not None)
 
     def train(self, start: int, accum: int, progress: bool, stop_after: Optional[int]) -> dict:
         """Updates ``start`` .. total (or ``stop_after``), with progress, JSONL metrics and checkpoints."""

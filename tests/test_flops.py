@@ -127,3 +127,35 @@ def test_generation_flops_scale():
     ledger.add("data", 2e12)
     ledger.add("glad", 1e12)
     assert ledger.total == 3e12 and "compute 3.00 TFLOP (data 2.00, glad 1.00)" == ledger.format()
+
+
+# ------------------------------------------------------------------ the router stage with cached lower layers
+from test_train import _conf, _final, _losses, world  # noqa: E402,F401  (module fixture + helpers)
+
+
+def test_router_stage_with_cached_lower_layers_trains_the_same(world, tmp_path):
+    """Routers in layer 1 only (MoGU v2 subset) with the layer below cached once per example: the same losses
+    and routers as running it every step (and as the single scan), fewer FLOPs counted; a sharded mesh too."""
+    from mogu_jax.trainer import run_stage
+    glad, unw = str(tmp_path / "glad"), str(tmp_path / "unwilling")
+    run_stage(_conf(world, "glad", glad, "train.max_steps=1", "mesh.data=1"), progress=False)
+    run_stage(_conf(world, "unwilling", unw, "train.max_steps=1", "mesh.data=1"), progress=False)
+    results = {}
+    for name, extra in (("cached", ["train.cache_frozen_layers=true"]),
+                        ("plain", ["train.cache_frozen_layers=false"]),
+                        ("cached_mesh", ["train.cache_frozen_layers=true", "mesh.data=2", "mesh.fsdp=2"]),
+                        ("shared", ["train.cache_frozen_layers=true", "model.template=vicuna",
+                                    "model.system=You are a careful assistant who answers briefly"]),
+                        ("shared_plain", ["train.cache_frozen_layers=false", "model.template=vicuna",
+                                          "model.system=You are a careful assistant who answers briefly"])):
+        out = str(tmp_path / name)
+        mesh = [] if any(e.startswith("mesh.") for e in extra) else ["mesh.data=1"]
+        res = run_stage(_conf(world, "router", out, "train.max_steps=3", "optim.lr=1e-2", "model.router_layers=[1]",
+                              f"inputs.glad={glad}", f"inputs.unwilling={unw}", *mesh, *extra), progress=False)
+        assert res["done"]
+        results[name] = (_losses(out), _final(out, "router", res["cfg"]), res["flops"])
+    for a, b in (("cached", "plain"), ("cached_mesh", "plain"), ("shared", "shared_plain")):
+        np.testing.assert_allclose(results[a][0], results[b][0], rtol=1e-5, err_msg=a)
+        for x, y in zip(jax.tree_util.tree_leaves(results[a][1]), jax.tree_util.tree_leaves(results[b][1])):
+            np.testing.assert_allclose(x, y, atol=1e-5, err_msg=a)
+    assert results["cached"][2] < results["plain"][2]
