@@ -147,6 +147,8 @@ def _add_demo(sub):
     p.add_argument("--out", type=path_arg, default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the same pipeline on a tiny slice (CI, tests)")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--config", type=path_arg, default=None,
+                   help="the demo's settings (default: the shipped configs/smollm2-135m.yaml; a copy to edit)")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -297,7 +299,7 @@ def cmd_demo(args) -> int:
     from mogu_jax.io_utils import check_output_dir
     from mogu_jax.pipeline import run_demo
     check_output_dir(args.out, args.overwrite)  # before any work (the demo's own check comes later)
-    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, dtype=args.dtype)
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, dtype=args.dtype, config=args.config)
     return 0
 
 
