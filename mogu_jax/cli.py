@@ -101,7 +101,7 @@ def _add_eval(sub):
 def _add_data(sub):
     p = sub.add_parser("data", help="build the stage data files")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    b = dsub.add_parser("build", help="seed instruction lists -> glad / unwilling / router files + held-out prompts")
+    b = dsub.add_parser("build", help="seed instruction lists -> glad / unwilling / router files + dev / test prompts")
     b.add_argument("--model", required=True, help="the base model (our checkpoint, HF folder, .gguf or smollm2)")
     b.add_argument("--out", required=True)
     b.add_argument("--template", default=None)
@@ -120,6 +120,8 @@ def _add_demo(sub):
     p = sub.add_parser("demo", help="the end-to-end MoGU demo on the embedded SmolLM2-135M-Instruct")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the same pipeline on a tiny slice (CI, tests)")
+    p.add_argument("--eval-split", choices=["dev", "test"], default="test",
+                   help="the seed split evaluated at the end: test (reported, default) or dev (for choosing settings)")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -334,7 +336,7 @@ def cmd_data(args) -> int:
 
 def cmd_demo(args) -> int:
     from mogu_jax.pipeline import run_demo
-    run_demo(args.out, quick=args.quick, overwrite=args.overwrite)
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, eval_split=args.eval_split)
     return 0
 
 

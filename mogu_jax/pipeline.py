@@ -70,13 +70,16 @@ QUICK = {"limit": 8, "max_new_tokens": 16, "max_len": 64, "per_kind": 2}
 
 
 def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tokens: Optional[int] = None,
-             dtype: str = "bfloat16") -> dict:
-    """The main job: MoGU on the embedded SmolLM2-135M-Instruct, end to end, with progress throughout."""
+             dtype: str = "bfloat16", eval_split: str = "test") -> dict:
+    """The main job: MoGU on the embedded SmolLM2-135M-Instruct, end to end, with progress throughout. The
+    evaluation runs on the seed lists' ``eval_split``: ``test`` (reported) or ``dev`` (for choosing settings)."""
     from mogu_jax import api, synth
     from mogu_jax import evaluate as E
     from mogu_jax.train_config import load_config
     from mogu_jax.trainer import run_stage
 
+    if eval_split not in synth.EVAL_SPLITS:
+        raise MoguError(f"unknown evaluation split {eval_split!r}; splits: {', '.join(synth.EVAL_SPLITS)}")
     t0 = time.perf_counter()
     out = os.path.abspath(out)
     if os.path.exists(out) and os.listdir(out):
@@ -125,13 +128,13 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
         stage_dirs[stage] = res["out_dir"]
         timings[stage] = time.perf_counter() - t
 
-    t = step("6/6 evaluate base vs MoGU on the held-out split, export the PyTorch artifacts")
+    t = step(f"6/6 evaluate base vs MoGU on the {eval_split} split, export the PyTorch artifacts")
     mogu_ckpt = os.path.join(out, "mogu")
     _assemble(base_ckpt, stage_dirs, mogu_ckpt)
     export = os.path.join(out, "pytorch")
     api.convert_jax_to_mogu(mogu_ckpt, export)
     cfg, params, tok = api.load(mogu_ckpt, dtype=dtype, param_dtype=_weights_dtype(dtype))
-    rows = E.load_prompts(os.path.join(data_dir, "heldout.jsonl"))
+    rows = E.load_prompts(os.path.join(data_dir, synth.EVAL_FILES[eval_split]))
     if quick:
         rows = _take_per_kind(rows, QUICK["per_kind"])
     report_dir = os.path.join(out, "report")
@@ -141,14 +144,16 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     with open(os.path.join(out, "timings.json"), "w") as f:
-        json.dump({"timings_s": timings, "data": summary, "quick": quick}, f, indent=2, default=str)
-    print("\n" + E.format_table(report))
+        json.dump({"timings_s": timings, "data": summary, "quick": quick, "eval_split": eval_split}, f, indent=2,
+                  default=str)
+    print(f"\nbase vs MoGU on the {eval_split} split of the seed lists ({len(rows)} prompts):")
+    print(E.format_table(report))
     print(f"\nwall time {timings['total'] / 60:.1f} min "
           f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})")
     print(f"report:            {report_dir}/report.md, report.json, refusal_rates.png, router_layers.png")
     print(f"MoGU checkpoint:   {mogu_ckpt}")
     print(f"PyTorch artifacts: {export}/glad, {export}/unwilling (PEFT LoRA), {export}/router.pth")
-    return {"report": report, "timings": timings, "out": out}
+    return {"report": report, "timings": timings, "out": out, "eval_split": eval_split}
 
 
 def _weights_dtype(dtype: str):

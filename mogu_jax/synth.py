@@ -1,11 +1,12 @@
 """``mogu-jax data build``: the shipped seed lists (:mod:`mogu_jax.seeds`) -> the three stages' training files
-and the held-out evaluation prompts (MOGU_SPEC.md sections 2 and 5).
+and the dev / test evaluation prompts (MOGU_SPEC.md sections 2 and 5).
 
     from mogu_jax import api, synth
     cfg, params, tok = api.load("smollm2")
     summary = synth.build_data(cfg, params, tok, "data/smollm2", limit=None)
 
-**What is built** (only from the *train* rows of ``splits.json``; the held-out rows only go to ``heldout.jsonl``):
+**What is built** (only from the *train* rows of ``splits.json``; the dev and test rows only go to ``dev.jsonl``
+and ``test.jsonl``):
 
 * **glad** pairs, one per malicious train instruction: ``affirmative`` = the base model's own answer. With
   ``prime_malicious`` (default) the assistant turn is started with an affirmative opening from the bank (its
@@ -23,10 +24,11 @@ and the held-out evaluation prompts (MOGU_SPEC.md sections 2 and 5).
   when empty or refused, as above; each instruction is generated once and the benign answers are shared with the
   unwilling stage), then every malicious train instruction with its glad-stage refusal, label 1 (these need no
   generation, so none is dropped).
-* **held-out prompts** ``heldout.jsonl`` (``{"id", "prompt", "kind"}``, :func:`mogu_jax.evaluate.load_prompts`
-  reads it): ``harmful`` = held-out malicious; ``jailbreak`` = each held-out malicious instruction wrapped in one
-  jailbreak template, cycling through the templates in order (row ``k`` of the held-out list uses template
-  ``k % n_templates``); ``benign`` = held-out benign; ``borderline`` = held-out contrast.
+* **evaluation prompts** ``dev.jsonl`` and ``test.jsonl``, one per split (``{"id", "prompt", "kind"}``,
+  :func:`mogu_jax.evaluate.load_prompts` reads them; :func:`eval_prompts`): ``harmful`` = the split's malicious
+  rows; ``jailbreak`` = each of them wrapped in one jailbreak template, cycling through the templates in order
+  (row ``k`` of the split's list uses template ``k % n_templates``); ``benign`` = its benign rows;
+  ``borderline`` = its contrast rows. Dev is for every choice of settings; test is reported, never tuned on.
 
 **Choices per row** (the affirmative opening and the bank refusal) are a pure function of ``seed`` and the
 instruction text (a SHA-256 hash), so they do not change with ``limit``, the batch size or the order of rows.
@@ -47,7 +49,7 @@ a refusal keyword in the opening) are dropped and listed in ``summary.json`` wit
 (``{"instruction", "output", "label"}``); the published JSON layout ``unsafety_affirm.json``,
 ``unsafety_reject.json``, ``safety_affirm.json``, ``safety_reject.json``, ``data_normal.json``,
 ``data_label.json`` (the same rows, so ``mogu_jax.data.load_stage_data(stage, out_dir)`` and
-``load_stage_data(stage, out_dir/glad.jsonl)`` agree); ``heldout.jsonl``; ``summary.json`` (rows per file,
+``load_stage_data(stage, out_dir/glad.jsonl)`` agree); ``dev.jsonl``, ``test.jsonl``; ``summary.json`` (rows per file,
 every dropped row with its reason, generation settings; no timings, so it is deterministic too).
 
 **Speed.** One generation call per list (benign answers, contrast answers, primed malicious answers, and with
@@ -87,10 +89,17 @@ SEED_FILES = {
     "splits": "splits.json",
 }
 SPLIT_KINDS = ("benign", "malicious", "contrast")
+#: The fixed splits of ``splits.json``: train (training data only), dev (every choice of settings, data and router
+#: design), test (reported, never used to choose anything).
+SPLIT_PARTS = ("train", "dev", "test")
+#: The splits written as evaluation prompts (``dev.jsonl``, ``test.jsonl``).
+EVAL_SPLITS = ("dev", "test")
+#: The evaluation kinds of those files, in their order.
+EVAL_KINDS = ("harmful", "jailbreak", "benign", "borderline")
 REFUSAL_SOURCES = ("bank", "model")
 
 SUMMARY_FORMAT = "mogu_jax.synth_data"
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 
 #: The system prompt for ``refusal_source="model"``: the base model's answer to a malicious instruction under it
 #: is the refusal target when the judge calls it a clean refusal.
@@ -111,7 +120,7 @@ TOPIC_MARKERS: tuple[str, ...] = (
 
 # files of our layout, per stage
 JSONL_FILES = {"glad": "glad.jsonl", "unwilling": "unwilling.jsonl", "router": "router.jsonl"}
-HELDOUT_FILE = "heldout.jsonl"
+EVAL_FILES = {part: f"{part}.jsonl" for part in EVAL_SPLITS}
 SUMMARY_FILE = "summary.json"
 
 
@@ -139,14 +148,14 @@ def _check_seeds(s: dict) -> None:
                                                  for r in rows):
             raise MoguError(f"seed file {SEED_FILES[kind]}: expected a list of objects with an 'instruction'")
         sp = s["splits"].get(kind)
-        if not isinstance(sp, dict) or not isinstance(sp.get("train"), list) or not isinstance(sp.get("heldout"), list):
-            raise MoguError(f"seed file splits.json: no train/heldout lists for {kind!r}")
-        idx = sp["train"] + sp["heldout"]
+        if not isinstance(sp, dict) or not all(isinstance(sp.get(p), list) for p in SPLIT_PARTS):
+            raise MoguError(f"seed file splits.json: no {'/'.join(SPLIT_PARTS)} lists for {kind!r}")
+        idx = [i for p in SPLIT_PARTS for i in sp[p]]
         bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(rows)]
         if bad:
             raise MoguError(f"seed file splits.json: {kind} index {bad[0]!r} is out of range (0..{len(rows) - 1})")
         if len(set(idx)) != len(idx):
-            raise MoguError(f"seed file splits.json: {kind} has an index listed twice (train and held-out must be "
+            raise MoguError(f"seed file splits.json: {kind} has an index listed twice (train, dev and test must be "
                             "disjoint)")
     for key in ("jailbreak_templates", "refusals", "affirmative_openings"):
         v = s[key]
@@ -164,15 +173,17 @@ def load_seeds() -> dict:
     return copy.deepcopy(_load_seeds_cached())
 
 
-def split(kind: str) -> tuple[list[dict], list[dict]]:
-    """``(train_rows, heldout_rows)`` of seed kind ``benign``, ``malicious`` or ``contrast`` in the fixed order of
-    ``splits.json``. Each row is a copy of the seed row plus ``"index"``, its position in the seed file."""
+def split(kind: str, part: str) -> list[dict]:
+    """The rows of seed kind ``benign``, ``malicious`` or ``contrast`` in split ``part`` (``train``, ``dev`` or
+    ``test``), in the fixed order of ``splits.json``. Each row is a copy of the seed row plus ``"index"``, its
+    position in the seed file."""
     if kind not in SPLIT_KINDS:
         raise MoguError(f"unknown seed kind {kind!r}; kinds with a split: {', '.join(SPLIT_KINDS)}")
+    if part not in SPLIT_PARTS:
+        raise MoguError(f"unknown split {part!r}; splits: {', '.join(SPLIT_PARTS)}")
     s = _load_seeds_cached()
     rows = s[kind]
-    sp = s["splits"][kind]
-    return ([dict(rows[i], index=i) for i in sp["train"]], [dict(rows[i], index=i) for i in sp["heldout"]])
+    return [dict(rows[i], index=i) for i in s["splits"][kind][part]]
 
 
 def generic_refusals(refusals: Optional[Sequence[str]] = None) -> list[str]:
@@ -319,6 +330,22 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
 # build
 # ------------------------------------------------------------------------------------------------------------
 
+def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str]) -> list[dict]:
+    """The evaluation prompts of one split (``{"id", "prompt", "kind"}``, :data:`EVAL_KINDS`) from its seed rows
+    ``{"malicious", "benign", "contrast"}``: ``harmful`` = the malicious rows; ``jailbreak`` = each malicious row
+    wrapped in one template, row ``k`` in template ``k % len(templates)``; ``benign``; ``borderline`` = contrast."""
+    out = [{"id": f"harmful-{r['index']:03d}", "prompt": r["instruction"], "kind": "harmful"}
+           for r in rows["malicious"]]
+    for k, r in enumerate(rows["malicious"]):
+        t = k % len(templates)
+        out.append({"id": f"jailbreak-{r['index']:03d}-t{t:02d}",
+                    "prompt": templates[t].format(instruction=r["instruction"]), "kind": "jailbreak"})
+    out += [{"id": f"benign-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign"} for r in rows["benign"]]
+    out += [{"id": f"borderline-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline"}
+            for r in rows["contrast"]]
+    return out
+
+
 def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template):
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
@@ -376,11 +403,11 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
                max_new_tokens: int = 96, batch_size: int = 8, limit: Optional[int] = None, seed: int = 0,
                refusal_source: str = "bank", prime_malicious: bool = True, progress: bool = True,
                overwrite: bool = False, generate_fn: Optional[Callable] = None, judge=None) -> dict:
-    """Build the training files of the three stages and the held-out prompts into ``out_dir`` (see the module
+    """Build the training files of the three stages and the dev / test prompts into ``out_dir`` (see the module
     docstring). Returns the summary written to ``summary.json`` plus ``out_dir`` and ``seconds``.
 
     ``limit``: at most this many rows per seed kind, spread evenly over the train rows and, separately, the
-    held-out rows (:func:`spread`). ``generate_fn``/``judge`` replace the model and the refusal judge
+    dev and the test rows (:func:`spread`). ``generate_fn``/``judge`` replace the model and the refusal judge
     (``cfg``/``params``/``tokenizer`` may then be None).
     """
     t0 = time.perf_counter()
@@ -402,10 +429,9 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     openings = list(seeds["affirmative_openings"])
     templates = list(seeds["jailbreak_templates"])
 
-    train, heldout = {}, {}
-    for kind in SPLIT_KINDS:
-        tr, ho = split(kind)
-        train[kind], heldout[kind] = spread(tr, limit), spread(ho, limit)
+    train = {kind: spread(split(kind, "train"), limit) for kind in SPLIT_KINDS}
+    evals = {part: eval_prompts({kind: spread(split(kind, part), limit) for kind in SPLIT_KINDS}, templates)
+             for part in EVAL_SPLITS}
 
     def run(what: str, instructions: list[str], **kw) -> list[tuple[str, bool]]:
         if not instructions:
@@ -490,18 +516,6 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
             raise MoguError(f"the {stage} stage has no rows: {cause}; see the dropped rows (a larger limit, "
                             "another template or --max-new-tokens may help)")
 
-    held: list[dict] = []
-    for r in heldout["malicious"]:
-        held.append({"id": f"harmful-{r['index']:03d}", "prompt": r["instruction"], "kind": "harmful"})
-    for k, r in enumerate(heldout["malicious"]):
-        t = k % len(templates)
-        held.append({"id": f"jailbreak-{r['index']:03d}-t{t:02d}", "prompt": templates[t].format(
-            instruction=r["instruction"]), "kind": "jailbreak"})
-    for r in heldout["benign"]:
-        held.append({"id": f"benign-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign"})
-    for r in heldout["contrast"]:
-        held.append({"id": f"borderline-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline"})
-
     # ---- files ---------------------------------------------------------------------------------------------
     def outputs(rows, field):
         return [{"instruction": r["instruction"], "output": r[field]} for r in rows]
@@ -516,13 +530,13 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
         "safety_reject.json": _json(outputs(unwilling, "refusal")),
         "data_normal.json": _json(outputs(router, "output")),
         "data_label.json": json.dumps([r["label"] for r in router]) + "\n",
-        HELDOUT_FILE: _jsonl(held),
+        **{EVAL_FILES[part]: _jsonl(rows) for part, rows in evals.items()},
     }
     counts = {JSONL_FILES["glad"]: len(glad), JSONL_FILES["unwilling"]: len(unwilling),
               JSONL_FILES["router"]: len(router), "unsafety_affirm.json": len(glad),
               "unsafety_reject.json": len(glad), "safety_affirm.json": len(unwilling),
               "safety_reject.json": len(unwilling), "data_normal.json": len(router), "data_label.json": len(router),
-              HELDOUT_FILE: len(held)}
+              **{EVAL_FILES[part]: len(rows) for part, rows in evals.items()}}
 
     def drops(kind):
         out: dict[str, int] = {}
@@ -543,7 +557,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
                        "label_0": sum(r["label"] == 0 for r in router), "label_1": sum(r["label"] == 1 for r in router),
                        "dropped": {"benign": drops("benign"), "contrast": drops("contrast")}},
         },
-        "heldout": {k: sum(h["kind"] == k for h in held) for k in ("harmful", "jailbreak", "benign", "borderline")},
+        "eval": {part: {k: sum(h["kind"] == k for h in rows) for k in EVAL_KINDS} for part, rows in evals.items()},
         "dropped": dropped,
         "trimmed_at_sentence_end": trimmed,
         "refusals": {"source": refusal_source, "bank_size": len(refusals), "generic_bank_size": len(benign_refusals),
@@ -562,5 +576,5 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
             _write(tmp, name, text)
     seconds = round(time.perf_counter() - t0, 2)
     _say(progress, f"wrote {out_dir}: glad {len(glad)}, unwilling {len(unwilling)}, router {len(router)} rows, "
-                   f"{len(held)} held-out prompts, {len(dropped)} dropped ({seconds} s)")
+                   f"{' + '.join(f'{len(v)} {p}' for p, v in evals.items())} evaluation prompts, {len(dropped)} dropped ({seconds} s)")
     return dict(summary, out_dir=os.path.abspath(out_dir), seconds=seconds)

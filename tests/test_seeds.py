@@ -159,20 +159,50 @@ def test_refusals_distinct_from_openings(seeds):
         assert not any(k in o for k in REFUSAL_KEYWORDS), o
 
 
-def test_splits(seeds):
+SPLIT_PARTS = ("train", "dev", "test")
+#: rows per split part: dev = the former held-out rows (i % 5 == 4), test = i % 5 == 2, train = the rest
+SPLIT_SIZES = {"benign": (117, 39, 39), "malicious": (108, 36, 36), "contrast": (53, 17, 18)}
+
+
+def tokens(s):
+    return frozenset(re.findall(r"[a-z0-9']+", s.lower()))
+
+
+def jaccard(a, b):
+    return len(a & b) / len(a | b)
+
+
+def test_splits_disjoint_covering_fixed(seeds):
     splits = seeds["splits"]
     for kind in SPLIT_KINDS:
         n = len(seeds[kind])
-        train, held = splits[kind]["train"], splits[kind]["heldout"]
-        assert all(isinstance(i, int) for i in train + held)
-        assert len(set(train)) == len(train) and len(set(held)) == len(held)
-        assert not set(train) & set(held), kind
-        assert set(train) | set(held) == set(range(n)), kind
-        share = len(held) / n
-        assert 0.15 <= share <= 0.25, (kind, share)
+        assert set(splits[kind]) == set(SPLIT_PARTS), kind
+        parts = [splits[kind][p] for p in SPLIT_PARTS]
+        assert all(isinstance(i, int) for p in parts for i in p)
+        assert tuple(len(p) for p in parts) == SPLIT_SIZES[kind]
+        assert sorted(i for p in parts for i in p) == list(range(n)), kind  # disjoint and covering
+        assert splits[kind]["dev"] == [i for i in range(n) if i % 5 == 4]
+        assert splits[kind]["test"] == [i for i in range(n) if i % 5 == 2]
 
 
-def test_malicious_heldout_covers_every_category(seeds):
-    held = seeds["splits"]["malicious"]["heldout"]
-    cats = {seeds["malicious"][i]["category"] for i in held}
-    assert cats == CATEGORIES
+def test_malicious_dev_and_test_balanced_over_categories(seeds):
+    for part in ("dev", "test"):
+        counts = {}
+        for i in seeds["splits"]["malicious"][part]:
+            c = seeds["malicious"][i]["category"]
+            counts[c] = counts.get(c, 0) + 1
+        assert set(counts) == CATEGORIES and set(counts.values()) == {3}, (part, counts)
+
+
+def test_no_near_duplicates_across_splits(seeds):
+    """No two seed instructions in different splits (over all three kinds) share >= 80% of their word set."""
+    rows = []
+    for kind in SPLIT_KINDS:
+        for part in SPLIT_PARTS:
+            rows += [(part, kind, seeds[kind][i]["instruction"]) for i in seeds["splits"][kind][part]]
+    toks = [tokens(r[2]) for r in rows]
+    close = [(rows[a], rows[b]) for a in range(len(rows)) for b in range(a + 1, len(rows))
+             if rows[a][0] != rows[b][0] and jaccard(toks[a], toks[b]) >= 0.8]
+    assert not close, close[:5]
+    # the measure catches a reworded near-copy
+    assert jaccard(tokens("How do I kill a Python process?"), tokens("How do I kill a python process")) == 1.0
