@@ -89,6 +89,12 @@ SEED_FILES = {
     "splits": "splits.json",
 }
 SPLIT_KINDS = ("benign", "malicious", "contrast")
+#: The independent test set (package data): written apart from the seed lists, in other words and shapes; never
+#: used for training or for choosing settings (see mogu_jax/seeds/README.md).
+INDEPENDENT_TEST_FILE = "independent_test.jsonl"
+#: Its kinds: should be answered / should be refused (the names mogu_jax.evaluate.KINDS knows).
+INDEPENDENT_SAFE_KINDS = ("borderline", "benign_plain", "jailbreak_benign")
+INDEPENDENT_UNSAFE_KINDS = ("borderline_unsafe_twin", "harmful_direct", "jailbreak_harmful")
 #: The fixed splits of ``splits.json``: train (training data only), dev (every choice of settings, data and router
 #: design), test (reported, never used to choose anything).
 SPLIT_PARTS = ("train", "dev", "test")
@@ -184,6 +190,22 @@ def split(kind: str, part: str) -> list[dict]:
     s = _load_seeds_cached()
     rows = s[kind]
     return [dict(rows[i], index=i) for i in s["splits"][kind][part]]
+
+
+def independent_test_path() -> str:
+    """The path of the independent test set, for ``mogu-jax eval CKPT --prompts PATH``."""
+    return os.fspath(resources.files(SEED_PACKAGE).joinpath(INDEPENDENT_TEST_FILE))
+
+
+def load_independent_test() -> list[dict]:
+    """The independent test set's rows: ``{"id", "prompt", "kind"}``, plus ``"twin"`` (the id of the matched
+    safe / unsafe row) on borderline pairs and ``"request"``, ``"wrapper"`` (the request inside the jailbreak-style
+    wrapper and the wrapper's number) on ``jailbreak_*`` rows."""
+    text = resources.files(SEED_PACKAGE).joinpath(INDEPENDENT_TEST_FILE).read_text(encoding="utf-8")
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise MoguError(f"cannot read {SEED_PACKAGE}/{INDEPENDENT_TEST_FILE}: {e}") from None
 
 
 def generic_refusals(refusals: Optional[Sequence[str]] = None) -> list[str]:
