@@ -18,7 +18,8 @@ dropped silently.
 
 **Tokenisation.** prompt = ``format_prompt(tokenizer, instruction, template, system)`` encoded with
 ``encode_prompt``; the response is ``tokenizer(response, add_special_tokens=False)`` appended directly (separate
-tokenisation, so the prompt/response boundary is exact); no EOS is appended; the whole example is cut at
+tokenisation, so the prompt/response boundary is exact); no EOS is appended (with ``refusal_eos`` the refusal
+targets get one, see :func:`tokenize_stage`); the whole example is cut at
 ``max_len`` tokens (counted as truncated). ``loss_mask`` is True exactly at the response tokens (the tokens the
 LM loss predicts, ``tokens[t]`` from position ``t - 1``).
 
@@ -480,10 +481,25 @@ class StageData:
         return out
 
 
+def eos_id(tokenizer) -> int:
+    """The tokenizer's EOS id (the first one when it has several)."""
+    v = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(v, (list, tuple)):
+        v = v[0] if v else None
+    if v is None:
+        raise MoguError("data.refusal_eos needs a tokenizer with an EOS token; this one has none")
+    return int(v)
+
+
 def tokenize_stage(stage: str, rows: Sequence[dict], tokenizer, *, template: Optional[str] = None,
                    system: Optional[str] = None, max_len: int = DEFAULT_MAX_LEN,
-                   source: Optional[str] = None) -> StageData:
+                   source: Optional[str] = None, refusal_eos: bool = False) -> StageData:
     """Tokenise the rows of :func:`load_stage_data` for ``stage``.
+
+    ``refusal_eos`` (``data.refusal_eos``; off in the published setting): append the tokenizer's EOS id to every
+    refusal target, i.e. the ``refusal`` side of the glad and unwilling pairs and the ``output`` of the router
+    stage's malicious rows (label 1), so the model learns that a refusal ends there instead of looping; cut with
+    the rest of the example at ``max_len``. Affirmative / benign responses are unchanged.
 
     Raises :class:`MoguError` naming the row (counted from 1) when an example's response would be cut off
     entirely by ``max_len`` or encodes to nothing. ``source`` (e.g. the file name) prefixes those messages.
@@ -491,6 +507,8 @@ def tokenize_stage(stage: str, rows: Sequence[dict], tokenizer, *, template: Opt
     _check_stage(stage)
     if not isinstance(max_len, int) or max_len < 2:
         raise MoguError(f"max_len must be an integer >= 2, got {max_len!r}")
+    if not isinstance(refusal_eos, bool):
+        raise MoguError(f"data.refusal_eos must be true or false, got {refusal_eos!r}")
     if not rows:
         raise MoguError(f"no training rows for the {stage} stage")
     pairs = stage in PAIR_STAGES
@@ -500,27 +518,30 @@ def tokenize_stage(stage: str, rows: Sequence[dict], tokenizer, *, template: Opt
             if f not in r:
                 raise MoguError(f"row {i + 1}: missing field {f!r} for the {stage} stage")
     prefix = f"{source}: " if source else ""
+    labels = None if pairs else np.asarray(
+        [_label_value(r["label"], source or "rows", f"row {i + 1}") for i, r in enumerate(rows)], np.int32)
+    eos = [eos_id(tokenizer)] if refusal_eos else []
     prompts = [encode_prompt(tokenizer, format_prompt(tokenizer, r["instruction"], template, system)) for r in rows]
     seqs: dict[str, list[Example]] = {}
     for f in fields:
         resp = tokenizer([r[f] for r in rows], add_special_tokens=False)["input_ids"]
-        seqs[f] = [_make_example(p, list(ids), max_len, f"{prefix}{stage} row {i + 1} ({f})")
-                   for i, (p, ids) in enumerate(zip(prompts, resp))]
+        is_refusal = [f == "refusal"] * len(rows) if pairs else [bool(lab == 1) for lab in labels]
+        seqs[f] = [_make_example(p, list(ids) + (eos if ref else []), max_len, f"{prefix}{stage} row {i + 1} ({f})")
+                   for i, (p, ids, ref) in enumerate(zip(prompts, resp, is_refusal))]
     pad = _pad_id(tokenizer)
     if pairs:
         return StageData(stage, max_len, pad, affirm=seqs["affirmative"], refusal=seqs["refusal"])
-    labels = np.asarray([_label_value(r["label"], source or "rows", f"row {i + 1}") for i, r in enumerate(rows)],
-                        np.int32)
     return StageData(stage, max_len, pad, examples=seqs["output"], labels=labels)
 
 
 def load_and_tokenize(stage: str, paths, tokenizer, *, template: Optional[str] = None, system: Optional[str] = None,
-                      max_len: int = DEFAULT_MAX_LEN) -> StageData:
+                      max_len: int = DEFAULT_MAX_LEN, refusal_eos: bool = False) -> StageData:
     """:func:`load_stage_data` then :func:`tokenize_stage`."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     rows = load_stage_data(stage, *paths)
     src = os.fspath(paths[0]) if len(paths) == 1 else " + ".join(os.path.basename(os.fspath(p)) for p in paths)
-    return tokenize_stage(stage, rows, tokenizer, template=template, system=system, max_len=max_len, source=src)
+    return tokenize_stage(stage, rows, tokenizer, template=template, system=system, max_len=max_len, source=src,
+                          refusal_eos=refusal_eos)
 
 
 # --------------------------------------------------------------------------------------------------------------

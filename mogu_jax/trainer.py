@@ -140,7 +140,7 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
     dconf = conf["data"]
     rows = D.load_stage_data(stage, *stage_paths(stage, dconf[stage]))
     examples = D.tokenize_stage(stage, rows, tok, template=m["template"], system=m["system"],
-                                max_len=int(dconf["max_len"]))
+                                max_len=int(dconf["max_len"]), refusal_eos=dconf["refusal_eos"])
     tconf = conf["train"]
     loader = D.StageLoader(examples, int(tconf["batch_size"]), seed=int(tconf["seed"]),
                            shuffle=bool(dconf["shuffle"]), buckets=tuple(dconf["buckets"]),

@@ -235,6 +235,34 @@ def test_masking_chat_template(tok):
     assert r.loss_mask.tolist() == [False] * len(prompt) + [True]
 
 
+def test_refusal_eos(tok):
+    """data.refusal_eos: the refusal targets (pairs' refusal, router label-1 output) end with the tokenizer's EOS
+    id exactly when on; nothing else changes."""
+    assert tok.eos_token_id == EOS_ID
+    pairs = make_pair_rows(6, seed=3)
+    router = make_router_rows(12, seed=4)
+    assert {r["label"] for r in router} == {0, 1}
+    for stage, rows in (("glad", pairs), ("unwilling", pairs), ("router", router)):
+        off = D.tokenize_stage(stage, rows, tok, template="falcon")
+        on = D.tokenize_stage(stage, rows, tok, template="falcon", refusal_eos=True)
+        if stage == "router":
+            refusal = [(a, b) for a, b, lab in zip(off.examples, on.examples, off.labels) if lab == 1]
+            other = [(a, b) for a, b, lab in zip(off.examples, on.examples, off.labels) if lab == 0]
+        else:
+            refusal, other = list(zip(off.refusal, on.refusal)), list(zip(off.affirm, on.affirm))
+        for a, b in refusal:
+            assert a.tokens[-1] != EOS_ID and b.tokens[-1] == EOS_ID
+            assert b.tokens.tolist() == a.tokens.tolist() + [EOS_ID]
+            assert b.loss_mask.tolist() == a.loss_mask.tolist() + [True]  # the EOS is a predicted target
+        for a, b in other:
+            assert a.tokens.tolist() == b.tokens.tolist() and EOS_ID not in b.tokens.tolist()
+    # off by default (the published setting); a config override turns it on
+    from mogu_jax.train_config import load_config
+    assert load_config("glad")["data"]["refusal_eos"] is False
+    assert load_config("glad", None, ["data.refusal_eos=true"])["data"]["refusal_eos"] is True
+    assert "true or false" in _err(lambda: D.tokenize_stage("glad", pairs, tok, refusal_eos="yes"))
+
+
 def test_truncation_counted_and_fully_cut_response_is_an_error(tok):
     rows = [{"instruction": "w5", "affirmative": "w6 " * n, "refusal": "w7 " * m} for n, m in
             ((3, 3), (20, 2), (30, 40), (1, 1))]
