@@ -10,11 +10,10 @@ Pipeline::
 
 **Loading.** The published layout (row-aligned JSON lists of ``{"instruction", "output"}``; for the router
 ``data_normal.json`` plus a JSON list of 0/1 labels) and our JSONL layout (``{"instruction", "affirmative",
-"refusal"}`` or ``{"instruction", "output", "label"}``) load to the same rows. Files are first checked with
-Python's ``json`` (exact line/column for invalid JSON, structure checked, because pyarrow crashes on some
-malformed inputs such as a ``null`` row in a list of objects) and then read with ``datasets``. Every problem is a
-:class:`MoguError` naming the file and the row (rows count from 1; JSONL rows also give their line). Nothing is
-dropped silently.
+"refusal"}`` or ``{"instruction", "output", "label"}``) load to the same rows. Each file is parsed once, with
+Python's ``json`` (exact line/column for invalid JSON; rows, fields and their types checked; fields a stage does
+not use are ignored). Every problem is a :class:`MoguError` naming the file and the row (rows count from 1;
+JSONL rows also give their line). Nothing is dropped silently.
 
 **Tokenisation.** prompt = ``format_prompt(tokenizer, instruction, template, system)`` encoded with
 ``encode_prompt``; the response is ``tokenizer(response, add_special_tokens=False)`` appended directly (separate
@@ -53,7 +52,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -146,36 +144,12 @@ def _parse_records(path: str, scalars: bool = False) -> tuple[list, list[str]]:
     return values, locs
 
 
-def _load_with_datasets(path: str) -> list[dict]:
-    import datasets
-    bars_were_enabled = datasets.is_progress_bar_enabled()
-    verbosity = datasets.utils.logging.get_verbosity()
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # our own error says what failed
-    try:
-        with tempfile.TemporaryDirectory(prefix="mogu-data-") as cache:
-            ds = datasets.load_dataset("json", data_files=os.path.abspath(path), split="train", cache_dir=cache,
-                                       keep_in_memory=True)
-            return ds.to_list()
-    except MoguError:
-        raise
-    except Exception as e:  # pyarrow / datasets errors: e.g. integers too large for int64
-        cause = e.__cause__ or e
-        raise MoguError(f"{path}: cannot read as a dataset: {type(cause).__name__}: {cause}") from None
-    finally:
-        if bars_were_enabled:
-            datasets.enable_progress_bars()
-        datasets.utils.logging.set_verbosity(verbosity)
-
-
 class _Records:
-    """A data file: its rows as parsed by Python's ``json`` (``raw``, exact types, used for validation) and their
-    location labels. :meth:`read` then reads the file with ``datasets`` and checks it agrees with the validated
-    values (Arrow may coerce types, e.g. a label ``"1"`` to ``1``, hence the separate validation)."""
+    """A data file, parsed once with Python's ``json``: its rows (``raw``, exact types) and their location labels;
+    :meth:`text` and :meth:`label` return a row's checked values."""
 
     def __init__(self, path: str | os.PathLike, scalars: bool = False):
         self.path = os.fspath(path)
-        # Python's json first: exact diagnostics, and pyarrow crashes on some malformed files (a null row).
         self.raw, self.locs = _parse_records(self.path, scalars=scalars)
         self.scalars = scalars
 
@@ -200,31 +174,6 @@ class _Records:
                             f"{', '.join(ROUTER_FIELDS)})")
         return _label_value(v, self.path, self.locs[i])
 
-    def read(self, validated: list[dict]) -> list[dict]:
-        """``validated``: per row, ``{field: checked value}`` (field ``None`` for a list of scalars). Returns
-        the same rows with the values ``datasets`` read, after checking they agree."""
-        rows = _load_with_datasets(self.path)
-        if len(rows) != len(self.raw):
-            raise MoguError(f"{self.path}: the datasets library read {len(rows)} rows but the file holds "
-                            f"{len(self.raw)}")
-        out = []
-        for i, (want, row) in enumerate(zip(validated, rows)):
-            got_row = {}
-            for field, v in want.items():
-                got = row.get("text" if field is None else field)  # a list of scalars is read as column "text"
-                if isinstance(v, str):
-                    ok = got == v
-                else:
-                    ok = isinstance(got, (int, float)) and not isinstance(got, bool) and got == v
-                    got = int(v)
-                if not ok:
-                    raise MoguError(f"{self.path}: {self.locs[i]}: the datasets library read "
-                                    f"{'the value' if field is None else repr(field)} as {got!r}, but the file "
-                                    f"holds {v!r}")
-                got_row[field] = got
-            out.append(got_row)
-        return out
-
 
 def _label_value(v, path: str, loc: str) -> int:
     if isinstance(v, bool) or v is None or not isinstance(v, (int, float)) or v not in (0, 1):
@@ -245,7 +194,7 @@ def _short(s: str, n: int = 60) -> str:
 def _read_outputs(path) -> tuple[list[dict], str]:
     rec = _Records(path)
     fields = ("instruction", "output")
-    return rec.read([{f: rec.text(i, f, fields) for f in fields} for i in range(len(rec))]), rec.path
+    return [{f: rec.text(i, f, fields) for f in fields} for i in range(len(rec))], rec.path
 
 
 def load_pairs(affirm_path: str | os.PathLike, reject_path: str | os.PathLike) -> list[dict]:
@@ -270,7 +219,7 @@ def load_pairs(affirm_path: str | os.PathLike, reject_path: str | os.PathLike) -
 def load_pairs_jsonl(path: str | os.PathLike) -> list[dict]:
     """Our pair layout: JSON lines (or a JSON list) of ``{"instruction", "affirmative", "refusal"}``."""
     rec = _Records(path)
-    return rec.read([{f: rec.text(i, f, PAIR_FIELDS) for f in PAIR_FIELDS} for i in range(len(rec))])
+    return [{f: rec.text(i, f, PAIR_FIELDS) for f in PAIR_FIELDS} for i in range(len(rec))]
 
 
 def load_router(normal_path: str | os.PathLike, label_path: str | os.PathLike) -> list[dict]:
@@ -284,16 +233,14 @@ def load_router(normal_path: str | os.PathLike, label_path: str | os.PathLike) -
     if len(lab) != len(rows):
         raise MoguError(f"label file {lab.path} has {len(lab)} labels but {np_} has {len(rows)} rows; "
                         "they must be aligned row by row")
-    labels = lab.read([{None: lab.label(i)} for i in range(len(lab))])
-    return [{"instruction": r["instruction"], "output": r["output"], "label": l[None]} for r, l in zip(rows, labels)]
+    return [{"instruction": r["instruction"], "output": r["output"], "label": lab.label(i)} for i, r in enumerate(rows)]
 
 
 def load_router_jsonl(path: str | os.PathLike) -> list[dict]:
     """Our router layout: JSON lines (or a JSON list) of ``{"instruction", "output", "label"}``."""
     rec = _Records(path)
-    return rec.read([{"instruction": rec.text(i, "instruction", ROUTER_FIELDS),
-                      "output": rec.text(i, "output", ROUTER_FIELDS), "label": rec.label(i, "label")}
-                     for i in range(len(rec))])
+    return [{"instruction": rec.text(i, "instruction", ROUTER_FIELDS),
+             "output": rec.text(i, "output", ROUTER_FIELDS), "label": rec.label(i, "label")} for i in range(len(rec))]
 
 
 def load_stage_data(stage: str, *paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict]:
