@@ -126,7 +126,7 @@ def _add_eval(sub):
 def _add_data(sub):
     p = sub.add_parser("data", help="build the stage data files")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    b = dsub.add_parser("build", help="seed instruction lists -> glad / unwilling / router files + held-out prompts")
+    b = dsub.add_parser("build", help="seed instruction lists -> glad / unwilling / router files + dev / test prompts")
     b.add_argument("--model", type=path_arg, required=True,
                    help="the base model (our checkpoint, HF folder, .gguf or smollm2)")
     b.add_argument("--out", type=path_arg, required=True)
@@ -149,6 +149,8 @@ def _add_demo(sub):
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--config", type=path_arg, default=None,
                    help="the demo's settings (default: the shipped configs/smollm2-135m.yaml; a copy to edit)")
+    p.add_argument("--eval-split", choices=["dev", "test"], default="test",
+                   help="the seed split evaluated at the end: test (reported, default) or dev (for choosing settings)")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -299,7 +301,8 @@ def cmd_demo(args) -> int:
     from mogu_jax.io_utils import check_output_dir
     from mogu_jax.pipeline import run_demo
     check_output_dir(args.out, args.overwrite)  # before any work (the demo's own check comes later)
-    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, dtype=args.dtype, config=args.config)
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, dtype=args.dtype, config=args.config,
+             eval_split=args.eval_split)
     return 0
 
 

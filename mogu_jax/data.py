@@ -10,15 +10,15 @@ Pipeline::
 
 **Loading.** The published layout (row-aligned JSON lists of ``{"instruction", "output"}``; for the router
 ``data_normal.json`` plus a JSON list of 0/1 labels) and our JSONL layout (``{"instruction", "affirmative",
-"refusal"}`` or ``{"instruction", "output", "label"}``) load to the same rows. Files are first checked with
-Python's ``json`` (exact line/column for invalid JSON, structure checked, because pyarrow crashes on some
-malformed inputs such as a ``null`` row in a list of objects) and then read with ``datasets``. Every problem is a
-:class:`MoguError` naming the file and the row (rows count from 1; JSONL rows also give their line). Nothing is
-dropped silently.
+"refusal"}`` or ``{"instruction", "output", "label"}``) load to the same rows. Each file is parsed once, with
+Python's ``json`` (exact line/column for invalid JSON; rows, fields and their types checked; fields a stage does
+not use are ignored). Every problem is a :class:`MoguError` naming the file and the row (rows count from 1;
+JSONL rows also give their line). Nothing is dropped silently.
 
 **Tokenisation.** prompt = ``format_prompt(tokenizer, instruction, template, system)`` encoded with
 ``encode_prompt``; the response is ``tokenizer(response, add_special_tokens=False)`` appended directly (separate
-tokenisation, so the prompt/response boundary is exact); no EOS is appended; the whole example is cut at
+tokenisation, so the prompt/response boundary is exact); no EOS is appended (with ``refusal_eos`` the refusal
+targets get one, see :func:`tokenize_stage`); the whole example is cut at
 ``max_len`` tokens (counted as truncated). ``loss_mask`` is True exactly at the response tokens (the tokens the
 LM loss predicts, ``tokens[t]`` from position ``t - 1``).
 
@@ -52,7 +52,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -117,36 +116,12 @@ def _parse_records(path: str, scalars: bool = False) -> tuple[list, list[str]]:
     return values, locs
 
 
-def _load_with_datasets(path: str) -> list[dict]:
-    import datasets
-    bars_were_enabled = datasets.is_progress_bar_enabled()
-    verbosity = datasets.utils.logging.get_verbosity()
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # our own error says what failed
-    try:
-        with tempfile.TemporaryDirectory(prefix="mogu-data-") as cache:
-            ds = datasets.load_dataset("json", data_files=os.path.abspath(path), split="train", cache_dir=cache,
-                                       keep_in_memory=True)
-            return ds.to_list()
-    except MoguError:
-        raise
-    except Exception as e:  # pyarrow / datasets errors: e.g. integers too large for int64
-        cause = e.__cause__ or e
-        raise MoguError(f"{path}: cannot read as a dataset: {type(cause).__name__}: {cause}") from None
-    finally:
-        if bars_were_enabled:
-            datasets.enable_progress_bars()
-        datasets.utils.logging.set_verbosity(verbosity)
-
-
 class _Records:
-    """A data file: its rows as parsed by Python's ``json`` (``raw``, exact types, used for validation) and their
-    location labels. :meth:`read` then reads the file with ``datasets`` and checks it agrees with the validated
-    values (Arrow may coerce types, e.g. a label ``"1"`` to ``1``, hence the separate validation)."""
+    """A data file, parsed once with Python's ``json``: its rows (``raw``, exact types) and their location labels;
+    :meth:`text` and :meth:`label` return a row's checked values."""
 
     def __init__(self, path: str | os.PathLike, scalars: bool = False):
         self.path = os.fspath(path)
-        # Python's json first: exact diagnostics, and pyarrow crashes on some malformed files (a null row).
         self.raw, self.locs = _parse_records(self.path, scalars=scalars)
         self.scalars = scalars
 
@@ -171,31 +146,6 @@ class _Records:
                             f"{', '.join(ROUTER_FIELDS)})")
         return _label_value(v, self.path, self.locs[i])
 
-    def read(self, validated: list[dict]) -> list[dict]:
-        """``validated``: per row, ``{field: checked value}`` (field ``None`` for a list of scalars). Returns
-        the same rows with the values ``datasets`` read, after checking they agree."""
-        rows = _load_with_datasets(self.path)
-        if len(rows) != len(self.raw):
-            raise MoguError(f"{self.path}: the datasets library read {len(rows)} rows but the file holds "
-                            f"{len(self.raw)}")
-        out = []
-        for i, (want, row) in enumerate(zip(validated, rows)):
-            got_row = {}
-            for field, v in want.items():
-                got = row.get("text" if field is None else field)  # a list of scalars is read as column "text"
-                if isinstance(v, str):
-                    ok = got == v
-                else:
-                    ok = isinstance(got, (int, float)) and not isinstance(got, bool) and got == v
-                    got = int(v)
-                if not ok:
-                    raise MoguError(f"{self.path}: {self.locs[i]}: the datasets library read "
-                                    f"{'the value' if field is None else repr(field)} as {got!r}, but the file "
-                                    f"holds {v!r}")
-                got_row[field] = got
-            out.append(got_row)
-        return out
-
 
 def _label_value(v, path: str, loc: str) -> int:
     if isinstance(v, bool) or v is None or not isinstance(v, (int, float)) or v not in (0, 1):
@@ -216,7 +166,7 @@ def _short(s: str, n: int = 60) -> str:
 def _read_outputs(path) -> tuple[list[dict], str]:
     rec = _Records(path)
     fields = ("instruction", "output")
-    return rec.read([{f: rec.text(i, f, fields) for f in fields} for i in range(len(rec))]), rec.path
+    return [{f: rec.text(i, f, fields) for f in fields} for i in range(len(rec))], rec.path
 
 
 def load_pairs(affirm_path: str | os.PathLike, reject_path: str | os.PathLike) -> list[dict]:
@@ -241,7 +191,7 @@ def load_pairs(affirm_path: str | os.PathLike, reject_path: str | os.PathLike) -
 def load_pairs_jsonl(path: str | os.PathLike) -> list[dict]:
     """Our pair layout: JSON lines (or a JSON list) of ``{"instruction", "affirmative", "refusal"}``."""
     rec = _Records(path)
-    return rec.read([{f: rec.text(i, f, PAIR_FIELDS) for f in PAIR_FIELDS} for i in range(len(rec))])
+    return [{f: rec.text(i, f, PAIR_FIELDS) for f in PAIR_FIELDS} for i in range(len(rec))]
 
 
 def load_router(normal_path: str | os.PathLike, label_path: str | os.PathLike) -> list[dict]:
@@ -255,16 +205,14 @@ def load_router(normal_path: str | os.PathLike, label_path: str | os.PathLike) -
     if len(lab) != len(rows):
         raise MoguError(f"label file {lab.path} has {len(lab)} labels but {np_} has {len(rows)} rows; "
                         "they must be aligned row by row")
-    labels = lab.read([{None: lab.label(i)} for i in range(len(lab))])
-    return [{"instruction": r["instruction"], "output": r["output"], "label": l[None]} for r, l in zip(rows, labels)]
+    return [{"instruction": r["instruction"], "output": r["output"], "label": lab.label(i)} for i, r in enumerate(rows)]
 
 
 def load_router_jsonl(path: str | os.PathLike) -> list[dict]:
     """Our router layout: JSON lines (or a JSON list) of ``{"instruction", "output", "label"}``."""
     rec = _Records(path)
-    return rec.read([{"instruction": rec.text(i, "instruction", ROUTER_FIELDS),
-                      "output": rec.text(i, "output", ROUTER_FIELDS), "label": rec.label(i, "label")}
-                     for i in range(len(rec))])
+    return [{"instruction": rec.text(i, "instruction", ROUTER_FIELDS),
+             "output": rec.text(i, "output", ROUTER_FIELDS), "label": rec.label(i, "label")} for i in range(len(rec))]
 
 
 def load_stage_data(stage: str, *paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict]:
@@ -452,10 +400,25 @@ class StageData:
         return out
 
 
+def eos_id(tokenizer) -> int:
+    """The tokenizer's EOS id (the first one when it has several)."""
+    v = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(v, (list, tuple)):
+        v = v[0] if v else None
+    if v is None:
+        raise MoguError("data.refusal_eos needs a tokenizer with an EOS token; this one has none")
+    return int(v)
+
+
 def tokenize_stage(stage: str, rows: Sequence[dict], tokenizer, *, template: Optional[str] = None,
                    system: Optional[str] = None, max_len: int = DEFAULT_MAX_LEN,
-                   source: Optional[str] = None) -> StageData:
+                   source: Optional[str] = None, refusal_eos: bool = False) -> StageData:
     """Tokenise the rows of :func:`load_stage_data` for ``stage``.
+
+    ``refusal_eos`` (``data.refusal_eos``; off in the published setting): append the tokenizer's EOS id to every
+    refusal target, i.e. the ``refusal`` side of the glad and unwilling pairs and the ``output`` of the router
+    stage's malicious rows (label 1), so the model learns that a refusal ends there instead of looping; cut with
+    the rest of the example at ``max_len``. Affirmative / benign responses are unchanged.
 
     Raises :class:`MoguError` naming the row (counted from 1) when an example's response would be cut off
     entirely by ``max_len`` or encodes to nothing. ``source`` (e.g. the file name) prefixes those messages.
@@ -463,6 +426,8 @@ def tokenize_stage(stage: str, rows: Sequence[dict], tokenizer, *, template: Opt
     _check_stage(stage)
     if not isinstance(max_len, int) or max_len < 2:
         raise MoguError(f"max_len must be an integer >= 2, got {max_len!r}")
+    if not isinstance(refusal_eos, bool):
+        raise MoguError(f"data.refusal_eos must be true or false, got {refusal_eos!r}")
     if not rows:
         raise MoguError(f"no training rows for the {stage} stage")
     pairs = stage in PAIR_STAGES
@@ -472,27 +437,30 @@ def tokenize_stage(stage: str, rows: Sequence[dict], tokenizer, *, template: Opt
             if f not in r:
                 raise MoguError(f"row {i + 1}: missing field {f!r} for the {stage} stage")
     prefix = f"{source}: " if source else ""
+    labels = None if pairs else np.asarray(
+        [_label_value(r["label"], source or "rows", f"row {i + 1}") for i, r in enumerate(rows)], np.int32)
+    eos = [eos_id(tokenizer)] if refusal_eos else []
     prompts = [encode_prompt(tokenizer, format_prompt(tokenizer, r["instruction"], template, system)) for r in rows]
     seqs: dict[str, list[Example]] = {}
     for f in fields:
         resp = tokenizer([r[f] for r in rows], add_special_tokens=False)["input_ids"]
-        seqs[f] = [_make_example(p, list(ids), max_len, f"{prefix}{stage} row {i + 1} ({f})")
-                   for i, (p, ids) in enumerate(zip(prompts, resp))]
+        is_refusal = [f == "refusal"] * len(rows) if pairs else [bool(lab == 1) for lab in labels]
+        seqs[f] = [_make_example(p, list(ids) + (eos if ref else []), max_len, f"{prefix}{stage} row {i + 1} ({f})")
+                   for i, (p, ids, ref) in enumerate(zip(prompts, resp, is_refusal))]
     pad = _pad_id(tokenizer)
     if pairs:
         return StageData(stage, max_len, pad, affirm=seqs["affirmative"], refusal=seqs["refusal"])
-    labels = np.asarray([_label_value(r["label"], source or "rows", f"row {i + 1}") for i, r in enumerate(rows)],
-                        np.int32)
     return StageData(stage, max_len, pad, examples=seqs["output"], labels=labels)
 
 
 def load_and_tokenize(stage: str, paths, tokenizer, *, template: Optional[str] = None, system: Optional[str] = None,
-                      max_len: int = DEFAULT_MAX_LEN) -> StageData:
+                      max_len: int = DEFAULT_MAX_LEN, refusal_eos: bool = False) -> StageData:
     """:func:`load_stage_data` then :func:`tokenize_stage`."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     rows = load_stage_data(stage, *paths)
     src = os.fspath(paths[0]) if len(paths) == 1 else " + ".join(os.path.basename(os.fspath(p)) for p in paths)
-    return tokenize_stage(stage, rows, tokenizer, template=template, system=system, max_len=max_len, source=src)
+    return tokenize_stage(stage, rows, tokenizer, template=template, system=system, max_len=max_len, source=src,
+                          refusal_eos=refusal_eos)
 
 
 # --------------------------------------------------------------------------------------------------------------

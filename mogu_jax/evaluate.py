@@ -74,9 +74,15 @@ import numpy as np
 from mogu_jax.errors import MoguError
 from mogu_jax.io_utils import atomic_dir
 
-KINDS = ("harmful", "jailbreak", "benign", "borderline")
-MALICIOUS_KINDS = ("harmful", "jailbreak")
-USABLE_KINDS = ("benign", "borderline")
+#: The seed splits' kinds, then the finer kinds of the independent test set (mogu_jax/seeds/independent_test.jsonl):
+#: short direct harmful questions, unsafe twins of safe-but-alarming prompts, harmful and benign requests inside the
+#: same jailbreak-style wrappers, plain everyday imperatives.
+KINDS = ("harmful", "jailbreak", "benign", "borderline", "harmful_direct", "borderline_unsafe_twin",
+         "jailbreak_harmful", "benign_plain", "jailbreak_benign")
+#: should be refused
+MALICIOUS_KINDS = ("harmful", "jailbreak", "harmful_direct", "borderline_unsafe_twin", "jailbreak_harmful")
+#: should be answered
+USABLE_KINDS = ("benign", "borderline", "benign_plain", "jailbreak_benign")
 
 REPORT_FORMAT = "mogu_jax.eval_report"
 REPORT_VERSION = 1

@@ -66,10 +66,11 @@ def demo_settings(path: Optional[str] = None) -> dict:
 
 
 def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tokens: Optional[int] = None,
-             dtype: str = "auto", config: Optional[str] = None) -> dict:
+             dtype: str = "auto", config: Optional[str] = None, eval_split: str = "test") -> dict:
     """The main job: MoGU on the embedded SmolLM2-135M-Instruct, end to end, with progress throughout.
     ``config``: a YAML in the layout of configs/smollm2-135m.yaml (default: that file); ``dtype`` overrides
-    its ``model.dtype`` unless ``auto``."""
+    its ``model.dtype`` unless ``auto``. The evaluation runs on the seed lists' ``eval_split``: ``test``
+    (reported) or ``dev`` (for choosing settings)."""
     from mogu_jax import api, synth
     from mogu_jax import evaluate as E
     from mogu_jax import generate as G
@@ -77,6 +78,8 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     from mogu_jax.train_config import load_config
     from mogu_jax.trainer import run_stage
 
+    if eval_split not in synth.EVAL_SPLITS:
+        raise MoguError(f"unknown evaluation split {eval_split!r}; splits: {', '.join(synth.EVAL_SPLITS)}")
     t0 = time.perf_counter()
     out = _fresh_dir(os.path.abspath(out), overwrite)
     settings = demo_settings(config)
@@ -123,13 +126,13 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
         ledger.add(stage, res["flops"])
         timings[stage] = time.perf_counter() - t
 
-    t = step("6/6 evaluate base vs MoGU on the held-out split, export the PyTorch artifacts")
+    t = step(f"6/6 evaluate base vs MoGU on the {eval_split} split, export the PyTorch artifacts")
     mogu_ckpt = os.path.join(out, "mogu")
     _assemble(base_ckpt, stage_dirs, mogu_ckpt)
     export = os.path.join(out, "pytorch")
     api.convert_jax_to_mogu(mogu_ckpt, export)
     cfg, params, tok = api.load(mogu_ckpt, dtype=dtype, param_dtype=weights)
-    rows = E.load_prompts(os.path.join(data_dir, "heldout.jsonl"))
+    rows = E.load_prompts(os.path.join(data_dir, synth.EVAL_FILES[eval_split]))
     if quick:
         rows = _take_per_kind(rows, gen["per_kind"])
     report_dir = os.path.join(out, "report")
@@ -139,8 +142,9 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     ledger.add("eval", G.FLOPS_DONE[0] - gen_flops)
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    _finish(out, report, timings, ledger, summary, quick, dtype, report_dir, mogu_ckpt, export)
-    return {"report": report, "timings": timings, "out": out, "flops": ledger.phases, "dtype": dtype}
+    run = {"quick": quick, "dtype": dtype, "eval_split": eval_split, "prompts": len(rows)}
+    _finish(out, report, timings, ledger, summary, run, (report_dir, mogu_ckpt, export))
+    return {"report": report, "timings": timings, "out": out, "flops": ledger.phases, **run}
 
 
 def _fresh_dir(out: str, overwrite: bool) -> str:
@@ -152,15 +156,16 @@ def _fresh_dir(out: str, overwrite: bool) -> str:
     return out
 
 
-def _finish(out, report, timings, ledger, summary, quick, dtype, report_dir, mogu_ckpt, export) -> None:
+def _finish(out, report, timings, ledger, summary, run: dict, paths: tuple) -> None:
     from mogu_jax import evaluate as E
 
     with open(os.path.join(out, "timings.json"), "w") as f:
-        json.dump({"timings_s": timings, "flops": ledger.phases, "dtype": dtype, "data": summary, "quick": quick},
-                  f, indent=2, default=str)
-    print("\n" + E.format_table(report))
+        json.dump({"timings_s": timings, "flops": ledger.phases, "data": summary, **run}, f, indent=2, default=str)
+    report_dir, mogu_ckpt, export = paths
+    print(f"\nbase vs MoGU on the {run['eval_split']} split of the seed lists ({run['prompts']} prompts):")
+    print(E.format_table(report))
     print(f"\nwall time {timings['total'] / 60:.1f} min "
-          f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')}); dtype {dtype}")
+          f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')}); dtype {run['dtype']}")
     print(ledger.format())
     print(f"report:            {report_dir}/report.md, report.json, refusal_rates.png, router_layers.png")
     print(f"MoGU checkpoint:   {mogu_ckpt}")

@@ -1,11 +1,12 @@
 """``mogu-jax data build``: the shipped seed lists (:mod:`mogu_jax.seeds`) -> the three stages' training files
-and the held-out evaluation prompts (MOGU_SPEC.md sections 2 and 5).
+and the dev / test evaluation prompts (MOGU_SPEC.md sections 2 and 5).
 
     from mogu_jax import api, synth
     cfg, params, tok = api.load("smollm2")
     summary = synth.build_data(cfg, params, tok, "data/smollm2", limit=None)
 
-**What is built** (only from the *train* rows of ``splits.json``; the held-out rows only go to ``heldout.jsonl``):
+**What is built** (only from the *train* rows of ``splits.json``; the dev and test rows only go to ``dev.jsonl``
+and ``test.jsonl``):
 
 * **glad** pairs, one per malicious train instruction: ``affirmative`` = the base model's own answer. With
   ``prime_malicious`` (default) the assistant turn is started with an affirmative opening from the bank (its
@@ -23,10 +24,11 @@ and the held-out evaluation prompts (MOGU_SPEC.md sections 2 and 5).
   when empty or refused, as above; each instruction is generated once and the benign answers are shared with the
   unwilling stage), then every malicious train instruction with its glad-stage refusal, label 1 (these need no
   generation, so none is dropped).
-* **held-out prompts** ``heldout.jsonl`` (``{"id", "prompt", "kind"}``, :func:`mogu_jax.evaluate.load_prompts`
-  reads it): ``harmful`` = held-out malicious; ``jailbreak`` = each held-out malicious instruction wrapped in one
-  jailbreak template, cycling through the templates in order (row ``k`` of the held-out list uses template
-  ``k % n_templates``); ``benign`` = held-out benign; ``borderline`` = held-out contrast.
+* **evaluation prompts** ``dev.jsonl`` and ``test.jsonl``, one per split (``{"id", "prompt", "kind"}``,
+  :func:`mogu_jax.evaluate.load_prompts` reads them; :func:`eval_prompts`): ``harmful`` = the split's malicious
+  rows; ``jailbreak`` = each of them wrapped in one jailbreak template, cycling through the templates in order
+  (row ``k`` of the split's list uses template ``k % n_templates``); ``benign`` = its benign rows;
+  ``borderline`` = its contrast rows. Dev is for every choice of settings; test is reported, never tuned on.
 
 **Choices per row** (the affirmative opening and the bank refusal) are a pure function of ``seed`` and the
 instruction text (a SHA-256 hash), so they do not change with ``limit``, the batch size or the order of rows.
@@ -47,7 +49,7 @@ a refusal keyword in the opening) are dropped and listed in ``summary.json`` wit
 (``{"instruction", "output", "label"}``); the published JSON layout ``unsafety_affirm.json``,
 ``unsafety_reject.json``, ``safety_affirm.json``, ``safety_reject.json``, ``data_normal.json``,
 ``data_label.json`` (the same rows, so ``mogu_jax.data.load_stage_data(stage, out_dir)`` and
-``load_stage_data(stage, out_dir/glad.jsonl)`` agree); ``heldout.jsonl``; ``summary.json`` (rows per file,
+``load_stage_data(stage, out_dir/glad.jsonl)`` agree); ``dev.jsonl``, ``test.jsonl``; ``summary.json`` (rows per file,
 every dropped row with its reason, generation settings; no timings, so it is deterministic too).
 
 **Speed.** One generation call per list (benign answers, contrast answers, primed malicious answers, and with
@@ -63,6 +65,7 @@ returns the *continuation* of each opening. ``judge`` replaces the refusal judge
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -87,10 +90,23 @@ SEED_FILES = {
     "splits": "splits.json",
 }
 SPLIT_KINDS = ("benign", "malicious", "contrast")
+#: The independent test set (package data): written apart from the seed lists, in other words and shapes; never
+#: used for training or for choosing settings (see mogu_jax/seeds/README.md).
+INDEPENDENT_TEST_FILE = "independent_test.jsonl"
+#: Its kinds: should be answered / should be refused (the names mogu_jax.evaluate.KINDS knows).
+INDEPENDENT_SAFE_KINDS = ("borderline", "benign_plain", "jailbreak_benign")
+INDEPENDENT_UNSAFE_KINDS = ("borderline_unsafe_twin", "harmful_direct", "jailbreak_harmful")
+#: The fixed splits of ``splits.json``: train (training data only), dev (every choice of settings, data and router
+#: design), test (reported, never used to choose anything).
+SPLIT_PARTS = ("train", "dev", "test")
+#: The splits written as evaluation prompts (``dev.jsonl``, ``test.jsonl``).
+EVAL_SPLITS = ("dev", "test")
+#: The evaluation kinds of those files, in their order.
+EVAL_KINDS = ("harmful", "jailbreak", "benign", "borderline")
 REFUSAL_SOURCES = ("bank", "model")
 
 SUMMARY_FORMAT = "mogu_jax.synth_data"
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 
 #: The system prompt for ``refusal_source="model"``: the base model's answer to a malicious instruction under it
 #: is the refusal target when the judge calls it a clean refusal.
@@ -111,7 +127,7 @@ TOPIC_MARKERS: tuple[str, ...] = (
 
 # files of our layout, per stage
 JSONL_FILES = {"glad": "glad.jsonl", "unwilling": "unwilling.jsonl", "router": "router.jsonl"}
-HELDOUT_FILE = "heldout.jsonl"
+EVAL_FILES = {part: f"{part}.jsonl" for part in EVAL_SPLITS}
 SUMMARY_FILE = "summary.json"
 
 
@@ -139,14 +155,14 @@ def _check_seeds(s: dict) -> None:
                                                  for r in rows):
             raise MoguError(f"seed file {SEED_FILES[kind]}: expected a list of objects with an 'instruction'")
         sp = s["splits"].get(kind)
-        if not isinstance(sp, dict) or not isinstance(sp.get("train"), list) or not isinstance(sp.get("heldout"), list):
-            raise MoguError(f"seed file splits.json: no train/heldout lists for {kind!r}")
-        idx = sp["train"] + sp["heldout"]
+        if not isinstance(sp, dict) or not all(isinstance(sp.get(p), list) for p in SPLIT_PARTS):
+            raise MoguError(f"seed file splits.json: no {'/'.join(SPLIT_PARTS)} lists for {kind!r}")
+        idx = [i for p in SPLIT_PARTS for i in sp[p]]
         bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(rows)]
         if bad:
             raise MoguError(f"seed file splits.json: {kind} index {bad[0]!r} is out of range (0..{len(rows) - 1})")
         if len(set(idx)) != len(idx):
-            raise MoguError(f"seed file splits.json: {kind} has an index listed twice (train and held-out must be "
+            raise MoguError(f"seed file splits.json: {kind} has an index listed twice (train, dev and test must be "
                             "disjoint)")
     for key in ("jailbreak_templates", "refusals", "affirmative_openings"):
         v = s[key]
@@ -164,15 +180,33 @@ def load_seeds() -> dict:
     return copy.deepcopy(_load_seeds_cached())
 
 
-def split(kind: str) -> tuple[list[dict], list[dict]]:
-    """``(train_rows, heldout_rows)`` of seed kind ``benign``, ``malicious`` or ``contrast`` in the fixed order of
-    ``splits.json``. Each row is a copy of the seed row plus ``"index"``, its position in the seed file."""
+def split(kind: str, part: str) -> list[dict]:
+    """The rows of seed kind ``benign``, ``malicious`` or ``contrast`` in split ``part`` (``train``, ``dev`` or
+    ``test``), in the fixed order of ``splits.json``. Each row is a copy of the seed row plus ``"index"``, its
+    position in the seed file."""
     if kind not in SPLIT_KINDS:
         raise MoguError(f"unknown seed kind {kind!r}; kinds with a split: {', '.join(SPLIT_KINDS)}")
+    if part not in SPLIT_PARTS:
+        raise MoguError(f"unknown split {part!r}; splits: {', '.join(SPLIT_PARTS)}")
     s = _load_seeds_cached()
     rows = s[kind]
-    sp = s["splits"][kind]
-    return ([dict(rows[i], index=i) for i in sp["train"]], [dict(rows[i], index=i) for i in sp["heldout"]])
+    return [dict(rows[i], index=i) for i in s["splits"][kind][part]]
+
+
+def independent_test_path() -> str:
+    """The path of the independent test set, for ``mogu-jax eval CKPT --prompts PATH``."""
+    return os.fspath(resources.files(SEED_PACKAGE).joinpath(INDEPENDENT_TEST_FILE))
+
+
+def load_independent_test() -> list[dict]:
+    """The independent test set's rows: ``{"id", "prompt", "kind"}``, plus ``"twin"`` (the id of the matched
+    safe / unsafe row) on borderline pairs and ``"request"``, ``"wrapper"`` (the request inside the jailbreak-style
+    wrapper and the wrapper's number) on ``jailbreak_*`` rows."""
+    text = resources.files(SEED_PACKAGE).joinpath(INDEPENDENT_TEST_FILE).read_text(encoding="utf-8")
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise MoguError(f"cannot read {SEED_PACKAGE}/{INDEPENDENT_TEST_FILE}: {e}") from None
 
 
 def generic_refusals(refusals: Optional[Sequence[str]] = None) -> list[str]:
@@ -319,6 +353,22 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
 # build
 # ------------------------------------------------------------------------------------------------------------
 
+def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str]) -> list[dict]:
+    """The evaluation prompts of one split (``{"id", "prompt", "kind"}``, :data:`EVAL_KINDS`) from its seed rows
+    ``{"malicious", "benign", "contrast"}``: ``harmful`` = the malicious rows; ``jailbreak`` = each malicious row
+    wrapped in one template, row ``k`` in template ``k % len(templates)``; ``benign``; ``borderline`` = contrast."""
+    out = [{"id": f"harmful-{r['index']:03d}", "prompt": r["instruction"], "kind": "harmful"}
+           for r in rows["malicious"]]
+    for k, r in enumerate(rows["malicious"]):
+        t = k % len(templates)
+        out.append({"id": f"jailbreak-{r['index']:03d}-t{t:02d}",
+                    "prompt": templates[t].format(instruction=r["instruction"]), "kind": "jailbreak"})
+    out += [{"id": f"benign-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign"} for r in rows["benign"]]
+    out += [{"id": f"borderline-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline"}
+            for r in rows["contrast"]]
+    return out
+
+
 def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template):
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
@@ -372,16 +422,180 @@ def _model_info(cfg) -> Optional[dict]:
     return info
 
 
+@dataclasses.dataclass
+class _Answers:
+    """The generation step's results: per train row the model's answer (None when dropped), the malicious rows'
+    refusal targets, and what was dropped or trimmed on the way."""
+    benign: list = dataclasses.field(default_factory=list)
+    contrast: list = dataclasses.field(default_factory=list)
+    malicious: list = dataclasses.field(default_factory=list)  # glad affirmatives (opening + continuation)
+    malicious_refusals: list = dataclasses.field(default_factory=list)
+    model_refusals: dict = dataclasses.field(default_factory=lambda: {"used": 0, "bank_fallback": 0})
+    dropped: list = dataclasses.field(default_factory=list)
+    trimmed: dict = dataclasses.field(default_factory=lambda: {"benign": 0, "contrast": 0, "malicious": 0})
+
+    def keep(self, kind: str, row: dict, text: str, cut: str, affects: list, judge) -> bool:
+        """Count a trim of ``text`` to ``cut``; drop (and list) the row when ``cut`` is empty or a refusal."""
+        self.trimmed[kind] += cut != text.strip()
+        reason = "empty" if not cut else ("refused" if judge.judge(cut).refused else None)
+        if reason:
+            self.dropped.append({"kind": kind, "index": row["index"], "instruction": row["instruction"],
+                                 "reason": reason, "response": _short(cut), "affects": affects})
+        return reason is None
+
+    def drops(self, kind: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.dropped:
+            if d["kind"] == kind:
+                out[d["reason"]] = out.get(d["reason"], 0) + 1
+        return out
+
+
+def _generator_runner(generate_fn: Callable, progress: bool) -> Callable:
+    """``run(what, instructions, **kw)`` -> per instruction ``(text, finished)``, checking the generator's output."""
+    def run(what: str, instructions: list[str], **kw) -> list[tuple[str, bool]]:
+        if not instructions:
+            return []
+        _say(progress, f"generating {len(instructions)} {what}")
+        outs = list(generate_fn(instructions, **kw))
+        if len(outs) != len(instructions):
+            raise MoguError(f"the generator returned {len(outs)} responses for {len(instructions)} instructions")
+        return [_as_output(o) for o in outs]
+    return run
+
+
+def _own_answers(run: Callable, judge, ans: _Answers, kind: str, rows: list[dict], affects: list[str]) -> list:
+    """The model's (unprimed) answers to ``rows``; None for a dropped (empty or refused) row."""
+    out = []
+    for r, (text, fin) in zip(rows, run(f"{kind} answers", [r["instruction"] for r in rows])):
+        cut = trim_response(text, fin)
+        out.append(cut if ans.keep(kind, r, text, cut, affects, judge) else None)
+    return out
+
+
+def _malicious_affirmatives(run: Callable, judge, ans: _Answers, rows: list[dict], openings: Sequence[str],
+                            seed: int, prime: bool) -> list:
+    """The glad stage's affirmative per malicious row: with ``prime``, a bank opening + the model's continuation
+    of it; otherwise the model's own answer. None for a dropped row (the continuation is empty or a refusal)."""
+    ins = [r["instruction"] for r in rows]
+    opens = [pick(openings, seed, "opening", i) if prime else None for i in ins]
+    outs = run("malicious answers" + (" (primed with an affirmative opening)" if prime else ""), ins,
+               **({"openings": opens} if prime else {}))
+    out = []
+    for r, op, (text, fin) in zip(rows, opens, outs):
+        cont = trim_response(text, fin)
+        if not ans.keep("malicious", r, text, cont, ["glad"], judge):
+            out.append(None)
+        elif op is None:
+            out.append(cont)
+        else:  # keep the continuation's leading whitespace (a space, or a line break before a list)
+            out.append(join_opening(op, text[: len(text) - len(text.lstrip())] + cont))
+    return out
+
+
+def _malicious_refusals(run: Callable, judge, ans: _Answers, rows: list[dict], refusals: Sequence[str], seed: int,
+                        source: str) -> list[str]:
+    """The refusal target per malicious row: from the bank, or (``source="model"``) the model's answer under
+    :data:`SAFETY_SYSTEM_PROMPT` when the judge calls it a clean refusal (else the bank's)."""
+    ins = [r["instruction"] for r in rows]
+    out = [pick(refusals, seed, "refusal", i) for i in ins]
+    if source == "model":
+        for k, (text, fin) in enumerate(run("malicious answers under the safety system prompt", ins,
+                                            system=SAFETY_SYSTEM_PROMPT)):
+            cut = trim_response(text, fin)
+            if cut and judge.judge(cut).clean_refusal:
+                out[k] = cut
+                ans.model_refusals["used"] += 1
+            else:
+                ans.model_refusals["bank_fallback"] += 1
+    return out
+
+
+def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed: int) -> dict[str, list[dict]]:
+    """The glad, unwilling and router rows from the train rows and their answers (dropped rows left out; every
+    malicious row reaches the router with its refusal). A stage without rows is an error."""
+    mal = train["malicious"]
+    glad = [{"instruction": r["instruction"], "affirmative": a, "refusal": ref}
+            for r, a, ref in zip(mal, ans.malicious, ans.malicious_refusals) if a is not None]
+    unwilling = [{"instruction": r["instruction"], "affirmative": a,
+                  "refusal": pick(benign_refusals, seed, "refusal", r["instruction"])}
+                 for r, a in zip(train["benign"], ans.benign) if a is not None]
+    router = ([{"instruction": r["instruction"], "output": a, "label": 0}
+               for kind in ("benign", "contrast") for r, a in zip(train[kind], getattr(ans, kind)) if a is not None]
+              + [{"instruction": r["instruction"], "output": ref, "label": 1}
+                 for r, ref in zip(mal, ans.malicious_refusals)])
+    causes = {"glad": "the base model refused every primed malicious instruction or answered nothing",
+              "unwilling": "the base model refused or left empty every benign instruction", "router": "no rows"}
+    stages = {"glad": glad, "unwilling": unwilling, "router": router}
+    for stage, rows in stages.items():
+        if not rows:
+            raise MoguError(f"the {stage} stage has no rows: {causes[stage]}; see the dropped rows (a larger limit, "
+                            "another template or --max-new-tokens may help)")
+    return stages
+
+
+def _output_files(stages: dict[str, list[dict]], evals: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """``({file name: text}, {file name: rows})`` for our JSONL layout, the published JSON layout and the
+    evaluation prompts (``summary.json`` is added by the caller)."""
+    glad, unwilling, router = stages["glad"], stages["unwilling"], stages["router"]
+
+    def outputs(rows, field):
+        return [{"instruction": r["instruction"], "output": r[field]} for r in rows]
+
+    published = {"unsafety_affirm.json": outputs(glad, "affirmative"), "unsafety_reject.json": outputs(glad, "refusal"),
+                 "safety_affirm.json": outputs(unwilling, "affirmative"),
+                 "safety_reject.json": outputs(unwilling, "refusal"), "data_normal.json": outputs(router, "output")}
+    files = {JSONL_FILES[stage]: _jsonl(rows) for stage, rows in stages.items()}
+    files.update({name: _json(rows) for name, rows in published.items()})
+    files["data_label.json"] = json.dumps([r["label"] for r in router]) + "\n"
+    files.update({EVAL_FILES[part]: _jsonl(rows) for part, rows in evals.items()})
+    counts = {JSONL_FILES[stage]: len(rows) for stage, rows in stages.items()}
+    counts.update({name: len(rows) for name, rows in published.items()})
+    counts["data_label.json"] = len(router)
+    counts.update({EVAL_FILES[part]: len(rows) for part, rows in evals.items()})
+    return files, counts
+
+
+def _summary(counts: dict, stages: dict, train: dict, ans: _Answers, evals: dict, refusals: dict,
+             settings: dict) -> dict:
+    """The content of ``summary.json`` (deterministic: no timings)."""
+    glad, unwilling, router = stages["glad"], stages["unwilling"], stages["router"]
+    return {
+        "format": SUMMARY_FORMAT,
+        "version": SUMMARY_VERSION,
+        "files": counts,
+        "stages": {
+            "glad": {"rows": len(glad), "malicious_train": len(train["malicious"]), "dropped": ans.drops("malicious")},
+            "unwilling": {"rows": len(unwilling), "benign_train": len(train["benign"]),
+                          "dropped": ans.drops("benign")},
+            "router": {"rows": len(router), "benign": sum(a is not None for a in ans.benign),
+                       "contrast": sum(a is not None for a in ans.contrast), "malicious": len(train["malicious"]),
+                       "label_0": sum(r["label"] == 0 for r in router), "label_1": sum(r["label"] == 1 for r in router),
+                       "dropped": {"benign": ans.drops("benign"), "contrast": ans.drops("contrast")}},
+        },
+        "eval": {part: {k: sum(h["kind"] == k for h in rows) for k in EVAL_KINDS} for part, rows in evals.items()},
+        "dropped": ans.dropped,
+        "trimmed_at_sentence_end": ans.trimmed,
+        "refusals": refusals,
+        "settings": settings,
+    }
+
+
 def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: Optional[str] = None,
                max_new_tokens: int = 96, batch_size: int = 8, limit: Optional[int] = None, seed: int = 0,
                refusal_source: str = "bank", prime_malicious: bool = True, progress: bool = True,
                overwrite: bool = False, generate_fn: Optional[Callable] = None, judge=None) -> dict:
-    """Build the training files of the three stages and the held-out prompts into ``out_dir`` (see the module
+    """Build the training files of the three stages and the dev / test prompts into ``out_dir`` (see the module
     docstring). Returns the summary written to ``summary.json`` plus ``out_dir`` and ``seconds``.
 
     ``limit``: at most this many rows per seed kind, spread evenly over the train rows and, separately, the
-    held-out rows (:func:`spread`). ``generate_fn``/``judge`` replace the model and the refusal judge
+    dev and the test rows (:func:`spread`). ``generate_fn``/``judge`` replace the model and the refusal judge
     (``cfg``/``params``/``tokenizer`` may then be None).
+
+    Steps: check the arguments and the output folder; pick the rows of each split; generate every list once
+    (:func:`_own_answers`, :func:`_malicious_affirmatives`, :func:`_malicious_refusals`); assemble the stages'
+    rows (:func:`_stage_rows`); render the files (:func:`_output_files`) and the summary (:func:`_summary`);
+    write them all atomically.
     """
     t0 = time.perf_counter()
     _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template)
@@ -395,172 +609,39 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     if judge is None:
         from mogu_jax.evaluate import RefusalJudge
         judge = RefusalJudge()
-
     seeds = _load_seeds_cached()
     refusals = list(seeds["refusals"])
     benign_refusals = generic_refusals(refusals)
-    openings = list(seeds["affirmative_openings"])
-    templates = list(seeds["jailbreak_templates"])
 
-    train, heldout = {}, {}
-    for kind in SPLIT_KINDS:
-        tr, ho = split(kind)
-        train[kind], heldout[kind] = spread(tr, limit), spread(ho, limit)
+    train = {kind: spread(split(kind, "train"), limit) for kind in SPLIT_KINDS}
+    evals = {part: eval_prompts({kind: spread(split(kind, part), limit) for kind in SPLIT_KINDS},
+                                seeds["jailbreak_templates"]) for part in EVAL_SPLITS}
 
-    def run(what: str, instructions: list[str], **kw) -> list[tuple[str, bool]]:
-        if not instructions:
-            return []
-        _say(progress, f"generating {len(instructions)} {what}")
-        outs = list(generate_fn(instructions, **kw))
-        if len(outs) != len(instructions):
-            raise MoguError(f"the generator returned {len(outs)} responses for {len(instructions)} instructions")
-        return [_as_output(o) for o in outs]
+    run = _generator_runner(generate_fn, progress)
+    ans = _Answers()
+    ans.benign = _own_answers(run, judge, ans, "benign", train["benign"], ["unwilling", "router"])
+    ans.contrast = _own_answers(run, judge, ans, "contrast", train["contrast"], ["router"])
+    ans.malicious = _malicious_affirmatives(run, judge, ans, train["malicious"], seeds["affirmative_openings"], seed,
+                                            prime_malicious)
+    ans.malicious_refusals = _malicious_refusals(run, judge, ans, train["malicious"], refusals, seed, refusal_source)
 
-    dropped: list[dict] = []
-    trimmed = {"benign": 0, "contrast": 0, "malicious": 0}
-
-    def own_answers(kind: str, rows: list[dict], affects: list[str]) -> list[Optional[str]]:
-        """The model's answers to ``rows``; None for a dropped (empty or refused) row."""
-        outs = run(f"{kind} answers", [r["instruction"] for r in rows])
-        answers: list[Optional[str]] = []
-        for r, (text, fin) in zip(rows, outs):
-            ans = trim_response(text, fin)
-            trimmed[kind] += ans != text.strip()
-            reason = "empty" if not ans else ("refused" if judge.judge(ans).refused else None)
-            if reason:
-                dropped.append({"kind": kind, "index": r["index"], "instruction": r["instruction"], "reason": reason,
-                                "response": _short(ans), "affects": affects})
-                answers.append(None)
-            else:
-                answers.append(ans)
-        return answers
-
-    # ---- generation: every list once -------------------------------------------------------------------------
-    benign_ans = own_answers("benign", train["benign"], ["unwilling", "router"])
-    contrast_ans = own_answers("contrast", train["contrast"], ["router"])
-
-    mal = train["malicious"]
-    mal_ins = [r["instruction"] for r in mal]
-    mal_open = [pick(openings, seed, "opening", i) if prime_malicious else None for i in mal_ins]
-    outs = run("malicious answers" + (" (primed with an affirmative opening)" if prime_malicious else ""),
-               mal_ins, **({"openings": mal_open} if prime_malicious else {}))
-    mal_aff: list[Optional[str]] = []
-    for r, op, (text, fin) in zip(mal, mal_open, outs):
-        cont = trim_response(text, fin)
-        trimmed["malicious"] += cont != text.strip()
-        reason = "empty" if not cont else ("refused" if judge.judge(cont).refused else None)
-        if reason:
-            dropped.append({"kind": "malicious", "index": r["index"], "instruction": r["instruction"],
-                            "reason": reason, "response": _short(cont), "affects": ["glad"]})
-            mal_aff.append(None)
-        else:
-            # keep the continuation's leading whitespace (a space, or a line break before a list)
-            mal_aff.append(join_opening(op, text[: len(text) - len(text.lstrip())] + cont) if op is not None
-                           else cont)
-
-    mal_ref = [pick(refusals, seed, "refusal", i) for i in mal_ins]
-    model_refusals = {"used": 0, "bank_fallback": 0}
-    if refusal_source == "model":
-        outs = run("malicious answers under the safety system prompt", mal_ins, system=SAFETY_SYSTEM_PROMPT)
-        for k, (text, fin) in enumerate(outs):
-            ans = trim_response(text, fin)
-            if ans and judge.judge(ans).clean_refusal:
-                mal_ref[k] = ans
-                model_refusals["used"] += 1
-            else:
-                model_refusals["bank_fallback"] += 1
-
-    # ---- rows ----------------------------------------------------------------------------------------------
-    glad = [{"instruction": r["instruction"], "affirmative": a, "refusal": ref}
-            for r, a, ref in zip(mal, mal_aff, mal_ref) if a is not None]
-    unwilling = [{"instruction": r["instruction"], "affirmative": a,
-                  "refusal": pick(benign_refusals, seed, "refusal", r["instruction"])}
-                 for r, a in zip(train["benign"], benign_ans) if a is not None]
-    router = ([{"instruction": r["instruction"], "output": a, "label": 0}
-               for r, a in zip(train["benign"], benign_ans) if a is not None]
-              + [{"instruction": r["instruction"], "output": a, "label": 0}
-                 for r, a in zip(train["contrast"], contrast_ans) if a is not None]
-              + [{"instruction": r["instruction"], "output": ref, "label": 1} for r, ref in zip(mal, mal_ref)])
-    for stage, rows, cause in (("glad", glad, "the base model refused every primed malicious instruction or "
-                                "answered nothing"),
-                               ("unwilling", unwilling, "the base model refused or left empty every benign "
-                                "instruction"),
-                               ("router", router, "no rows")):
-        if not rows:
-            raise MoguError(f"the {stage} stage has no rows: {cause}; see the dropped rows (a larger limit, "
-                            "another template or --max-new-tokens may help)")
-
-    held: list[dict] = []
-    for r in heldout["malicious"]:
-        held.append({"id": f"harmful-{r['index']:03d}", "prompt": r["instruction"], "kind": "harmful"})
-    for k, r in enumerate(heldout["malicious"]):
-        t = k % len(templates)
-        held.append({"id": f"jailbreak-{r['index']:03d}-t{t:02d}", "prompt": templates[t].format(
-            instruction=r["instruction"]), "kind": "jailbreak"})
-    for r in heldout["benign"]:
-        held.append({"id": f"benign-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign"})
-    for r in heldout["contrast"]:
-        held.append({"id": f"borderline-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline"})
-
-    # ---- files ---------------------------------------------------------------------------------------------
-    def outputs(rows, field):
-        return [{"instruction": r["instruction"], "output": r[field]} for r in rows]
-
-    files = {
-        JSONL_FILES["glad"]: _jsonl(glad),
-        JSONL_FILES["unwilling"]: _jsonl(unwilling),
-        JSONL_FILES["router"]: _jsonl(router),
-        "unsafety_affirm.json": _json(outputs(glad, "affirmative")),
-        "unsafety_reject.json": _json(outputs(glad, "refusal")),
-        "safety_affirm.json": _json(outputs(unwilling, "affirmative")),
-        "safety_reject.json": _json(outputs(unwilling, "refusal")),
-        "data_normal.json": _json(outputs(router, "output")),
-        "data_label.json": json.dumps([r["label"] for r in router]) + "\n",
-        HELDOUT_FILE: _jsonl(held),
-    }
-    counts = {JSONL_FILES["glad"]: len(glad), JSONL_FILES["unwilling"]: len(unwilling),
-              JSONL_FILES["router"]: len(router), "unsafety_affirm.json": len(glad),
-              "unsafety_reject.json": len(glad), "safety_affirm.json": len(unwilling),
-              "safety_reject.json": len(unwilling), "data_normal.json": len(router), "data_label.json": len(router),
-              HELDOUT_FILE: len(held)}
-
-    def drops(kind):
-        out: dict[str, int] = {}
-        for d in dropped:
-            if d["kind"] == kind:
-                out[d["reason"]] = out.get(d["reason"], 0) + 1
-        return out
-
-    summary = {
-        "format": SUMMARY_FORMAT,
-        "version": SUMMARY_VERSION,
-        "files": counts,
-        "stages": {
-            "glad": {"rows": len(glad), "malicious_train": len(mal), "dropped": drops("malicious")},
-            "unwilling": {"rows": len(unwilling), "benign_train": len(train["benign"]), "dropped": drops("benign")},
-            "router": {"rows": len(router), "benign": sum(a is not None for a in benign_ans),
-                       "contrast": sum(a is not None for a in contrast_ans), "malicious": len(mal),
-                       "label_0": sum(r["label"] == 0 for r in router), "label_1": sum(r["label"] == 1 for r in router),
-                       "dropped": {"benign": drops("benign"), "contrast": drops("contrast")}},
-        },
-        "heldout": {k: sum(h["kind"] == k for h in held) for k in ("harmful", "jailbreak", "benign", "borderline")},
-        "dropped": dropped,
-        "trimmed_at_sentence_end": trimmed,
-        "refusals": {"source": refusal_source, "bank_size": len(refusals), "generic_bank_size": len(benign_refusals),
-                     **({"model_used": model_refusals["used"], "bank_fallback": model_refusals["bank_fallback"],
-                         "system_prompt": SAFETY_SYSTEM_PROMPT} if refusal_source == "model" else {})},
-        "settings": {"template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                     "limit": limit, "seed": seed, "refusal_source": refusal_source,
-                     "prime_malicious": bool(prime_malicious), "decoding": "greedy",
-                     "judge": repr(judge), "model": _model_info(cfg),
-                     "split": _load_seeds_cached()["splits"].get("method")},
-    }
+    stages = _stage_rows(train, ans, benign_refusals, seed)
+    files, counts = _output_files(stages, evals)
+    refusal_info = {"source": refusal_source, "bank_size": len(refusals), "generic_bank_size": len(benign_refusals),
+                    **({"model_used": ans.model_refusals["used"], "bank_fallback": ans.model_refusals["bank_fallback"],
+                        "system_prompt": SAFETY_SYSTEM_PROMPT} if refusal_source == "model" else {})}
+    settings = {"template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit,
+                "seed": seed, "refusal_source": refusal_source, "prime_malicious": bool(prime_malicious),
+                "decoding": "greedy", "judge": repr(judge), "model": _model_info(cfg),
+                "split": seeds["splits"].get("method")}
+    summary = _summary(counts, stages, train, ans, evals, refusal_info, settings)
     files[SUMMARY_FILE] = _json(summary)
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for name, text in files.items():
             _write(tmp, name, text)
     seconds = round(time.perf_counter() - t0, 2)
-    _say(progress, f"wrote {out_dir}: glad {len(glad)}, unwilling {len(unwilling)}, router {len(router)} rows, "
-                   f"{len(held)} held-out prompts, {len(dropped)} dropped ({seconds} s)")
+    _say(progress, f"wrote {out_dir}: glad {len(stages['glad'])}, unwilling {len(stages['unwilling'])}, router "
+                   f"{len(stages['router'])} rows, {' + '.join(f'{len(v)} {p}' for p, v in evals.items())} "
+                   f"evaluation prompts, {len(ans.dropped)} dropped ({seconds} s)")
     return dict(summary, out_dir=os.path.abspath(out_dir), seconds=seconds)

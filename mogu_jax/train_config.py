@@ -48,6 +48,7 @@ DEFAULTS: dict = {
         "shuffle": True,
         "group_batches": 8,  # batches per window sorted by length before cutting batches (1: no grouping)
         "balance_labels": False,  # router stage: every batch gets the labels in the data's proportion
+        "refusal_eos": False,  # append EOS to refusal targets (pairs' refusal, router label-1 output); off = published
     },
     "optim": {
         "lr": 5e-5,

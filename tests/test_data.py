@@ -92,6 +92,27 @@ def _err(fn, *args, **kwargs):
     return str(e.value)
 
 
+def test_each_stage_file_is_read_once(tmp_path, monkeypatch):
+    """Loading reads and parses every file once (no second pass through another library)."""
+    import mogu_jax.io_utils as io_utils
+    reads = []
+    real = io_utils.read_text_file
+
+    def counting(path, *a, **k):
+        reads.append(str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(io_utils, "read_text_file", counting)
+    rows = make_router_rows(5)
+    normal, labels = write_published_router(tmp_path, rows)
+    assert D.load_stage_data("router", tmp_path) == rows
+    assert sorted(reads) == sorted([normal, labels])
+    reads.clear()
+    pairs = make_pair_rows(4)
+    assert D.load_stage_data("glad", write_jsonl(tmp_path / "glad.jsonl", pairs)) == pairs
+    assert reads == [str(tmp_path / "glad.jsonl")]
+
+
 def test_pair_alignment_errors(tmp_path):
     rows = make_pair_rows(4)
     a, b = write_published_pairs(tmp_path, rows)
@@ -181,9 +202,9 @@ def test_file_errors(tmp_path):
     p = tmp_path / "obj.json"
     p.write_text('{"instruction": "w5",\n "output": "w6"}')
     assert "invalid JSON at line 1" in _err(D.load_pairs, str(p), str(p))
-    p = tmp_path / "big.json"  # valid JSON that arrow cannot hold (in a field we do not even use)
+    p = tmp_path / "big.json"  # valid JSON, parsed once: a field the stage does not use is ignored, whatever it holds
     p.write_text('[{"instruction": "w5", "output": "w6", "id": 123456789012345678901234567890}]')
-    assert _err(D.load_pairs, str(p), str(p)).startswith(f"{p}: cannot read as a dataset: ")
+    assert D.load_pairs(str(p), str(p)) == [{"instruction": "w5", "affirmative": "w6", "refusal": "w6"}]
     p = tmp_path / "intins.json"
     p.write_text('[{"instruction": 12345678901234567890123, "output": "w6"}]')
     assert _err(D.load_pairs, str(p), str(p)) == f"{p}: row 1: field 'instruction' must be a string, got int"
@@ -233,6 +254,34 @@ def test_masking_chat_template(tok):
     assert r.tokens.tolist() == prompt + [tok.convert_tokens_to_ids("w40")]
     assert a.loss_mask.tolist() == [False] * len(prompt) + [True] * 3
     assert r.loss_mask.tolist() == [False] * len(prompt) + [True]
+
+
+def test_refusal_eos(tok):
+    """data.refusal_eos: the refusal targets (pairs' refusal, router label-1 output) end with the tokenizer's EOS
+    id exactly when on; nothing else changes."""
+    assert tok.eos_token_id == EOS_ID
+    pairs = make_pair_rows(6, seed=3)
+    router = make_router_rows(12, seed=4)
+    assert {r["label"] for r in router} == {0, 1}
+    for stage, rows in (("glad", pairs), ("unwilling", pairs), ("router", router)):
+        off = D.tokenize_stage(stage, rows, tok, template="falcon")
+        on = D.tokenize_stage(stage, rows, tok, template="falcon", refusal_eos=True)
+        if stage == "router":
+            refusal = [(a, b) for a, b, lab in zip(off.examples, on.examples, off.labels) if lab == 1]
+            other = [(a, b) for a, b, lab in zip(off.examples, on.examples, off.labels) if lab == 0]
+        else:
+            refusal, other = list(zip(off.refusal, on.refusal)), list(zip(off.affirm, on.affirm))
+        for a, b in refusal:
+            assert a.tokens[-1] != EOS_ID and b.tokens[-1] == EOS_ID
+            assert b.tokens.tolist() == a.tokens.tolist() + [EOS_ID]
+            assert b.loss_mask.tolist() == a.loss_mask.tolist() + [True]  # the EOS is a predicted target
+        for a, b in other:
+            assert a.tokens.tolist() == b.tokens.tolist() and EOS_ID not in b.tokens.tolist()
+    # off by default (the published setting); a config override turns it on
+    from mogu_jax.train_config import load_config
+    assert load_config("glad")["data"]["refusal_eos"] is False
+    assert load_config("glad", None, ["data.refusal_eos=true"])["data"]["refusal_eos"] is True
+    assert "true or false" in _err(lambda: D.tokenize_stage("glad", pairs, tok, refusal_eos="yes"))
 
 
 def test_truncation_counted_and_fully_cut_response_is_an_error(tok):

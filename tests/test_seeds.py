@@ -159,20 +159,134 @@ def test_refusals_distinct_from_openings(seeds):
         assert not any(k in o for k in REFUSAL_KEYWORDS), o
 
 
-def test_splits(seeds):
+SPLIT_PARTS = ("train", "dev", "test")
+#: rows per split part: dev = the former held-out rows (i % 5 == 4), test = i % 5 == 2, train = the rest
+SPLIT_SIZES = {"benign": (117, 39, 39), "malicious": (108, 36, 36), "contrast": (53, 17, 18)}
+
+
+def tokens(s):
+    return frozenset(re.findall(r"[a-z0-9']+", s.lower()))
+
+
+def jaccard(a, b):
+    return len(a & b) / len(a | b)
+
+
+def test_splits_disjoint_covering_fixed(seeds):
     splits = seeds["splits"]
     for kind in SPLIT_KINDS:
         n = len(seeds[kind])
-        train, held = splits[kind]["train"], splits[kind]["heldout"]
-        assert all(isinstance(i, int) for i in train + held)
-        assert len(set(train)) == len(train) and len(set(held)) == len(held)
-        assert not set(train) & set(held), kind
-        assert set(train) | set(held) == set(range(n)), kind
-        share = len(held) / n
-        assert 0.15 <= share <= 0.25, (kind, share)
+        assert set(splits[kind]) == set(SPLIT_PARTS), kind
+        parts = [splits[kind][p] for p in SPLIT_PARTS]
+        assert all(isinstance(i, int) for p in parts for i in p)
+        assert tuple(len(p) for p in parts) == SPLIT_SIZES[kind]
+        assert sorted(i for p in parts for i in p) == list(range(n)), kind  # disjoint and covering
+        assert splits[kind]["dev"] == [i for i in range(n) if i % 5 == 4]
+        assert splits[kind]["test"] == [i for i in range(n) if i % 5 == 2]
 
 
-def test_malicious_heldout_covers_every_category(seeds):
-    held = seeds["splits"]["malicious"]["heldout"]
-    cats = {seeds["malicious"][i]["category"] for i in held}
-    assert cats == CATEGORIES
+def test_malicious_dev_and_test_balanced_over_categories(seeds):
+    for part in ("dev", "test"):
+        counts = {}
+        for i in seeds["splits"]["malicious"][part]:
+            c = seeds["malicious"][i]["category"]
+            counts[c] = counts.get(c, 0) + 1
+        assert set(counts) == CATEGORIES and set(counts.values()) == {3}, (part, counts)
+
+
+def test_no_near_duplicates_across_splits(seeds):
+    """No two seed instructions in different splits (over all three kinds) share >= 80% of their word set."""
+    rows = []
+    for kind in SPLIT_KINDS:
+        for part in SPLIT_PARTS:
+            rows += [(part, kind, seeds[kind][i]["instruction"]) for i in seeds["splits"][kind][part]]
+    toks = [tokens(r[2]) for r in rows]
+    close = [(rows[a], rows[b]) for a in range(len(rows)) for b in range(a + 1, len(rows))
+             if rows[a][0] != rows[b][0] and jaccard(toks[a], toks[b]) >= 0.8]
+    assert not close, close[:5]
+    # the measure catches a reworded near-copy
+    assert jaccard(tokens("How do I kill a Python process?"), tokens("How do I kill a python process")) == 1.0
+
+
+# ------------------------------------------------------------------------------------------- independent test set
+INDEPENDENT_MIN = {"borderline": 150, "borderline_unsafe_twin": 100, "benign_plain": 100, "harmful_direct": 50,
+                   "jailbreak_benign": 50, "jailbreak_harmful": 50}
+
+
+@pytest.fixture(scope="module")
+def independent():
+    text = resources.files(SEEDS).joinpath("independent_test.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_independent_rows_and_counts(independent):
+    ids = [r["id"] for r in independent]
+    assert len(set(ids)) == len(ids)
+    counts = {}
+    for r in independent:
+        assert set(r) <= {"id", "prompt", "kind", "twin", "request", "wrapper"}, r
+        assert r["kind"] in INDEPENDENT_MIN, r
+        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+        p = r["prompt"]
+        assert p == p.strip() and p.isascii() and "  " not in p and "\t" not in p, r
+    for kind, n in INDEPENDENT_MIN.items():
+        assert counts[kind] >= n, (kind, counts)
+    assert len({norm(r["prompt"]) for r in independent}) == len(independent)  # no prompt twice
+
+
+def test_independent_twins_point_to_matching_rows(independent):
+    by_id = {r["id"]: r for r in independent}
+    safe = [r for r in independent if r["kind"] == "borderline"]
+    unsafe = [r for r in independent if r["kind"] == "borderline_unsafe_twin"]
+    assert sum("twin" in r for r in safe) >= len(safe) * 2 // 3  # a matched unsafe twin for most
+    for r in unsafe:  # every unsafe twin has its safe row, and the link goes both ways
+        assert by_id[r["twin"]]["kind"] == "borderline" and by_id[r["twin"]]["twin"] == r["id"]
+    for r in safe:
+        if "twin" in r:
+            assert by_id[r["twin"]]["kind"] == "borderline_unsafe_twin" and by_id[r["twin"]]["twin"] == r["id"]
+    assert not any("twin" in r for r in independent if r["kind"] not in ("borderline", "borderline_unsafe_twin"))
+
+
+def test_independent_jailbreaks_share_wrappers(independent):
+    """Benign and harmful requests sit inside the same wrappers, and the wrappers are not the seed templates."""
+    wrapped = {k: [r for r in independent if r["kind"] == k] for k in ("jailbreak_benign", "jailbreak_harmful")}
+    wrappers = {}
+    for rows in wrapped.values():
+        for r in rows:
+            assert r["request"] in r["prompt"] and len(r["prompt"]) > len(r["request"]) + 40, r
+            wrappers.setdefault(r["wrapper"], set()).add(r["prompt"].replace(r["request"], "{}"))
+    assert len(wrappers) >= 8 and all(len(v) == 1 for v in wrappers.values())  # one text per wrapper number
+    assert {r["wrapper"] for r in wrapped["jailbreak_benign"]} == {r["wrapper"] for r in wrapped["jailbreak_harmful"]}
+
+
+def test_independent_set_is_kept_out_of_every_seed_file(independent, seeds):
+    """No exact or near duplicate (word-set Jaccard >= 0.8) of any seed instruction, template, refusal or opening,
+    for the prompt and for the request inside a wrapper; the seed-built files (stage data, dev, test) only hold seed
+    text, so they are kept clean too."""
+    seed_texts = [s for _, s in all_strings(seeds)]
+    seed_texts += [t.replace("{instruction}", "") for t in seeds["templates"]]
+    seed_toks = [tokens(s) for s in seed_texts]
+    seed_norms = {norm(s) for s in seed_texts}
+    close = []
+    for r in independent:
+        for text in {r["prompt"], r.get("request", r["prompt"])}:
+            assert norm(text) not in seed_norms, r
+            t = tokens(text)
+            close += [(r["id"], s) for s, st in zip(seed_texts, seed_toks) if jaccard(t, st) >= 0.8]
+    # the wrappers themselves are new: none is close to a seed template
+    for r in independent:
+        if "request" in r:
+            w = tokens(r["prompt"].replace(r["request"], ""))
+            close += [(r["id"], t[:40]) for t in seeds["templates"] if jaccard(w, tokens(t)) >= 0.5]
+    assert not close, close[:5]
+
+
+def test_independent_set_loads_for_evaluation(independent):
+    """`mogu-jax eval CKPT --prompts <this file>` reads it, and the judge's kinds say refuse vs answer."""
+    from mogu_jax import evaluate as E
+    from mogu_jax import synth as S
+    rows = E.load_prompts(S.independent_test_path())
+    assert [r["id"] for r in rows] == [r["id"] for r in independent]
+    assert set(S.INDEPENDENT_UNSAFE_KINDS) <= set(E.MALICIOUS_KINDS)
+    assert set(S.INDEPENDENT_SAFE_KINDS) <= set(E.USABLE_KINDS)
+    assert S.load_independent_test() == independent

@@ -1,4 +1,4 @@
-"""``mogu_jax.synth``: seed lists -> the three stages' training files and the held-out prompts.
+"""``mogu_jax.synth``: seed lists -> the three stages' training files and the dev / test prompts.
 
 Most tests use a stub generator (no model, fast); one small build runs a tiny random Llama end to end."""
 
@@ -14,8 +14,8 @@ from mogu_jax.errors import MoguError
 
 STAGE_FILES = {"glad": "glad.jsonl", "unwilling": "unwilling.jsonl", "router": "router.jsonl"}
 ALL_FILES = {"glad.jsonl", "unwilling.jsonl", "router.jsonl", "unsafety_affirm.json", "unsafety_reject.json",
-             "safety_affirm.json", "safety_reject.json", "data_normal.json", "data_label.json", "heldout.jsonl",
-             "summary.json"}
+             "safety_affirm.json", "safety_reject.json", "data_normal.json", "data_label.json", "dev.jsonl",
+             "test.jsonl", "summary.json"}
 REFUSAL = "I'm sorry, but I can't help with that."
 
 
@@ -81,13 +81,20 @@ def test_load_seeds_and_split():
     assert set(s) == set(S.SEED_FILES)
     s["refusals"].clear()  # a copy: the next call is unaffected
     assert S.load_seeds()["refusals"]
-    for kind, (n_train, n_held) in {"benign": (156, 39), "malicious": (144, 36), "contrast": (71, 17)}.items():
-        train, held = S.split(kind)
-        assert (len(train), len(held)) == (n_train, n_held)
-        assert {r["index"] for r in train}.isdisjoint(r["index"] for r in held)
-        assert all(r["instruction"] == s[kind][r["index"]]["instruction"] for r in train + held)
+    sizes = {"benign": (117, 39, 39), "malicious": (108, 36, 36), "contrast": (53, 17, 18)}
+    for kind, n in sizes.items():
+        parts = [S.split(kind, p) for p in S.SPLIT_PARTS]
+        assert tuple(len(p) for p in parts) == n
+        idx = [r["index"] for p in parts for r in p]
+        assert sorted(idx) == list(range(len(s[kind])))  # disjoint and covering
+        assert all(r["instruction"] == s[kind][r["index"]]["instruction"] for p in parts for r in p)
+    # dev = the former held-out rows (i % 5 == 4), test carved from the former train rows (i % 5 == 2)
+    assert [r["index"] for r in S.split("benign", "dev")][:3] == [4, 9, 14]
+    assert [r["index"] for r in S.split("benign", "test")][:3] == [2, 7, 12]
     with pytest.raises(MoguError, match="unknown seed kind"):
-        S.split("refusals")
+        S.split("refusals", "train")
+    with pytest.raises(MoguError, match="unknown split"):
+        S.split("benign", "heldout")
     generic = S.generic_refusals()
     assert 5 <= len(generic) < len(S.load_seeds()["refusals"])
     assert not any("weapon" in r.lower() or "crisis" in r.lower() for r in generic)
@@ -97,7 +104,7 @@ def test_spread_and_pick():
     assert S.spread(range(10), None) == list(range(10))
     assert S.spread(range(10), 20) == list(range(10))
     assert S.spread(range(10), 3) == [0, 3, 6]
-    train, _ = S.split("malicious")
+    train = S.split("malicious", "train")
     cats = {r["category"] for r in S.spread(train, 12)}
     assert len(cats) == 12  # a small limit still covers every category
     opts = ["a", "b", "c", "d"]
@@ -123,26 +130,24 @@ def test_trim_response():
 # ---------------------------------------------------------------------------------------------- stub builds
 def test_full_build_counts_labels_and_layouts(tmp_path):
     seeds = S.load_seeds()
-    mal_train, mal_held = S.split("malicious")
-    ben_train, ben_held = S.split("benign")
-    con_train, con_held = S.split("contrast")
+    mal_train, ben_train, con_train = (S.split(k, "train") for k in ("malicious", "benign", "contrast"))
     refuse = {mal_train[0]["instruction"], mal_train[5]["instruction"], ben_train[3]["instruction"],
               con_train[1]["instruction"]}
     out, summary, stub = build(tmp_path, stub=Stub(refuse=refuse))
     assert set(os.listdir(out)) == ALL_FILES
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp folder left beside it
 
-    # each list generated once: benign, contrast, malicious (primed); no held-out row is ever generated
-    assert [c["n"] for c in stub.calls] == [156, 71, 144]
+    # each list generated once: benign, contrast, malicious (primed); no dev or test row is ever generated
+    assert [c["n"] for c in stub.calls] == [117, 53, 108]
     assert stub.calls[2]["openings"] is not None and stub.calls[0]["openings"] is None
-    held_ins = {r["instruction"] for r in mal_held + ben_held + con_held}
-    assert not held_ins & {i for c in stub.calls for i in c["instructions"]}
+    eval_ins = {r["instruction"] for k in S.SPLIT_KINDS for p in S.EVAL_SPLITS for r in S.split(k, p)}
+    assert not eval_ins & {i for c in stub.calls for i in c["instructions"]}
 
     rows = layouts_agree(out)
-    assert len(rows["glad"]) == 144 - 2
-    assert len(rows["unwilling"]) == 156 - 1
-    assert len(rows["router"]) == (156 - 1) + (71 - 1) + 144
-    assert summary["files"]["glad.jsonl"] == 142 and summary["files"]["router.jsonl"] == len(rows["router"])
+    assert len(rows["glad"]) == 108 - 2
+    assert len(rows["unwilling"]) == 117 - 1
+    assert len(rows["router"]) == (117 - 1) + (53 - 1) + 108
+    assert summary["files"]["glad.jsonl"] == 106 and summary["files"]["router.jsonl"] == len(rows["router"])
     assert summary["stages"]["glad"]["dropped"] == {"refused": 2}
     assert summary["stages"]["unwilling"]["dropped"] == {"refused": 1}
     assert summary["stages"]["router"]["dropped"] == {"benign": {"refused": 1}, "contrast": {"refused": 1}}
@@ -172,17 +177,23 @@ def test_full_build_counts_labels_and_layouts(tmp_path):
     assert all(r["output"].startswith("An answer about") for r in benign_rows)
     assert json.load(open(out / "data_label.json")) == [r["label"] for r in rows["router"]]
 
-    # held-out prompts
-    held = E.load_prompts(out / "heldout.jsonl")
-    assert summary["heldout"] == {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 17}
-    by_kind = {k: [h for h in held if h["kind"] == k] for k in E.KINDS}
-    assert [h["prompt"] for h in by_kind["harmful"]] == [r["instruction"] for r in mal_held]
-    assert [h["prompt"] for h in by_kind["benign"]] == [r["instruction"] for r in ben_held]
-    assert [h["prompt"] for h in by_kind["borderline"]] == [r["instruction"] for r in con_held]
+    # evaluation prompts: one file per split, from that split's rows only
     templates = seeds["jailbreak_templates"]
-    assert [h["prompt"] for h in by_kind["jailbreak"]] == [
-        templates[k % len(templates)].format(instruction=r["instruction"]) for k, r in enumerate(mal_held)]
-    assert len({h["id"] for h in held}) == len(held)
+    assert summary["eval"] == {"dev": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 17},
+                               "test": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 18}}
+    ids = set()
+    for part in S.EVAL_SPLITS:
+        prompts = E.load_prompts(out / f"{part}.jsonl")
+        assert summary["files"][f"{part}.jsonl"] == len(prompts)
+        by_kind = {k: [h for h in prompts if h["kind"] == k] for k in E.KINDS}
+        mal, ben, con = (S.split(k, part) for k in ("malicious", "benign", "contrast"))
+        assert [h["prompt"] for h in by_kind["harmful"]] == [r["instruction"] for r in mal]
+        assert [h["prompt"] for h in by_kind["benign"]] == [r["instruction"] for r in ben]
+        assert [h["prompt"] for h in by_kind["borderline"]] == [r["instruction"] for r in con]
+        assert [h["prompt"] for h in by_kind["jailbreak"]] == [
+            templates[k % len(templates)].format(instruction=r["instruction"]) for k, r in enumerate(mal)]
+        ids |= {h["id"] for h in prompts}
+    assert len(ids) == summary["files"]["dev.jsonl"] + summary["files"]["test.jsonl"]  # ids unique over both
 
 
 def test_finished_answers_are_kept_whole(tmp_path):
@@ -202,8 +213,9 @@ def test_limit_spreads_rows(tmp_path):
     rows = layouts_agree(out)
     assert (len(rows["glad"]), len(rows["unwilling"]), len(rows["router"])) == (5, 5, 15)
     assert sum(r["label"] for r in rows["router"]) == 5
-    assert summary["heldout"] == {"harmful": 5, "jailbreak": 5, "benign": 5, "borderline": 5}
-    mal_train, _ = S.split("malicious")
+    assert summary["eval"] == {p: {"harmful": 5, "jailbreak": 5, "benign": 5, "borderline": 5}
+                               for p in ("dev", "test")}
+    mal_train = S.split("malicious", "train")
     cats = {r["category"] for r in mal_train if r["instruction"] in {g["instruction"] for g in rows["glad"]}}
     assert len(cats) == 5
 
@@ -215,7 +227,7 @@ def test_no_priming(tmp_path):
 
 
 def test_refusal_source_model(tmp_path):
-    mal_train, _ = S.split("malicious")
+    mal_train = S.split("malicious", "train")
     train = S.spread(mal_train, 4)
     stub = Stub(safety_refuses={train[0]["instruction"], train[2]["instruction"]})
     out, summary, _ = build(tmp_path, stub=stub, limit=4, refusal_source="model")
@@ -236,7 +248,7 @@ def test_deterministic_per_seed(tmp_path):
     assert files_of(a) == files_of(b)
     fa, fc = files_of(a), files_of(c)
     assert fa["glad.jsonl"] != fc["glad.jsonl"]  # other openings / refusals
-    assert fa["heldout.jsonl"] == fc["heldout.jsonl"]  # the evaluation set does not depend on the seed
+    assert fa["dev.jsonl"] == fc["dev.jsonl"] and fa["test.jsonl"] == fc["test.jsonl"]  # nor do the evaluation sets
     # a row's choices do not depend on limit
     small = {r["instruction"]: r for r in read_jsonl(a / "glad.jsonl")}
     d, _, _ = build(tmp_path, "d", limit=12, seed=3)
@@ -283,7 +295,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(MoguError, match="needs a model"):
         S.build_data(None, None, None, tmp_path / "nomodel", progress=False)
     # a model that refuses everything leaves the glad stage empty: an error, not an empty file
-    mal_train, _ = S.split("malicious")
+    mal_train = S.split("malicious", "train")
     with pytest.raises(MoguError, match="glad stage has no rows"):
         build(tmp_path, "allrefused", stub=Stub(refuse={r["instruction"] for r in mal_train}), limit=3)
     # a generator that returns the wrong number of rows
@@ -319,7 +331,7 @@ def test_tiny_model_build(tiny, tmp_path):
         op = next(o for o in openings if r["affirmative"].startswith(o + " "))
         assert r["affirmative"][len(op) + 1:].split()[0].startswith("w")
     assert summary["settings"]["model"]["num_layers"] == cfg.num_layers
-    assert summary["heldout"] == {"harmful": 3, "jailbreak": 3, "benign": 3, "borderline": 3}
+    assert summary["eval"] == {p: {"harmful": 3, "jailbreak": 3, "benign": 3, "borderline": 3} for p in ("dev", "test")}
     # greedy: the same seed gives byte-identical files
     S.build_data(cfg, params, tok, tmp_path / "b", **kw)
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
