@@ -487,8 +487,8 @@ def forward(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[A
     ``hidden`` [B, T, D] (training, with ``cfg.frozen_layers = k > 0``): the residual stream entering layer k,
     as :func:`lower_hidden` computed it for these tokens; the embedding and layers below k are then skipped
     (they hold nothing trained, so their output is the same every epoch)."""
-    if hidden is not None and not (cfg.scan_layers and 0 < cfg.frozen_layers < cfg.num_layers):
-        raise MoguError("hidden= needs the scanned layers with 0 < cfg.frozen_layers < num_layers")
+    if hidden is not None and not 0 < cfg.frozen_layers < cfg.num_layers:
+        raise MoguError("hidden= needs 0 < cfg.frozen_layers < num_layers")
     if shared_prefix:
         if cache is not None:
             raise MoguError("shared_prefix is for cache-free forwards (training); decoding has its own cache")
@@ -496,7 +496,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[A
                                hidden)
     if not cfg.scan_layers and cache is None:
         return forward_unrolled(cfg, params, tokens, positions, kv_mask, None, cache_index, last_only, mode,
-                                logits_from)
+                                logits_from, hidden)
     if cfg.scan_layers and 0 < cfg.frozen_layers < cfg.num_layers:
         return _forward_frozen_below(cfg, params, tokens, positions, kv_mask, cache, cache_index, last_only, mode,
                                      logits_from, hidden)
@@ -630,22 +630,26 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
 
 def forward_unrolled(cfg: ModelConfig, params: dict, tokens: Array, positions: Optional[Array] = None,
                      kv_mask: Optional[Array] = None, cache: Optional[tuple] = None, cache_index: Array | int = 0,
-                     last_only: bool = False, mode: str = "base", logits_from: int = 0) -> ModelOutput:
+                     last_only: bool = False, mode: str = "base", logits_from: int = 0,
+                     hidden: Optional[Array] = None) -> ModelOutput:
     """The same maths as :func:`forward` (the same ``DecoderLayer``), layer by layer over per-layer
     parameters (``params["layers"]`` a tuple, see :func:`unstack_layers`, or stacked) and a per-layer
-    cache (a tuple of ``{"k", "v"}`` [B, KVH, S, Dh], see :func:`init_cache_unrolled`)."""
+    cache (a tuple of ``{"k", "v"}`` [B, KVH, S, Dh], see :func:`init_cache_unrolled`). ``hidden``: the
+    residual stream entering layer ``cfg.frozen_layers`` (:func:`lower_hidden`); the layers below are skipped."""
     base, parts = split_params(params)
     mogu = mogu_inputs(cfg, mode, parts)
     b, t = tokens.shape
     positions, kv_mask = _defaults(tokens, positions, kv_mask, cache[0]["k"].shape[2] if cache is not None else t)
-    x = embed(cfg, base["embedding"], tokens)
+    start = cfg.frozen_layers if hidden is not None else 0
+    x = embed(cfg, base["embedding"], tokens) if hidden is None else hidden.astype(jnp.float32)
     cos, sin, bias = positional(cfg, positions, kv_mask)
     mask = attention_mask(cfg, kv_mask, t, cache_index)
     layers = base["layers"]
     layer, plain = layer_class(cfg)(cfg, mode), layer_class(cfg)(cfg, "base")
     routed_ids = set(cfg.router_layer_ids)
-    new_cache, alphas, betas = [], [], []
-    for i in range(cfg.num_layers):
+    new_cache = [cache[i] if cache is not None else None for i in range(start)]
+    alphas, betas = [jnp.zeros((b, t), jnp.float32)] * start, [jnp.zeros((b, t), jnp.float32)] * start
+    for i in range(start, cfg.num_layers):
         lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree_util.tree_map(lambda a: a[i], layers)
         kv = (cache[i]["k"], cache[i]["v"]) if cache is not None else None
         if mode == "routed" and i not in routed_ids:

@@ -209,7 +209,7 @@ class _Run:
         from mogu_jax import flops as F
 
         k = T.lowest_trained_layer(self.cfg, self.stage)
-        if not (k and self.cfg.scan_layers and self.conf["train"]["cache_frozen_layers"]
+        if not (k and self.conf["train"]["cache_frozen_layers"]
                 and jax.process_count() == 1):
             return None
         cfg = self.cfg.replace(frozen_layers=k)

@@ -144,6 +144,9 @@ def test_router_stage_with_cached_lower_layers_trains_the_same(world, tmp_path):
     for name, extra in (("cached", ["train.cache_frozen_layers=true"]),
                         ("plain", ["train.cache_frozen_layers=false"]),
                         ("cached_mesh", ["train.cache_frozen_layers=true", "mesh.data=2", "mesh.fsdp=2"]),
+                        ("cached_unrolled", ["train.cache_frozen_layers=true", "model.scan_layers=false",
+                                             "model.template=vicuna",
+                                             "model.system=You are a careful assistant who answers briefly"]),
                         ("shared", ["train.cache_frozen_layers=true", "model.template=vicuna",
                                     "model.system=You are a careful assistant who answers briefly"]),
                         ("shared_plain", ["train.cache_frozen_layers=false", "model.template=vicuna",
@@ -154,7 +157,8 @@ def test_router_stage_with_cached_lower_layers_trains_the_same(world, tmp_path):
                               f"inputs.glad={glad}", f"inputs.unwilling={unw}", *mesh, *extra), progress=False)
         assert res["done"]
         results[name] = (_losses(out), _final(out, "router", res["cfg"]), res["flops"])
-    for a, b in (("cached", "plain"), ("cached_mesh", "plain"), ("shared", "shared_plain")):
+    for a, b in (("cached", "plain"), ("cached_mesh", "plain"), ("shared", "shared_plain"),
+                 ("cached_unrolled", "shared_plain")):
         np.testing.assert_allclose(results[a][0], results[b][0], rtol=1e-5, err_msg=a)
         for x, y in zip(jax.tree_util.tree_leaves(results[a][1]), jax.tree_util.tree_leaves(results[b][1])):
             np.testing.assert_allclose(x, y, atol=1e-5, err_msg=a)

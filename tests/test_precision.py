@@ -106,3 +106,20 @@ def test_auto_is_the_default_of_training_and_the_cli():
                  ["data", "build", "--model", "m", "--out", "o"], ["demo"]):
         assert p.parse_args(argv).dtype == "auto", argv
     assert p.parse_args(["demo", "--dtype", "float32"]).dtype == "float32"
+
+
+def test_demo_settings_live_in_configs():
+    """The demo reads configs/smollm2-135m.yaml (the package ships it): one place, valid for every stage."""
+    from mogu_jax.pipeline import demo_settings
+    from mogu_jax.train_config import read_yaml
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert demo_settings() == read_yaml(os.path.join(repo, "configs", "smollm2-135m.yaml"))
+    for stage in ("glad", "unwilling", "router"):
+        conf = load_config(stage, demo_settings(), values={"model": {"base": "/x"}})
+        assert conf["model"]["dtype"] == "auto" and conf["data"]["max_len"] == 80
+    assert load_config("router", demo_settings())["data"]["balance_labels"] is True
+    # typed values win over the file's per-stage sections, as command-line overrides do
+    conf = load_config("router", demo_settings(), values={"train": {"epochs": 1}, "data": {"buckets": [64]}})
+    assert conf["train"]["epochs"] == 1 and conf["data"]["buckets"] == [64]
+    with pytest.raises(MoguError, match="unknown config key 'train.epoch'"):
+        load_config("glad", demo_settings(), values={"train": {"epoch": 1}})
