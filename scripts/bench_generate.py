@@ -4,10 +4,14 @@
 Both run the same weights (SmolLM2-135M-Instruct from the ``smollm2`` alias, a GGUF dequantized to fp32),
 greedy, EOS disabled so every row produces exactly ``--new-tokens`` tokens, after one warm-up call each.
 Reports tokens/s (generated tokens of all rows / wall time of the whole call, prefill included) at each
-batch size and the ratio ours/HF. ``--tiny`` runs a random tiny Llama instead (a quick smoke check).
+batch size: ours in each compute dtype of ``--dtypes`` (default fp32 and bf16, side by side, interleaved), HF in
+fp32, and the ratios bf16/fp32 and ours/HF; then the probe's verdict (what ``dtype: auto`` picks on this CPU, the
+bf16/fp32 matmul ratio measured now, the CPU's avx512_bf16 / amx_bf16). ``--tiny`` runs a random tiny Llama
+instead (a quick smoke check). The routing-cost and pipeline sections run in fp32.
 
-    python scripts/bench_generate.py                 # SmolLM2-135M, batch 1 and 8, 64 new tokens
+    python scripts/bench_generate.py                 # SmolLM2-135M, batch 1 and 8, 64 new tokens, fp32 and bf16
     python scripts/bench_generate.py --tiny --batches 1 2
+    python scripts/bench_generate.py --dtypes float32 --skip-routing --skip-pipeline
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="random tiny Llama instead of SmolLM2-135M")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                    help="compute dtypes of ours, side by side (default both); HF runs fp32")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting (best is reported)")
     ap.add_argument("--hf-threads", type=int, default=None, help="torch.set_num_threads for HF (default: torch's)")
     ap.add_argument("--skip-hf", action="store_true")
@@ -110,10 +116,12 @@ def main(argv=None):
     for k in ("temperature", "top_p", "top_k"):
         setattr(hf.generation_config, k, None)
 
-    def run_ours(ids):
-        out = G.generate(cfg, params, ids, max_new_tokens=n_new, eos_ids=())
+    cfgs = {dt: cfg.replace(dtype=dt) for dt in dict.fromkeys(args.dtypes)}
+
+    def run_ours(ids, dt):
+        out = G.generate(cfgs[dt], params, ids, max_new_tokens=n_new, eos_ids=())
         assert all(len(t) == n_new for t in out.tokens), [len(t) for t in out.tokens]
-        return out
+        return out.tokens
 
     def run_hf(ids):
         b = len(ids)
@@ -130,40 +138,13 @@ def main(argv=None):
         assert out.shape[1] - width == n_new
         return out[:, width:].tolist()
 
-    def timed(fn, ids):
-        t0 = time.perf_counter()
-        res = fn(ids)
-        return time.perf_counter() - t0, res
-
-    rows = []
-    for b in ([] if args.routing_only else args.batches):
-        ids = prompt_ids(b)
-        run_ours(ids)  # warm-up (compiles the buckets)
-        if not args.skip_hf:
-            run_hf(ids)
-        t_ours = t_hf = float("inf")
-        ours = ref = None
-        for _ in range(args.repeats):  # interleaved, best of the repeats: the machine may be shared
-            t, ours = timed(run_ours, ids)
-            t_ours = min(t_ours, t)
-            if not args.skip_hf:
-                t, ref = timed(run_hf, ids)
-                t_hf = min(t_hf, t)
-        tps_ours = b * n_new / t_ours
-        if args.skip_hf:
-            rows.append((b, tps_ours, None, None, None))
-            continue
-        tps_hf = b * n_new / t_hf
-        same = sum(o == r for o, r in zip(ours.tokens, ref))
-        rows.append((b, tps_ours, tps_hf, tps_ours / tps_hf, f"{same}/{b}"))
-
-    print(f"\ngreedy, {n_new} new tokens per row, EOS disabled, fp32, wall time of the whole call (prefill included)")
-    print(f"{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | rows equal to HF")
-    print("-" * 60)
-    for b, a, h, ratio, same in rows:
-        hs = f"{h:9.1f}" if h is not None else f"{'-':>9}"
-        rs = f"{ratio:7.2f}" if ratio is not None else f"{'-':>7}"
-        print(f"{b:>5} | {a:10.1f} | {hs} | {rs} | {same or '-'}")
+    sides = {dt: (lambda ids, dt=dt: run_ours(ids, dt)) for dt in cfgs}
+    if not args.skip_hf:
+        sides["hf"] = run_hf
+    rows = [decode_row(b, prompt_ids(b), sides, n_new, args.repeats)
+            for b in ([] if args.routing_only else args.batches)]
+    if rows:
+        print_decode_table(rows, list(cfgs), n_new)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
     gbs = read_bandwidth(weight_bytes)
     print(f"memory-bandwidth ceiling at batch 1: every token reads all {weight_bytes / 1e6:.0f} MB of weights; "
@@ -173,7 +154,50 @@ def main(argv=None):
         bench_routing(cfg, params, prompt_ids, args)
     if not args.skip_pipeline:
         bench_routed_pipeline(cfg, params, hf, prompt_ids, args)
+    from bench_train import probe_verdict  # scripts/ is on sys.path when a script runs
+
+    print(probe_verdict())
     return rows
+
+
+def decode_row(b: int, ids: list, sides: dict, n_new: int, repeats: int) -> dict:
+    """tokens/s of each side (ours per dtype, HF) at batch ``b``: one warm-up call each (compiles the buckets),
+    then ``repeats`` interleaved rounds, best of them (the machine may be shared); the outputs of the last round."""
+    best = {k: float("inf") for k in sides}
+    out = {}
+    for fn in sides.values():
+        fn(ids)
+    for _ in range(repeats):
+        for k, fn in sides.items():
+            t0 = time.perf_counter()
+            out[k] = fn(ids)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return {"batch": b, "tps": {k: b * n_new / t for k, t in best.items()}, "tokens": out}
+
+
+def print_decode_table(rows: list, dtypes: list, n_new: int) -> None:
+    """Ours per dtype side by side, bf16/fp32, HF fp32, ours/HF and the rows equal to HF (per dtype)."""
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    both = "float32" in dtypes and "bfloat16" in dtypes
+    has_hf = "hf" in rows[0]["tps"]
+    cols = [f"ours {short[d]} tok/s" for d in dtypes] + (["bf16/fp32"] if both else [])
+    if has_hf:
+        cols += ["HF fp32 tok/s"] + [f"ours {short[d]}/HF" for d in dtypes] + \
+            [f"rows equal to HF ({short[d]})" for d in dtypes]
+    print(f"\ngreedy, {n_new} new tokens per row, EOS disabled, wall time of the whole call (prefill included); "
+          "ours in each compute dtype, HF in fp32")
+    print("| batch | " + " | ".join(cols) + " |")
+    print("|" + "---|" * (len(cols) + 1))
+    for r in rows:
+        tps, cells = r["tps"], [f"{r['tps'][d]:.1f}" for d in dtypes]
+        if both:
+            cells.append(f"{tps['bfloat16'] / tps['float32']:.2f}x")
+        if has_hf:
+            cells.append(f"{tps['hf']:.1f}")
+            cells += [f"{tps[d] / tps['hf']:.2f}x" for d in dtypes]
+            ref = r["tokens"]["hf"]
+            cells += [f"{sum(o == h for o, h in zip(r['tokens'][d], ref))}/{r['batch']}" for d in dtypes]
+        print(f"| {r['batch']} | " + " | ".join(cells) + " |")
 
 
 def read_bandwidth(n_bytes: int, repeats: int = 10) -> float:

@@ -19,20 +19,22 @@ One update = forward, loss, ``loss.backward(); opt.step(); opt.zero_grad()`` (to
 (interleaved, the machine is shared); the medians per update are compared. tokens/s counts the real tokens an
 update processes (pair stages: both sequences of each example).
 
-FLOPs (analytic, matmuls only; what the algorithm needs, not recomputation):
+Each stage runs in every dtype of ``--dtypes`` (default fp32 and bf16, one run), each against torch on the same
+dtype (fp32; bf16 = torch autocast bf16), all sides interleaved round by round, and one table puts the fp32 and
+bf16 rows side by side. The run starts and ends with the probe's verdict: what ``dtype: auto`` picks on this
+CPU (``mogu_jax.precision.auto_choice``, ``$MOGU_JAX_AUTO_DTYPE`` ignored), the bf16/fp32 ratio of its matmul
+measured now, and whether the CPU has avx512_bf16 / amx_bf16.
 
-    per token: 4 * N_frozen + 6 * N_train + 12 * L * T * H * Dh
+FLOPs: ``mogu_jax.flops.train_step_flops`` (analytic, matmuls only): what our step computes: the LM head from
+the first loss position, the shared prefix once per batch, the backward pass only above the lowest trained
+layer (the router stage with ``--router-layers``; the layers below cached as ``train.cache_frozen_layers``
+does unless ``--no-cache-lower``), the folded router heads, remat's recompute. The peak per dtype is the best
+of a few jitted n^3 matmuls in JAX (fp32 HIGHEST; bf16 x bf16 -> fp32), measured in the same run. XLA's own
+``cost_analysis()`` of the compiled step is printed beside it (it counts a scanned layer's body once).
 
-N_frozen: the weights of every frozen matmul a token goes through (q/k/v/o, gate/up/down per layer, the lm
-head; plus both LoRA branches in the router stage): forward 2N + input gradient 2N, no weight gradient.
-N_train: the trained part (LoRA A/B of one branch, or the two router heads): 2N forward + 2N input gradient +
-2N weight gradient. Attention: QK^T and PV over the full T x T score matrix (as computed, masked), 4 T H Dh per
-token and layer forward, twice that backward. The peak is the best of a few large jitted fp32 matmuls in JAX,
-measured in the same run (and bf16's, with ``--bf16``). XLA's own ``cost_analysis()`` of the compiled step is
-printed beside it.
-
-    python scripts/bench_train.py                    # all stages, fp32, SmolLM2-135M, 8 x 256
-    python scripts/bench_train.py --bf16 --stages glad
+    python scripts/bench_train.py                    # all stages, fp32 and bf16, SmolLM2-135M, 8 x 256
+    python scripts/bench_train.py --dtypes bfloat16 --stages glad
+    python scripts/bench_train.py --stages router --router-layers 15-29   # routers in layers 15-29 only
     python scripts/bench_train.py --remat
     python scripts/bench_train.py --breakdown        # also time the pieces of our step (where the time goes)
     python scripts/bench_train.py --tiny --seq 64    # a random tiny Llama (smoke test)
@@ -127,7 +129,7 @@ class Ours:
     """The train step of one stage, set up as mogu_jax.trainer.run_stage does."""
 
     def __init__(self, cfg, params, stage: str, batch: dict, seed: int = 0, logits_from: int = 0,
-                 shared_prefix: tuple = ()):
+                 shared_prefix: tuple = (), router_layers: tuple = (), cache_lower: bool = True):
         import jax
 
         from mogu_jax import train as T
@@ -137,8 +139,14 @@ class Ours:
 
         self.stage = stage
         base, _ = split_params(params)
-        cfg = cfg.replace(lora_rank=8, lora_alpha=16.0, router_hidden=512, router_layers=())
+        cfg = cfg.replace(lora_rank=8, lora_alpha=16.0, router_hidden=512, router_layers=router_layers)
         self.cfg = cfg
+        # the step's backward stops below the lowest trained layer (train.lowest_trained_layer, set in the loss)
+        self.frozen_layers = T.lowest_trained_layer(cfg, stage)
+        self.lower_cached = bool(cache_lower and self.frozen_layers and cfg.scan_layers)
+        if self.lower_cached:  # as run_stage with train.cache_frozen_layers: the lower layers' output, once
+            batch = dict(batch, hidden=lower_layers_output(cfg.replace(frozen_layers=self.frozen_layers), base,
+                                                           batch))
         frozen = {"base": base}
         if stage == "router":  # trained branches (random, B non-zero so both branches do real work)
             for i, part in enumerate(("glad", "unwilling")):
@@ -159,6 +167,14 @@ class Ours:
         self.batch = T.local_batch_to_global(batch, mesh)
         self.n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable))
         self.last_loss = None
+
+    def flops(self, stage: str, batch: dict, logits_from: int, prefix: int) -> int:
+        """Analytic FLOPs of one update as our step computes it (mogu_jax.flops.train_step_flops)."""
+        from mogu_jax.flops import train_step_flops
+
+        rows = batch_rows(stage, batch)
+        return train_step_flops(self.cfg.replace(frozen_layers=self.frozen_layers), stage, rows.shape[0],
+                                rows.shape[1], prefix, logits_from, lower_cached=self.lower_cached)
 
     def step(self):
         import jax
@@ -185,6 +201,17 @@ class Ours:
             return ca
         except Exception as e:  # noqa: BLE001 - optional information
             return {"error": f"{type(e).__name__}: {e}"}
+
+
+def lower_layers_output(cfg, base: dict, batch: dict) -> np.ndarray:
+    """The residual stream entering layer ``cfg.frozen_layers`` for the batch's rows (the trainer's
+    FrozenLayersCache, computed once outside the timed steps)."""
+    import jax
+
+    from mogu_jax.model import lower_hidden
+
+    fn = jax.jit(lambda b, t, m: lower_hidden(cfg, b, t, m))
+    return np.asarray(fn(base, batch["tokens"], batch["attn_mask"]), np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -258,7 +285,7 @@ class TorchRouterOProj:
 class Reference:
     """The PyTorch step of one stage (PEFT LoRA for glad / unwilling, the routed MoGU model for router)."""
 
-    def __init__(self, hf_base, stage: str, batch: dict, bf16: bool, seed: int = 0):
+    def __init__(self, hf_base, stage: str, batch: dict, bf16: bool, seed: int = 0, router_layers: tuple = ()):
         import torch
 
         self.stage, self.bf16 = stage, bf16
@@ -271,7 +298,8 @@ class Reference:
         if stage == "router":
             gen = torch.Generator().manual_seed(seed)
             self.store: list = []
-            for layer in model.model.layers:
+            routed = set(router_layers or range(len(model.model.layers)))
+            for layer in (x for i, x in enumerate(model.model.layers) if i in routed):
                 layer.self_attn.o_proj = TorchRouterOProj.build(layer.self_attn.o_proj, d_attn, hcfg.hidden_size,
                                                                 8, 2.0, 512, self.store, gen)
             trainable = [p for n, p in model.named_parameters() if ".alpha_." in n or ".beta_." in n]
@@ -339,23 +367,6 @@ def release_memory() -> None:
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs
-def flop_model(cfg, stage: str, t: int, tokens: int) -> dict:
-    """The analytic FLOP count of one update (see the module docstring)."""
-    d, i_, v, n_l = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
-    h, kvh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    mlp = (3 if cfg.gated_mlp else 2) * d * i_
-    per_layer = d * h * dh + 2 * d * kvh * dh + h * dh * d + mlp
-    n_base = n_l * per_layer + v * d  # + the lm head (tied or not)
-    lora = n_l * (h * dh * cfg.lora_rank + cfg.lora_rank * d)
-    router = n_l * 2 * (h * dh * 512 + 512 * d + d * 1)
-    n_frozen = n_base + (2 * lora if stage == "router" else 0)
-    n_train = router if stage == "router" else lora
-    attn = 12 * n_l * t * h * dh
-    per_token = 4 * n_frozen + 6 * n_train + attn
-    return {"n_base": n_base, "n_frozen": n_frozen, "n_train": n_train, "attn_per_token": attn,
-            "per_token": per_token, "total": per_token * tokens}
-
-
 def matmul_peak(dtype_name: str, n: int = 4096, repeats: int = 5) -> float:
     """Best FLOP/s of an n x n x n jitted JAX matmul (fp32 accumulation, HIGHEST precision for fp32)."""
     import jax
@@ -524,10 +535,207 @@ def profile_step(ours: Ours, out_dir: str, top: int = 5) -> None:
             print(f"        {t / 1e6:7.2f} s x{cnt[n]:<3d} {n:<38s} {shape:<36s} {'/'.join(op)}")
 
 
+# ---------------------------------------------------------------------------------------- the probe's verdict
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set:
+    """The flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def probe_verdict() -> str:
+    """What ``dtype: auto`` picks here (mogu_jax.precision.auto_choice, $MOGU_JAX_AUTO_DTYPE unset for it), the
+    bf16/fp32 ratio of the probe's matmul measured now, and the CPU's bf16 instructions."""
+    from mogu_jax import precision
+
+    pinned = os.environ.pop(precision.FORCE_ENV, None)
+    try:
+        choice = precision.auto_choice()
+    finally:
+        if pinned is not None:
+            os.environ[precision.FORCE_ENV] = pinned
+    speedup = precision.measure_bf16_speedup()
+    flags = cpu_flags()
+    have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in BF16_FLAGS)
+    return (f"probe: dtype auto -> {choice.dtype} ({choice.reason}); measured now: bf16 x bf16 -> fp32 "
+            f"{precision.PROBE_SIZE}^3 matmul {speedup:.2f}x the fp32 rate; CPU {precision.cpu_model()!r}: {have}")
+
+
+# ------------------------------------------------------------------------------------------------ timing
+class Side:
+    """One timed train step (ours or torch, on one dtype; or an A/B variant of ours) and its times."""
+
+    def __init__(self, kind: str, dtype: str, runner, what: str = ""):
+        self.kind, self.dtype, self.runner, self.what = kind, dtype, runner, what
+        self.times: list = []
+
+    def warm(self, n: int) -> None:
+        for _ in range(n):
+            self.runner.step()
+        release_memory()
+
+    def timed(self, steps: int) -> None:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.runner.step()
+            self.times.append(time.perf_counter() - t0)
+        release_memory()
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+    @property
+    def best(self) -> float:
+        return min(self.times) if self.times else float("nan")
+
+
+def parse_layers(text: str) -> tuple:
+    """``a-b`` (inclusive) or ``a`` -> the layer ids."""
+    try:
+        lo, _, hi = text.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a-b, e.g. 15-29") from None
+    if lo < 0 or hi < lo:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a-b with 0 <= a <= b")
+    return tuple(range(lo, hi + 1))
+
+
+def stage_sides(args, cfg, params, hf, stage: str, batch: dict, dtype: str):
+    """Ours, torch (same dtype) and the A/B variants of ours for one stage and dtype, compiled and warm."""
+    from mogu_jax.data import logits_start
+
+    cfg = cfg.replace(dtype=dtype)
+    layers = args.router_layers if stage == "router" else ()
+    logits_from = 0 if args.full_logits else logits_start(args.prompt_len)
+    prefix = tuple(int(x) for x in batch_rows(stage, batch)[0, :min(args.shared_prefix, logits_from)])
+    share = prefix if not args.no_share else ()
+
+    def ours_with(c=cfg, lf=logits_from, sp=share):
+        return Ours(c, params, stage, batch, logits_from=lf, shared_prefix=sp, router_layers=layers,
+                    cache_lower=not args.no_cache_lower)
+
+    t0 = time.perf_counter()
+    ours = Side("ours", dtype, ours_with())
+    ours.runner.step()  # compile
+    info = {"compile": time.perf_counter() - t0, "logits_from": logits_from, "prefix": len(share),
+            "flops": ours.runner.flops(stage, batch, logits_from, len(share))}
+    ours.warm(args.warmup)
+    sides = [ours]
+    if not args.skip_torch:
+        ref = Side("torch", dtype, Reference(hf, stage, batch, dtype == "bfloat16", router_layers=layers))
+        ref.warm(max(args.warmup, 1) + 1)  # torch's first updates are slow (allocator, oneDNN)
+        sides.append(ref)
+    if args.ab_logits and logits_from:  # no shared prefix there either: it needs the head to start after it
+        sides.append(Side("variant", dtype, ours_with(lf=0, sp=()),
+                          f"LM head from position {logits_from} (the first loss position) vs on all {args.seq}"
+                          + (" (and the shared prefix once per row)" if share else "")))
+    if args.ab_prefix and share:
+        sides.append(Side("variant", dtype, ours_with(sp=()),
+                          f"the {len(share)} tokens all rows start with run once per batch vs once per row"))
+    if args.ab_remat and args.remat:
+        other = "dots" if args.remat_policy == "nothing" else "nothing"
+        sides.append(Side("variant", dtype, ours_with(c=cfg.replace(remat_policy=other)),
+                          f"remat policy {args.remat_policy} vs {other}"))
+    for v in sides[2 if not args.skip_torch else 1:]:
+        v.warm(args.warmup + 1)
+    return sides, info
+
+
+def stage_details(args, stage: str, dtype: str, sides: list, info: dict, tokens: int) -> dict:
+    """Print one stage x dtype's details (times, losses, FLOPs, XLA's count, A/B ratios); its table row."""
+    ours = sides[0]
+    ref = next((s for s in sides if s.kind == "torch"), None)
+    tag = f"[{stage} {DTYPE_SHORT[dtype]}]"
+    for v in (s for s in sides if s.kind == "variant"):
+        print(f"{tag} {v.what}: {ours.median:.2f}s vs {v.median:.2f}s per update = {v.median / ours.median:.2f}x "
+              f"(loss {ours.runner.last_loss:.4f} vs {v.runner.last_loss:.4f}, interleaved, median of "
+              f"{len(ours.times)})")
+    print(f"{tag} compile+first step {info['compile']:.0f}s; per update ours {ours.median:.2f}s "
+          f"(all: {', '.join(f'{x:.2f}' for x in ours.times)})"
+          + (f", torch {ref.median:.2f}s (all: {', '.join(f'{x:.2f}' for x in ref.times)})" if ref else "")
+          + f"; loss ours {ours.runner.last_loss:.4f}" + (f", torch {ref.runner.last_loss:.4f}" if ref else "")
+          + f"; trainable ours {ours.runner.n_trainable:,}" + (f", torch {ref.runner.n_trainable:,}" if ref else ""))
+    o = ours.runner
+    print(f"{tag} analytic FLOPs/update {info['flops'] / 1e9:.2f} G (mogu_jax.flops.train_step_flops: what our "
+          f"step computes: LM head from position {info['logits_from']}, {info['prefix']} shared prefix tokens "
+          f"once per batch, backward from layer {o.frozen_layers} up"
+          + (", layers below cached" if o.lower_cached else "") + (", remat recompute" if o.cfg.remat else "")
+          + ")")
+    row = {"stage": stage, "dtype": dtype, "tokens": tokens, "ours": tokens / ours.median,
+           "torch": tokens / ref.median if ref else float("nan"),
+           "ratio": ref.median / ours.median if ref else float("nan"), "gflops": info["flops"] / ours.median / 1e9,
+           "best_ours": tokens / ours.best, "best_torch": tokens / ref.best if ref else float("nan")}
+    if not args.no_cost_analysis:
+        ca = o.cost_analysis()
+        if ca and "flops" in ca:
+            row["xla_ratio"] = ca["flops"] / info["flops"]
+            print(f"{tag} XLA cost_analysis: flops {ca['flops'] / 1e9:.2f} G ({row['xla_ratio']:.2f} x analytic; "
+                  f"XLA counts a while loop's body once, not {o.cfg.num_layers} times), bytes accessed "
+                  f"{ca.get('bytes accessed', float('nan')) / 1e9:.2f} GB"
+                  + (f"; XLA temp memory of the step {ca['temp_bytes'] / 1e9:.2f} GB" if "temp_bytes" in ca else ""))
+        else:
+            print(f"{tag} XLA cost_analysis unavailable: {ca}")
+    if args.profile:
+        print(f"{tag} jax.profiler trace of one step of ours:")
+        profile_step(o, os.path.join(args.profile, f"{stage}-{dtype}"))
+    if args.breakdown:
+        print(f"{tag} breakdown of our step (best of 3; pair stages: x2 for the per-sequence pieces):")
+        for name, sec in breakdown(o):
+            print(f"    {name:<50s} {sec:8.3f} s")
+    return row
+
+
+def print_table(args, rows: list, peaks: dict) -> None:
+    print()
+    layers = args.router_layers
+    print(f"SmolLM2-135M{' (tiny)' if args.tiny else ''}, batch {args.batch} x {args.seq}"
+          f"{', remat' if args.remat else ''}"
+          + (f", router stage with routers in layers {layers[0]}-{layers[-1]}" if layers else "")
+          + f"; median of {args.rounds * args.steps} interleaved updates per side; torch on the same dtype "
+          "(bf16: autocast); matmul peaks (JAX, best over the run): "
+          + ", ".join(f"{DTYPE_SHORT[k]} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+    hdr = ("| stage | dtype | ours tok/s | torch tok/s | ratio | ours vs fp32 | achieved GFLOP/s | % of dtype's peak "
+           "| XLA/analytic FLOPs |")
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    fp32 = {r["stage"]: r["ours"] for r in rows if r["dtype"] == "float32"}
+    for r in rows:
+        vs = f"{r['ours'] / fp32[r['stage']]:.2f}x" if r["stage"] in fp32 and r["dtype"] != "float32" else "-"
+        xla = f"{r['xla_ratio']:.2f}" if "xla_ratio" in r else "n/a"
+        print(f"| {r['stage']} | {DTYPE_SHORT[r['dtype']]} | {r['ours']:.0f} | {r['torch']:.0f} | {r['ratio']:.2f}x "
+              f"| {vs} | {r['gflops']:.1f} | {100 * r['gflops'] * 1e9 / peaks[r['dtype']]:.1f}% | {xla} |")
+    print("ratio = torch time / ours (> 1: ours faster); ours vs fp32 = ours' tok/s in that dtype / in fp32")
+    print("\nbest-of (min time) tok/s: " + "; ".join(
+        f"{r['stage']} {DTYPE_SHORT[r['dtype']]} ours {r['best_ours']:.0f} / torch {r['best_torch']:.0f}"
+        for r in rows))
+    print("FLOPs: mogu_jax.flops.train_step_flops (matmuls only, what our step computes)")
+
+
 # ---------------------------------------------------------------------------------------------------- main
-def main(argv=None):
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPE_SHORT),
+                    help="compute dtypes, each timed against torch on the same dtype (default: both)")
+    ap.add_argument("--bf16", action="store_true", help="deprecated: --dtypes bfloat16")
+    ap.add_argument("--router-layers", type=parse_layers, default=(), metavar="A-B",
+                    help="router stage: routers in layers A..B only (MoGU v2; default all layers)")
+    ap.add_argument("--no-cache-lower", action="store_true",
+                    help="with --router-layers: run the layers below the lowest router in every step (default: "
+                         "their output computed once, as train.cache_frozen_layers)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (masked out of the LM loss)")
@@ -542,8 +750,7 @@ def main(argv=None):
     ap.add_argument("--no-share", action="store_true", help="ours: run the shared prefix once per row")
     ap.add_argument("--ab-prefix", action="store_true",
                     help="also time ours running the shared prefix once per row, interleaved, and print the ratio")
-    ap.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 weights; torch: autocast bf16)")
-    ap.add_argument("--remat", action="store_true", help="rematerialise the decoder layers (ours)")
+    ap.add_argument("--remat", action="store_true", help="rematerialise the decoder layers (ours; default off)")
     ap.add_argument("--remat-policy", default="nothing", choices=["nothing", "dots"],
                     help="with --remat: what a layer keeps for the backward pass (ours)")
     ap.add_argument("--ab-remat", action="store_true",
@@ -552,6 +759,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
     ap.add_argument("--steps", type=int, default=1, help="updates per side per round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed updates per side after compiling")
+    ap.add_argument("--peak-n", type=int, default=2048, help="matmul size of the peak measurement (n^3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's cores)")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--no-cost-analysis", action="store_true", help="skip XLA's cost analysis (one more compile)")
@@ -560,149 +768,60 @@ def main(argv=None):
                     help="trace one step of ours with jax.profiler into DIR and print where the time goes")
     ap.add_argument("--tiny", action="store_true", help="random tiny Llama instead of SmolLM2-135M")
     args = ap.parse_args(argv)
+    if args.bf16:
+        print("bench_train.py: --bf16 is deprecated, use --dtypes bfloat16", file=sys.stderr)
+        args.dtypes = ["bfloat16"]
+    args.dtypes = list(dict.fromkeys(args.dtypes))
+    if args.router_layers and "router" not in args.stages:
+        ap.error("--router-layers times the router stage: add router to --stages")
+    return ap, args
+
+
+def main(argv=None):
+    ap, args = parse_args(argv)
 
     import jax
     import torch
-    from mogu_jax.data import logits_start
 
-    threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    dtype = "bfloat16" if args.bf16 else "float32"
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     t0 = time.perf_counter()
-    cfg, params, hf, source = load_models(args.tiny, dtype, args.remat)
+    cfg, params, hf, source = load_models(args.tiny, "float32", args.remat)
     cfg = cfg.replace(scan_layers=not args.unrolled, remat_policy=args.remat_policy)
+    if args.router_layers and args.router_layers[-1] >= cfg.num_layers:
+        ap.error(f"--router-layers {args.router_layers[0]}-{args.router_layers[-1]}: the model has layers "
+                 f"0-{cfg.num_layers - 1}")
     print(f"model: {source}, loaded in {time.perf_counter() - t0:.0f}s")
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s)), torch "
           f"{torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores; "
-          f"compute {dtype}{', remat' if args.remat else ''}; batch {args.batch} x {args.seq}")
-
+          f"compute {', '.join(args.dtypes)}{', remat' if args.remat else ''}; batch {args.batch} x {args.seq}")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (the machine is shared)")
-    peaks = {"float32": matmul_peak("float32")}
-    if args.bf16:
-        peaks["bfloat16"] = matmul_peak("bfloat16")
-    print("matmul peak (JAX, 4096^3, best of 5): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+    verdict = probe_verdict()
+    print(verdict)
+    peaks = {dt: matmul_peak(dt, args.peak_n) for dt in args.dtypes}
+    print(f"matmul peak (JAX, {args.peak_n}^3, best of 5): "
+          + ", ".join(f"{DTYPE_SHORT[k]} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
 
-    rows, notes = [], []
+    rows = []
     for stage in args.stages:
         batch = make_batch(stage, args.batch, args.seq, args.prompt_len, cfg.vocab_size, seed=1,
                            shared=args.shared_prefix)
         tokens = batch_tokens(stage, batch)
         for k in peaks:  # the peak again before each stage (the machine is shared): keep the best
-            peaks[k] = max(peaks[k], matmul_peak(k))
-        t0 = time.perf_counter()
-        logits_from = 0 if args.full_logits else logits_start(args.prompt_len)
-        prefix = tuple(int(x) for x in batch_rows(stage, batch)[0, :min(args.shared_prefix, logits_from)])
-        share = prefix if not args.no_share else ()
-        ours = Ours(cfg, params, stage, batch, logits_from=logits_from, shared_prefix=share)
-        ours.step()  # compile
-        t_compile = time.perf_counter() - t0
-        for _ in range(args.warmup):
-            ours.step()
-        release_memory()
-        ref = None
-        if not args.skip_torch:
-            ref = Reference(hf, stage, batch, args.bf16)
-            for _ in range(max(args.warmup, 1) + 1):  # torch's first updates are slow (allocator, oneDNN)
-                ref.step()
-            release_memory()
-        # A/B variants of ours, timed interleaved with it: (what changes, the step)
-        variants = []
-        if args.ab_logits and logits_from:
-            # no shared prefix there either: it needs the head to start after it
-            variants.append((f"LM head from position {logits_from} (the first loss position) vs on all {args.seq}"
-                             + (" (and the shared prefix once per row)" if share else ""),
-                             Ours(cfg, params, stage, batch, logits_from=0, shared_prefix=())))
-        if args.ab_prefix and share:
-            variants.append((f"the {len(share)} tokens all rows start with run once per batch vs once per row",
-                             Ours(cfg, params, stage, batch, logits_from=logits_from, shared_prefix=())))
-        if args.ab_remat and args.remat:
-            other = "dots" if args.remat_policy == "nothing" else "nothing"
-            variants.append((f"remat policy {args.remat_policy} vs {other}",
-                             Ours(cfg.replace(remat_policy=other), params, stage, batch, logits_from=logits_from,
-                                  shared_prefix=share)))
-        for _, v in variants:
-            for _ in range(args.warmup + 1):
-                v.step()
-        times_o, times_r, times_v = [], [], [[] for _ in variants]
-        for _ in range(args.rounds):
-            for _ in range(args.steps):
-                t1 = time.perf_counter()
-                ours.step()
-                times_o.append(time.perf_counter() - t1)
-            release_memory()
-            for (_, v), tv in zip(variants, times_v):
-                for _ in range(args.steps):
-                    t1 = time.perf_counter()
-                    v.step()
-                    tv.append(time.perf_counter() - t1)
-            if ref is not None:
-                for _ in range(args.steps):
-                    t1 = time.perf_counter()
-                    ref.step()
-                    times_r.append(time.perf_counter() - t1)
-                release_memory()
-        for (what, v), tv in zip(variants, times_v):
-            mf, mo = statistics.median(tv), statistics.median(times_o)
-            print(f"[{stage}] {what}: {mo:.2f}s vs {mf:.2f}s per update = {mf / mo:.2f}x (loss "
-                  f"{ours.last_loss:.4f} vs {v.last_loss:.4f}, interleaved, median of {len(times_o)})")
-        del variants
-        fl = flop_model(ours.cfg, stage, args.seq, tokens)
-        med_o = statistics.median(times_o)
-        med_r = statistics.median(times_r) if times_r else float("nan")
-        gflops = fl["total"] / med_o / 1e9
-        row = {"stage": stage, "tokens": tokens, "ours": tokens / med_o, "torch": tokens / med_r,
-               "ratio": med_r / med_o, "gflops": gflops,
-               "best_ours": tokens / min(times_o), "best_torch": tokens / min(times_r) if times_r else float("nan"),
-               "t_ours": med_o, "t_torch": med_r}
-        rows.append(row)
-        print(f"[{stage}] compile+first step {t_compile:.0f}s; per update ours {med_o:.2f}s "
-              f"(all: {', '.join(f'{x:.2f}' for x in times_o)})"
-              + (f", torch {med_r:.2f}s (all: {', '.join(f'{x:.2f}' for x in times_r)})" if times_r else "")
-              + f"; loss ours {ours.last_loss:.4f}" + (f", torch {ref.last_loss:.4f}" if ref else "")
-              + f"; trainable ours {ours.n_trainable:,}" + (f", torch {ref.n_trainable:,}" if ref else ""))
-        print(f"[{stage}] analytic FLOPs/update {fl['total'] / 1e12:.3f} T = {tokens} tok x "
-              f"(4 x {fl['n_frozen']:,} frozen + 6 x {fl['n_train']:,} trainable + {fl['attn_per_token']:,} attn)")
-        if not args.no_cost_analysis:
-            ca = ours.cost_analysis()
-            if ca and "flops" in ca:
-                row["xla_flops"] = ca["flops"]
-                print(f"[{stage}] XLA cost_analysis: flops {ca['flops'] / 1e12:.3f} T "
-                      f"({ca['flops'] / fl['total']:.2f} x analytic; XLA counts a while loop's body once, not "
-                      f"{ours.cfg.num_layers} times), bytes accessed {ca.get('bytes accessed', float('nan')) / 1e9:.2f} GB"
-                      + (f"; XLA temp memory of the step {ca['temp_bytes'] / 1e9:.2f} GB" if "temp_bytes" in ca else ""))
-            else:
-                print(f"[{stage}] XLA cost_analysis unavailable: {ca}")
-        if args.profile:
-            print(f"[{stage}] jax.profiler trace of one step of ours:")
-            profile_step(ours, os.path.join(args.profile, stage))
-        if args.breakdown:
-            print(f"[{stage}] breakdown of our step (best of 3; pair stages: x2 for the per-sequence pieces):")
-            for name, sec in breakdown(ours):
-                print(f"    {name:<50s} {sec:8.3f} s")
-        del ours, ref
+            peaks[k] = max(peaks[k], matmul_peak(k, args.peak_n))
+        per_dtype = {dt: stage_sides(args, cfg, params, hf, stage, batch, dt) for dt in args.dtypes}
+        every = [s for dt in args.dtypes for s in per_dtype[dt][0]]
+        for _ in range(args.rounds):  # interleaved: ours fp32, torch fp32, (variants), ours bf16, torch bf16, ...
+            for side in every:
+                side.timed(args.steps)
+        for dt in args.dtypes:
+            rows.append(stage_details(args, stage, dt, *per_dtype[dt], tokens))
+        del per_dtype, every
         import gc
         gc.collect()
 
-    print()
-    print(f"SmolLM2-135M{' (tiny)' if args.tiny else ''}, batch {args.batch} x {args.seq}, {dtype}"
-          f"{', remat' if args.remat else ''}; median of {args.rounds * args.steps} interleaved updates per side; "
-          f"fp32 peak (best over the run) {peaks['float32'] / 1e9:.0f} GFLOP/s"
-          + (f", bf16 peak {peaks['bfloat16'] / 1e9:.0f} GFLOP/s" if args.bf16 else ""))
-    hdr = "| stage | ours tok/s | torch tok/s | ratio | achieved GFLOP/s | % of fp32 peak |" + \
-        (" % of bf16 peak |" if args.bf16 else "") + " XLA/analytic FLOPs |"
-    print(hdr)
-    print("|" + "---|" * (hdr.count("|") - 1))
-    for r in rows:
-        r["pct"] = 100 * r["gflops"] * 1e9 / peaks["float32"]
-        if args.bf16:
-            r["pct_bf16"] = 100 * r["gflops"] * 1e9 / peaks["bfloat16"]
-        xla = f"{r['xla_flops'] / (r['gflops'] * 1e9 * r['t_ours']):.2f}" if "xla_flops" in r else "n/a"
-        print(f"| {r['stage']} | {r['ours']:.0f} | {r['torch']:.0f} | {r['ratio']:.2f}x | {r['gflops']:.1f} | "
-              f"{r['pct']:.1f}% |" + (f" {r['pct_bf16']:.1f}% |" if args.bf16 else "") + f" {xla} |")
-    print("\nbest-of (min time) tok/s: " + "; ".join(
-        f"{r['stage']} ours {r['best_ours']:.0f} / torch {r['best_torch']:.0f}" for r in rows))
+    print_table(args, rows, peaks)
+    print(verdict)
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("FLOPs/update = tokens x (4 N_frozen + 6 N_trainable + 12 L T H Dh); matmuls only, no remat recompute")
 
 
 if __name__ == "__main__":
