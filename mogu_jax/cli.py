@@ -223,7 +223,7 @@ def cmd_generate(args) -> int:
         rows = [{"id": 0, "prompt": args.prompt}]
     if args.router_trace is not None:
         check_output_file(args.router_trace, args.overwrite, "--router-trace")
-    cfg, params, tok = api.load(args.ckpt, dtype=args.dtype, progress=True)
+    cfg, params, tok = api.load(args.ckpt, dtype=args.dtype, param_dtype="auto", progress=True)
     if tok is None:
         raise MoguError(f"{args.ckpt} has no tokenizer; text generation needs one")
     mode, routed = decoding_mode(cfg, params, args.mode, args.routed_tokens, args.base_only, args.max_new_tokens)
@@ -270,7 +270,7 @@ def cmd_eval(args) -> int:
     from mogu_jax.pipeline import run_eval
     rows = E.load_prompts(args.prompts)
     check_output_dir(args.out, args.overwrite)
-    cfg, params, tok = api.load(args.ckpt, dtype=args.dtype)
+    cfg, params, tok = api.load(args.ckpt, dtype=args.dtype, param_dtype="auto")
     if tok is None:
         raise MoguError(f"{args.ckpt} has no tokenizer; evaluation needs one")
     rows = fit_prompts(rows, tok, cfg.max_position_embeddings, args.max_new_tokens, args.template, None,
@@ -286,7 +286,7 @@ def cmd_data(args) -> int:
     from mogu_jax import api, synth
     from mogu_jax.io_utils import check_output_dir
     check_output_dir(args.out, args.overwrite)
-    cfg, params, tok = api.load(args.model, dtype=args.dtype)
+    cfg, params, tok = api.load(args.model, dtype=args.dtype, param_dtype="auto")
     if tok is None:
         raise MoguError(f"{args.model} has no tokenizer")
     summary = synth.build_data(cfg, params, tok, args.out, template=args.template, max_new_tokens=args.max_new_tokens,
