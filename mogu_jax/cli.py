@@ -123,6 +123,24 @@ def _add_demo(sub):
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_probe(sub):
+    p = sub.add_parser("probe", help="linear probe per layer, benign vs malicious: where to put routers (MoGU v2)")
+    p.add_argument("ckpt", help="the base model: our checkpoint, an HF folder, a .gguf file or 'smollm2'")
+    p.add_argument("--data", required=True, help="'seeds' (the seed lists' train rows), a router stage file "
+                                                 "(instruction/output/label) or data folder, or a prompts file "
+                                                 "(prompt/kind)")
+    p.add_argument("--out", required=True, help="folder for probe.json and accuracy.png")
+    p.add_argument("--top-k", type=int, default=4, help="layers to pick for model.router_layers (default 4)")
+    p.add_argument("--holdout", type=float, default=0.25, help="share of each class held out for scoring")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
+    p.add_argument("--template", default=None)
+    p.add_argument("--system", default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=512, help="prompt tokens kept (the last ones)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--overwrite", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mogu-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_data(sub)
     _add_demo(sub)
+    _add_probe(sub)
     return parser
 
 
@@ -332,6 +351,18 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from mogu_jax import probe
+    result = probe.run_probe(args.ckpt, args.data, args.out, top_k=args.top_k, holdout=args.holdout, seed=args.seed,
+                             template=args.template, system=args.system, batch_size=args.batch_size,
+                             max_len=args.max_len, dtype=args.dtype, overwrite=args.overwrite)
+    print(probe.format_table(result))
+    print(f"probe in {args.out} ({probe.PROBE_FILE}, {probe.PLOT_FILE}); train with "
+          f"model.router_layers={','.join(str(i) for i in result['router_layers'])} "
+          f"or model.router_layers=top-{result['top_k']}:{args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from mogu_jax.pipeline import run_demo
     run_demo(args.out, quick=args.quick, overwrite=args.overwrite)
@@ -353,6 +384,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_data(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "probe":
+            return cmd_probe(args)
     except MoguError as e:
         print(f"mogu-jax: error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from typing import Any, Optional, Sequence
 
 import yaml
@@ -34,7 +35,8 @@ DEFAULTS: dict = {
         "lora_rank": 8,
         "lora_alpha": 16.0,
         "router_hidden": 512,
-        "router_layers": None,  # None: every layer (MoGU); a list: MoGU v2 subset
+        # None: every layer (MoGU); MoGU v2 subset: a list, "3,5,7", or "top-K:PROBE_DIR" (the probe's best K layers)
+        "router_layers": None,
     },
     "inputs": {"glad": None, "unwilling": None},  # for the router stage: stage output dirs or PEFT folders
     "data": {
@@ -198,5 +200,30 @@ def load_config(stage: str, path=None, overrides: Sequence[str] = ()) -> dict:
         if n % b:
             raise MoguError(f"train.examples_per_update={n} is not a multiple of train.batch_size={b}")
         t["grad_accum"] = n // b
+    resolved["model"]["router_layers"] = resolve_router_layers(resolved["model"]["router_layers"])
     resolved["stage"] = stage
     return resolved
+
+
+def resolve_router_layers(value: Any) -> Optional[list]:
+    """``model.router_layers`` as a sorted list of layer ids (None: every layer). Accepts a list, one id,
+    ``"3,5,7"``, or ``"top-K:PROBE"``: the K best layers of a ``mogu-jax probe`` output (folder or probe.json)."""
+    if value is None or value == [] or value == "":
+        return None
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*top-(\d+):(.+)", value)
+        if m:
+            from mogu_jax.probe import router_layers_from_probe
+            return router_layers_from_probe(m.group(2).strip(), int(m.group(1)))
+        try:
+            value = [int(v) for v in value.split(",")]
+        except ValueError:
+            raise MoguError(f"model.router_layers takes layer ids (a list or '3,5,7') or 'top-K:PROBE_DIR', got "
+                            f"{value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise MoguError(f"model.router_layers takes a list of layer ids, got {value!r}")
+    if any(v < 0 for v in value) or len(set(value)) != len(value):
+        raise MoguError(f"model.router_layers: layer ids must be distinct and >= 0, got {value!r}")
+    return sorted(value)
