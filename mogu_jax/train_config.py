@@ -67,6 +67,9 @@ DEFAULTS: dict = {
         "examples_per_update": None,  # if set: grad_accum = examples_per_update / batch_size
         "seed": 0,
         "router_lambda": 2.0,
+        # the parts the router stage trains: [router] (published v1: branches frozen) or with glad and/or unwilling
+        # (MoGU v2's joint training; the branches start from inputs.glad / inputs.unwilling and are exported too)
+        "router_trains": ["router"],
         # run the tokens every example starts with (the chat template's system prompt) once per batch, not once
         # per row: the same loss and gradients, less work (StageData.shared_prefix)
         "share_prefix": True,

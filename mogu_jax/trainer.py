@@ -127,6 +127,8 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
     cfg = cfg.replace(lora_rank=int(m["lora_rank"]), lora_alpha=float(m["lora_alpha"]),
                       router_hidden=int(m["router_hidden"]), router_layers=tuple(m["router_layers"] or ()),
                       scan_layers=bool(m["scan_layers"]))
+    T.check_router_layers(cfg)
+    parts = T.trained_parts(stage, conf["train"].get("router_trains"))
     frozen = {"base": base}
     if stage == "router":
         for part in ("glad", "unwilling"):
@@ -155,11 +157,12 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
     mesh = make_mesh(conf["mesh"])
     tx = T.make_optimizer(conf["optim"], total)
     tdtype = np.dtype(str(np.dtype(_np_dtype(m["trainable_dtype"]))))
-    trainable = T.trainable_dtype_cast(T.init_trainable(cfg, stage, int(tconf["seed"])), tdtype)
-    state, frozen, state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, mesh, tx)
+    trainable, frozen = T.initial_trainable(cfg, stage, parts, frozen, int(tconf["seed"]))
+    trainable = T.trainable_dtype_cast(trainable, tdtype)
+    state, frozen, state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, mesh, tx, parts)
     prefix = examples.shared_prefix() if tconf["share_prefix"] else ()
     fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, float(tconf["router_lambda"]),
-                    logits_from=examples.logits_from(), shared_prefix=prefix)
+                    logits_from=examples.logits_from(), shared_prefix=prefix, parts=parts)
     if lead and progress and prefix:
         print(f"[{stage}] the {len(prefix)} tokens every example starts with run once per batch (train.share_prefix)")
 
@@ -227,20 +230,21 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
     done = int(T.host_value(state["step"])) >= total
     paths = {}
     if done:
-        paths = export_stage(out_dir, cfg, stage, state["params"], base_name=m["base"])
+        paths = export_stage(out_dir, cfg, stage, state["params"], base_name=m["base"], parts=parts)
     return {"stage": stage, "updates": int(T.host_value(state["step"])), "total_updates": total, "last": last,
             "done": done, "out_dir": out_dir, **paths, "cfg": cfg}
 
 
-def place_state(cfg, stage: str, frozen: dict, trainable: dict, mesh, tx):
+def place_state(cfg, stage: str, frozen: dict, trainable: dict, mesh, tx, parts: Optional[tuple] = None):
     """Shard the frozen tree and a fresh train state {params, opt_state, step} onto ``mesh`` by the logical
-    axis rules. Returns (state, frozen, state_shardings, frozen_shardings)."""
+    axis rules (``parts``: what ``trainable`` holds, see ``train.trained_parts``). Returns (state, frozen,
+    state_shardings, frozen_shardings)."""
     from mogu_jax.sharding import param_logical_axes, replicated, tree_shardings
 
-    parts = tuple(k for k in frozen if k != "base")
-    frozen_logical = param_logical_axes(cfg, parts) if parts else {"base": param_logical_axes(cfg)}
+    frozen_parts = tuple(k for k in frozen if k != "base")
+    frozen_logical = param_logical_axes(cfg, frozen_parts) if frozen_parts else {"base": param_logical_axes(cfg)}
     frozen_sh = tree_shardings(frozen_logical, frozen, mesh)
-    train_sh = tree_shardings(param_logical_axes(cfg, (stage,))[stage], trainable, mesh)
+    train_sh = tree_shardings(T.trainable_logical_axes(cfg, stage, tuple(parts or (stage,))), trainable, mesh)
     rep = replicated(mesh)
     opt_sh = optax_shardings(tx, jax.eval_shape(tx.init, trainable), train_sh, rep)
     state_sh = {"params": train_sh, "opt_state": opt_sh, "step": rep}
@@ -256,42 +260,56 @@ def optax_shardings(tx, opt_shape, param_sh, rep):
                                  is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
-def export_stage(out_dir: str, cfg, stage: str, trained, base_name: str = "") -> dict:
-    """final/<part>/ (orbax, every process takes part; stage.json written last marks it complete) and
-    published/ (PEFT folder or router.pth, written atomically by process 0), then DONE."""
+def export_stage(out_dir: str, cfg, stage: str, trained, base_name: str = "", parts: Optional[tuple] = None) -> dict:
+    """final/<part>/ for every part the stage trained (orbax, every process takes part; stage.json written last
+    marks it complete) and published/ (router.pth and/or PEFT folders, written atomically by process 0), then
+    DONE. The router stage trained jointly with the branches publishes them too."""
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
-    from mogu_jax.convert import mogu_artifacts as art
     from mogu_jax.io_utils import atomic_dir
 
+    parts = tuple(parts or (stage,))
     lead = jax.process_index() == 0
-    final = os.path.abspath(os.path.join(out_dir, "final", stage))
+    by_part = T.trainable_by_part(stage, parts, trained)
+    finals = {p: os.path.abspath(os.path.join(out_dir, "final", p)) for p in parts}
     pub = os.path.join(out_dir, "published")
-    host = T.gather_to_host(trained)  # a collective: every process calls it
-    if lead and os.path.exists(final):
-        shutil.rmtree(final)
+    host = T.gather_to_host(by_part)  # a collective: every process calls it
+    if lead:
+        for final in finals.values():
+            if os.path.exists(final):
+                shutil.rmtree(final)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("mogu-export-clean")
     ck = ocp.StandardCheckpointer()
-    ck.save(os.path.join(final, "params"), trained)
+    for p in parts:
+        ck.save(os.path.join(finals[p], "params"), by_part[p])
     ck.wait_until_finished()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("mogu-export-saved")
     if lead:
-        with open(os.path.join(final, "stage.json"), "w") as f:
-            json.dump({"stage": stage, "model_config": cfg.to_dict()}, f, indent=2)
+        for p in parts:
+            with open(os.path.join(finals[p], "stage.json"), "w") as f:
+                json.dump({"stage": stage, "part": p, "model_config": cfg.to_dict()}, f, indent=2)
         with atomic_dir(pub, overwrite=True) as tmp:
-            if stage == "router":
-                try:
-                    art.write_router(os.path.join(tmp, "router.pth"), host, cfg)
-                except MoguError:  # no torch: the same keys in safetensors
-                    art.write_router(os.path.join(tmp, "router.safetensors"), host, cfg)
-            else:
-                art.write_peft_adapter(os.path.join(tmp, stage), host, cfg, base_name)
+            for p in parts:
+                _publish_part(tmp, p, host[p], cfg, base_name)
         with open(os.path.join(out_dir, DONE), "w") as f:
             f.write(stage + "\n")
-    return {"final": final, "published": pub}
+    return {"final": finals[stage], "finals": finals, "published": pub}
+
+
+def _publish_part(folder: str, part: str, tree, cfg, base_name: str) -> None:
+    """One trained part in the published format: router.pth (router.safetensors without torch), or a PEFT folder."""
+    from mogu_jax.convert import mogu_artifacts as art
+
+    if part != "router":
+        art.write_peft_adapter(os.path.join(folder, part), tree, cfg, base_name)
+        return
+    try:
+        art.write_router(os.path.join(folder, "router.pth"), tree, cfg)
+    except MoguError:  # no torch: the same keys in safetensors
+        art.write_router(os.path.join(folder, "router.safetensors"), tree, cfg)
 
 
 def stage_paths(stage: str, d: dict) -> tuple:
