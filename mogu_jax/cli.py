@@ -132,7 +132,8 @@ def _add_probe(sub):
     p.add_argument("--out", required=True, help="folder for probe.json and accuracy.png")
     p.add_argument("--top-k", type=int, default=4, help="layers to pick for model.router_layers (default 4)")
     p.add_argument("--holdout", type=float, default=0.25, help="share of each class held out for scoring")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first fit / held-out split")
+    p.add_argument("--repeats", type=int, default=5, help="splits (seeds seed, seed+1, ...) the scores average over")
     p.add_argument("--template", default=None)
     p.add_argument("--system", default=None)
     p.add_argument("--batch-size", type=int, default=16)
@@ -354,6 +355,7 @@ def cmd_data(args) -> int:
 def cmd_probe(args) -> int:
     from mogu_jax import probe
     result = probe.run_probe(args.ckpt, args.data, args.out, top_k=args.top_k, holdout=args.holdout, seed=args.seed,
+                             repeats=args.repeats,
                              template=args.template, system=args.system, batch_size=args.batch_size,
                              max_len=args.max_len, dtype=args.dtype, overwrite=args.overwrite)
     print(probe.format_table(result))

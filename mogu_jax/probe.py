@@ -231,10 +231,12 @@ def router_layers_from_probe(path: str, k: int) -> list[int]:
 # ----------------------------------------------------------------------------------------- output
 def format_table(result: dict) -> str:
     chosen = set(result["router_layers"])
-    lines = ["layer  held-out acc  held-out loss  fit acc", "-----  ------------  -------------  -------"]
+    lines = [f"mean over {result['settings']['repeats']} splits of {result['n_fit']} fit / {result['n_heldout']} "
+             "held-out rows", "layer  held-out acc (sd)  held-out loss  fit acc",
+             "-----  -----------------  -------------  -------"]
     for row in result["layers"]:
         mark = "  *" if row["layer"] in chosen else ""
-        lines.append(f"{row['layer']:>5}  {row['accuracy']:>12.3f}  {row['loss']:>13.4f}  "
+        lines.append(f"{row['layer']:>5}  {row['accuracy']:>9.3f} ({row['accuracy_std']:.3f})  {row['loss']:>13.4f}  "
                      f"{row['fit_accuracy']:>7.3f}{mark}")
     lines.append(f"router_layers: {','.join(str(i) for i in result['router_layers'])}   "
                  f"(top {result['top_k']}; * above)")
@@ -250,7 +252,10 @@ def _plot(result: dict, path: str) -> None:
     fig = Figure(figsize=(max(5.0, 0.22 * len(layers) + 2), 3.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(layers, [r["accuracy"] for r in result["layers"]], marker="o", markersize=3, label="held-out")
+    acc = np.asarray([r["accuracy"] for r in result["layers"]])
+    sd = np.asarray([r["accuracy_std"] for r in result["layers"]])
+    ax.plot(layers, acc, marker="o", markersize=3, label="held-out")
+    ax.fill_between(layers, acc - sd, np.minimum(acc + sd, 1.0), alpha=0.2, lw=0)
     ax.plot(layers, [r["fit_accuracy"] for r in result["layers"]], ls=":", color="tab:gray", label="fit")
     chosen = result["router_layers"]
     ax.scatter(chosen, [result["layers"][i]["accuracy"] for i in chosen], s=60, facecolors="none",
@@ -261,7 +266,7 @@ def _plot(result: dict, path: str) -> None:
     ax.set_ylim(0, 1.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"linear probe, benign vs malicious, last prompt token ({result['n_fit']} fit / "
-                 f"{result['n_heldout']} held-out rows)", fontsize=9)
+                 f"{result['n_heldout']} held-out rows, mean of {result['settings']['repeats']} splits)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})
@@ -279,8 +284,23 @@ def write_probe(result: dict, out_dir: str, overwrite: bool = False) -> None:
 
 
 # ---------------------------------------------------------------------------------------- command
+def repeated_scores(x: np.ndarray, labels: np.ndarray, holdout: float, seed: int, repeats: int) -> dict:
+    """:func:`fit_probes` on ``repeats`` stratified splits (seeds ``seed``, ``seed + 1``, ...): per-layer means of
+    held-out accuracy, loss and fit accuracy, and the held-out accuracy's standard deviation over the splits (with
+    ~100 held-out rows one row is ~1 point, so a single split ranks close layers by noise)."""
+    if repeats < 1:
+        raise MoguError(f"--repeats must be >= 1, got {repeats}")
+    runs = []
+    for r in range(repeats):
+        fit, held = split_rows(labels, holdout, seed + r)
+        runs.append(fit_probes(x[fit], labels[fit], x[held], labels[held]))
+    out = {k: np.mean([run[k] for run in runs], axis=0) for k in ("accuracy", "loss", "fit_accuracy")}
+    out["accuracy_std"] = np.std([run["accuracy"] for run in runs], axis=0)
+    return out
+
+
 def run_probe(model: str, data: str, out_dir: str, *, top_k: int = 4, holdout: float = 0.25, seed: int = 0,
-              template: Optional[str] = None, system: Optional[str] = None, batch_size: int = 16,
+              repeats: int = 5, template: Optional[str] = None, system: Optional[str] = None, batch_size: int = 16,
               max_len: int = 512, dtype: str = "float32", overwrite: bool = False, progress: bool = True) -> dict:
     """Load rows and model, probe every layer, write ``probe.json`` + ``accuracy.png``; returns the result."""
     from mogu_jax import api
@@ -293,7 +313,9 @@ def run_probe(model: str, data: str, out_dir: str, *, top_k: int = 4, holdout: f
         raise MoguError("the probe's plot needs matplotlib: pip install matplotlib") from None
     rows = load_rows(data)
     labels = np.asarray([r["label"] for r in rows])
-    fit, held = split_rows(labels, holdout, seed)
+    fit, held = split_rows(labels, holdout, seed)  # bad data fails before the model loads
+    if repeats < 1:
+        raise MoguError(f"--repeats must be >= 1, got {repeats}")
     cfg, params, tok = api.load(model, dtype=dtype)
     if tok is None:
         raise MoguError(f"{model} has no tokenizer; the probe needs one")
@@ -301,7 +323,7 @@ def run_probe(model: str, data: str, out_dir: str, *, top_k: int = 4, holdout: f
         raise MoguError(f"--top-k must be between 1 and the model's {cfg.num_layers} layers, got {top_k}")
     x = last_token_states(cfg, params, tok, [r["prompt"] for r in rows], template=template, system=system,
                           batch_size=batch_size, max_len=max_len, progress=progress)
-    scores = fit_probes(x[fit], labels[fit], x[held], labels[held])
+    scores = repeated_scores(x, labels, holdout, seed, repeats)
     ranking = rank_layers(scores["accuracy"], scores["loss"])
     result = {
         "format": FORMAT, "version": VERSION, "model": str(model), "data": str(data),
@@ -309,10 +331,11 @@ def run_probe(model: str, data: str, out_dir: str, *, top_k: int = 4, holdout: f
         "n_fit": int(len(fit)), "n_heldout": int(len(held)),
         "n_malicious": int(labels.sum()), "n_benign": int((labels == 0).sum()),
         "chance": float(max(labels[held].mean(), 1 - labels[held].mean())),
-        "settings": {"holdout": holdout, "seed": seed, "template": template, "system": system, "dtype": dtype,
+        "settings": {"holdout": holdout, "seed": seed, "repeats": repeats, "template": template, "system": system, "dtype": dtype,
                      "max_len": max_len, "l2": 1e-2, "steps": 300},
         "layers": [{"layer": i, "accuracy": float(scores["accuracy"][i]), "loss": float(scores["loss"][i]),
-                    "fit_accuracy": float(scores["fit_accuracy"][i])} for i in range(cfg.num_layers)],
+                    "fit_accuracy": float(scores["fit_accuracy"][i]), "accuracy_std": float(scores["accuracy_std"][i])}
+                   for i in range(cfg.num_layers)],
         "ranking": ranking, "top_k": int(top_k), "router_layers": top_layers(ranking, top_k),
     }
     write_probe(result, out_dir, overwrite=overwrite)

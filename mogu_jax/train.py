@@ -38,28 +38,16 @@ from mogu_jax.model import forward
 Array = Any
 PAIR_STAGES = ("glad", "unwilling")
 MODE = {"glad": "glad", "unwilling": "unwilling", "router": "routed"}
-ROUTER_TRAINABLE = ("router", "glad", "unwilling")  # what train.router_trains may list
 
 
 # ------------------------------------------------------------------------------ trainable parts
 def trained_parts(stage: str, router_trains=None) -> tuple:
     """The MoGU parts a stage trains: its own part; the router stage also the branches listed in
-    ``train.router_trains`` (which must include ``router``). Canonical order, no duplicates."""
+    ``train.router_trains`` (validated by :func:`mogu_jax.train_config.resolve_router_trains`)."""
+    from mogu_jax.train_config import resolve_router_trains
     if stage != "router" or router_trains is None:
         return (stage,)
-    names = router_trains.split(",") if isinstance(router_trains, str) else router_trains
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise MoguError(f"train.router_trains takes a list of parts ({', '.join(ROUTER_TRAINABLE)}), "
-                        f"got {router_trains!r}")
-    names = [n.strip() for n in names]
-    unknown = [n for n in names if n not in ROUTER_TRAINABLE]
-    if unknown:
-        raise MoguError(f"train.router_trains: unknown part {unknown[0]!r}; parts: {', '.join(ROUTER_TRAINABLE)}")
-    if "router" not in names:
-        raise MoguError("train.router_trains must include router (the router stage trains the routers)")
-    if len(set(names)) != len(names):
-        raise MoguError(f"train.router_trains lists a part twice: {router_trains!r}")
-    return tuple(p for p in ROUTER_TRAINABLE if p in names)
+    return tuple(resolve_router_trains(router_trains))
 
 
 def trainable_by_part(stage: str, parts: tuple, trainable) -> dict:

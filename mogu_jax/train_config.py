@@ -204,8 +204,29 @@ def load_config(stage: str, path=None, overrides: Sequence[str] = ()) -> dict:
             raise MoguError(f"train.examples_per_update={n} is not a multiple of train.batch_size={b}")
         t["grad_accum"] = n // b
     resolved["model"]["router_layers"] = resolve_router_layers(resolved["model"]["router_layers"])
+    resolved["train"]["router_trains"] = resolve_router_trains(resolved["train"]["router_trains"])
     resolved["stage"] = stage
     return resolved
+
+
+ROUTER_TRAINABLE = ("router", "glad", "unwilling")  # what train.router_trains may list
+
+
+def resolve_router_trains(value: Any) -> list:
+    """``train.router_trains`` as a list of parts in canonical order (router, glad, unwilling): a list or
+    ``"router,glad"``; it must include ``router``, other parts are the branches the router stage trains too."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise MoguError(f"train.router_trains takes a list of parts ({', '.join(ROUTER_TRAINABLE)}), got {value!r}")
+    names = [n.strip() for n in names]
+    unknown = [n for n in names if n not in ROUTER_TRAINABLE]
+    if unknown:
+        raise MoguError(f"train.router_trains: unknown part {unknown[0]!r}; parts: {', '.join(ROUTER_TRAINABLE)}")
+    if "router" not in names:
+        raise MoguError("train.router_trains must include router (the router stage trains the routers)")
+    if len(set(names)) != len(names):
+        raise MoguError(f"train.router_trains lists a part twice: {value!r}")
+    return [p for p in ROUTER_TRAINABLE if p in names]
 
 
 def resolve_router_layers(value: Any) -> Optional[list]:

@@ -70,6 +70,12 @@ def test_probe_finds_the_planted_layer():
     assert ranking[0] == 3 and s["accuracy"][3] >= 0.95
     assert max(s["accuracy"][i] for i in range(layers) if i != 3) < 0.8
     assert P.top_layers(ranking, 2) == sorted(ranking[:2])
+    # averaged over splits: one split is the plain probe; several still find the layer
+    one = P.repeated_scores(x, y, 0.25, 0, 1)
+    np.testing.assert_array_equal(one["accuracy"], s["accuracy"])
+    assert float(one["accuracy_std"].max()) == 0.0
+    three = P.repeated_scores(x, y, 0.25, 0, 3)
+    assert P.rank_layers(three["accuracy"], three["loss"])[0] == 3 and float(three["accuracy_std"].max()) > 0
     # ties in accuracy are broken by the held-out loss, then the layer id
     assert P.rank_layers([1.0, 1.0, 0.5], [0.3, 0.1, 0.0]) == [1, 0, 2]
     assert P.rank_layers([0.5, 0.5], [0.2, 0.2]) == [0, 1]
@@ -124,6 +130,7 @@ def test_probe_bad_input(tiny, tmp_path, capsys):
     bad_kind.write_text(json.dumps({"prompt": "w5", "kind": "evil"}) + "\n")
     cli_fails(capsys, argv + ["--data", str(bad_kind)], "kind.jsonl", "unknown kind")
     cli_fails(capsys, argv + ["--data", tiny["router"], "--holdout", "1.5"], "--holdout")
+    cli_fails(capsys, argv + ["--data", tiny["router"], "--repeats", "0"], "--repeats")
     cli_fails(capsys, argv + ["--data", tiny["router"], "--top-k", "3"], "--top-k", "2 layers")
     assert not os.path.exists(out)
     os.makedirs(out)
