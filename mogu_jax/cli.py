@@ -126,9 +126,9 @@ def _add_demo(sub):
 def _add_probe(sub):
     p = sub.add_parser("probe", help="linear probe per layer, benign vs malicious: where to put routers (MoGU v2)")
     p.add_argument("ckpt", help="the base model: our checkpoint, an HF folder, a .gguf file or 'smollm2'")
-    p.add_argument("--data", required=True, help="'seeds' (the seed lists' train rows), a router stage file "
-                                                 "(instruction/output/label) or data folder, or a prompts file "
-                                                 "(prompt/kind)")
+    p.add_argument("--data", required=True, help="'seeds' or 'seeds+contrast' (the seed lists' train rows), a router "
+                                                 "stage file (instruction/output/label) or data folder, or a prompts "
+                                                 "file (prompt/kind)")
     p.add_argument("--out", required=True, help="folder for probe.json and accuracy.png")
     p.add_argument("--top-k", type=int, default=4, help="layers to pick for model.router_layers (default 4)")
     p.add_argument("--holdout", type=float, default=0.25, help="share of each class held out for scoring")

@@ -6,7 +6,8 @@ logistic regression benign (0) vs malicious (1) on the *fit* rows, and scores it
 layers whose probes separate the two best on held-out rows are where MoGU v2 places its routers:
 ``mogu-jax train router model.router_layers=top-4:PROBE_DIR`` reads them from ``probe.json``.
 
-Rows come from ``seeds`` (the shipped seed lists' train rows: benign vs malicious), a router stage file
+Rows come from ``seeds`` (the shipped seed lists' train rows: benign vs malicious; ``seeds+contrast`` adds the
+contrast rows, benign prompts with alarming words, to the benign side), a router stage file
 (``{"instruction", "output", "label"}`` lines, or a ``data build`` folder holding ``router.jsonl``), or an
 evaluation prompts file (``{"prompt", "kind"}``: harmful / jailbreak are malicious, benign / borderline not).
 """
@@ -26,15 +27,17 @@ PROBE_FILE = "probe.json"
 PLOT_FILE = "accuracy.png"
 FORMAT = "mogu_jax.probe"
 VERSION = 1
-SEEDS = "seeds"
+SEEDS = "seeds"  # the seed lists' train rows: benign vs malicious
+SEEDS_CONTRAST = "seeds+contrast"  # the same with the contrast rows (benign, alarming words) on the benign side
 
 
 # ------------------------------------------------------------------------------------------- rows
 def load_rows(spec: str) -> list[dict]:
     """``[{"prompt", "label"}]`` from ``seeds``, a router stage file / data folder, or a prompts file."""
-    if spec == SEEDS:
+    if spec in (SEEDS, SEEDS_CONTRAST):
         from mogu_jax import synth
-        return ([{"prompt": r["instruction"], "label": 0} for r in synth.split("benign")[0]]
+        benign = ("benign", "contrast") if spec == SEEDS_CONTRAST else ("benign",)
+        return ([{"prompt": r["instruction"], "label": 0} for kind in benign for r in synth.split(kind)[0]]
                 + [{"prompt": r["instruction"], "label": 1} for r in synth.split("malicious")[0]])
     if os.path.isdir(spec):
         path = os.path.join(spec, "router.jsonl")
@@ -331,8 +334,8 @@ def run_probe(model: str, data: str, out_dir: str, *, top_k: int = 4, holdout: f
         "n_fit": int(len(fit)), "n_heldout": int(len(held)),
         "n_malicious": int(labels.sum()), "n_benign": int((labels == 0).sum()),
         "chance": float(max(labels[held].mean(), 1 - labels[held].mean())),
-        "settings": {"holdout": holdout, "seed": seed, "repeats": repeats, "template": template, "system": system, "dtype": dtype,
-                     "max_len": max_len, "l2": 1e-2, "steps": 300},
+        "settings": {"holdout": holdout, "seed": seed, "repeats": repeats, "template": template, "system": system,
+                     "dtype": dtype, "max_len": max_len, "l2": 1e-2, "steps": 300},
         "layers": [{"layer": i, "accuracy": float(scores["accuracy"][i]), "loss": float(scores["loss"][i]),
                     "fit_accuracy": float(scores["fit_accuracy"][i]), "accuracy_std": float(scores["accuracy_std"][i])}
                    for i in range(cfg.num_layers)],

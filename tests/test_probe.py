@@ -86,6 +86,9 @@ def test_probe_rows_from_each_source(tiny, tmp_path):
     seeds = P.load_rows("seeds")
     assert sum(r["label"] for r in seeds) == len(synth.split("malicious")[0])
     assert len(seeds) == len(synth.split("benign")[0]) + len(synth.split("malicious")[0])
+    both = P.load_rows("seeds+contrast")
+    assert len(both) == len(seeds) + len(synth.split("contrast")[0])
+    assert sum(r["label"] for r in both) == sum(r["label"] for r in seeds)
     assert [r["label"] for r in P.load_rows(tiny["router"])][:4] == [0, 1, 0, 1]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "router.jsonl").write_text(open(tiny["router"]).read())
