@@ -129,6 +129,8 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
                       scan_layers=bool(m["scan_layers"]))
     T.check_router_layers(cfg)
     parts = T.trained_parts(stage, conf["train"].get("router_trains"))
+    if resume:
+        check_resumed_parts(out_dir, stage, parts)
     frozen = {"base": base}
     if stage == "router":
         for part in ("glad", "unwilling"):
@@ -233,6 +235,18 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
         paths = export_stage(out_dir, cfg, stage, state["params"], base_name=m["base"], parts=parts)
     return {"stage": stage, "updates": int(T.host_value(state["step"])), "total_updates": total, "last": last,
             "done": done, "out_dir": out_dir, **paths, "cfg": cfg}
+
+
+def check_resumed_parts(out_dir: str, stage: str, parts: tuple) -> None:
+    """A resumed run trains the parts its checkpoints hold (train.router_trains as in the run's config.yaml)."""
+    path = os.path.join(out_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        before = (yaml.safe_load(f) or {}).get("train", {}).get("router_trains")
+    if T.trained_parts(stage, before) != tuple(parts):
+        raise MoguError(f"{out_dir} was trained with train.router_trains={list(T.trained_parts(stage, before))}; "
+                        f"resume it with the same setting, not {list(parts)}")
 
 
 def place_state(cfg, stage: str, frozen: dict, trainable: dict, mesh, tx, parts: Optional[tuple] = None):

@@ -523,6 +523,8 @@ def test_joint_router_stage_resumes_exactly(world, branches, tmp_path):
     cut = str(tmp_path / "cut")
     part = run_stage(_router_conf(world, branches, cut, *extra), progress=False, stop_after=2)
     assert part["updates"] == 2 and not part["done"] and not os.path.exists(os.path.join(cut, "final"))
+    with pytest.raises(Exception, match="resume it with the same setting"):
+        run_stage(_router_conf(world, branches, cut, *extra[:-1]), resume=True, progress=False)
     done = run_stage(_router_conf(world, branches, cut, *extra), resume=True, progress=False)
     assert done["done"] and done["updates"] == 4
     assert _losses(cut) == _losses(full)
