@@ -160,6 +160,25 @@ def _add_truncate(p):
                         "start); default: refuse them, naming the prompt")
 
 
+def _add_probe(sub):
+    p = sub.add_parser("probe", help="linear probe per layer, benign vs malicious: where to put routers (MoGU v2)")
+    p.add_argument("ckpt", help="the base model: our checkpoint, an HF folder, a .gguf file or 'smollm2'")
+    p.add_argument("--data", required=True, help="'seeds' or 'seeds+contrast' (the seed lists' train rows), a router "
+                                                 "stage file (instruction/output/label) or data folder, or a prompts "
+                                                 "file (prompt/kind)")
+    p.add_argument("--out", required=True, help="folder for probe.json and accuracy.png")
+    p.add_argument("--top-k", type=int, default=4, help="layers to pick for model.router_layers (default 4)")
+    p.add_argument("--holdout", type=float, default=0.25, help="share of each class held out for scoring")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first fit / held-out split")
+    p.add_argument("--repeats", type=int, default=5, help="splits (seeds seed, seed+1, ...) the scores average over")
+    p.add_argument("--template", default=None)
+    p.add_argument("--system", default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=512, help="prompt tokens kept (the last ones)")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--overwrite", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mogu-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_data(sub)
     _add_demo(sub)
+    _add_probe(sub)
     return parser
 
 
@@ -297,6 +317,19 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from mogu_jax import probe
+    result = probe.run_probe(args.ckpt, args.data, args.out, top_k=args.top_k, holdout=args.holdout, seed=args.seed,
+                             repeats=args.repeats,
+                             template=args.template, system=args.system, batch_size=args.batch_size,
+                             max_len=args.max_len, dtype=args.dtype, overwrite=args.overwrite)
+    print(probe.format_table(result))
+    print(f"probe in {args.out} ({probe.PROBE_FILE}, {probe.PLOT_FILE}); train with "
+          f"model.router_layers={','.join(str(i) for i in result['router_layers'])} "
+          f"or model.router_layers=top-{result['top_k']}:{args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from mogu_jax.io_utils import check_output_dir
     from mogu_jax.pipeline import run_demo
@@ -338,6 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_data(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "probe":
+            return cmd_probe(args)
     except MoguError as e:
         print(f"mogu-jax: error: {one_line(str(e))}", file=sys.stderr)
         return 2

@@ -194,7 +194,16 @@ def _assemble(base_ckpt: str, stage_dirs: dict, out_dir: str) -> None:
     cfg, base, meta = load_checkpoint(base_ckpt)
     stage_cfg = json.load(open(os.path.join(stage_dirs["router"], "final", "router", "stage.json")))["model_config"]
     cfg = ModelConfig.from_dict(stage_cfg).replace(routed_tokens=-1, dtype="float32", remat=False)
-    parts = {p: restore_part(os.path.join(stage_dirs[p], "final", p), cfg, p) for p in ("glad", "unwilling", "router")}
+    parts = {p: restore_part(_final_part(stage_dirs, p), cfg, p) for p in ("glad", "unwilling", "router")}
     parts = jax.tree_util.tree_map(np.asarray, parts)
     save_checkpoint(out_dir, cfg, {"base": base, **parts}, meta["hf_config"], tokenizer=load_tokenizer(base_ckpt),
                     generation_config=meta.get("generation_config"))
+
+
+def _final_part(stage_dirs: dict, part: str) -> str:
+    """Where a trained part is: the router stage's output when it trained the part too (train.router_trains),
+    else the part's own stage."""
+    joint = os.path.join(stage_dirs["router"], "final", part)
+    if os.path.isfile(os.path.join(joint, "stage.json")):
+        return joint
+    return os.path.join(stage_dirs[part], "final", part)

@@ -6,6 +6,11 @@ Each stage differentiates exactly one subtree of the MoGU parameters (``glad``, 
 nor optimizer state and are never written. The step is ``jax.jit`` with explicit in/out shardings over
 a ``(data, fsdp, tensor)`` mesh (``mogu_jax.sharding``), the train state is donated.
 
+The router stage can also train the branches with the routers (MoGU v2's "backbone modules active";
+``train.router_trains: [router, glad, unwilling]``; the published v1 setting, routers only, is the default):
+the trainable tree is then ``{"router", "glad", "unwilling"}`` (the parts trained, the branches starting from
+the glad / unwilling stages' results) and only the base stays frozen (:func:`trained_parts`).
+
 Gradient accumulation sums the gradients of ``sum_i w_i * loss_i`` over the micro-batches and divides
 by the total weight once, so an update sees exactly the mean of the per-example losses of all its
 examples, whatever the micro-batch size (the published runs use micro-batch 1).
@@ -35,20 +40,61 @@ PAIR_STAGES = ("glad", "unwilling")
 MODE = {"glad": "glad", "unwilling": "unwilling", "router": "routed"}
 
 
+# ------------------------------------------------------------------------------ trainable parts
+def trained_parts(stage: str, router_trains=None) -> tuple:
+    """The MoGU parts a stage trains: its own part; the router stage also the branches listed in
+    ``train.router_trains`` (validated by :func:`mogu_jax.train_config.resolve_router_trains`)."""
+    from mogu_jax.train_config import resolve_router_trains
+    if stage != "router" or router_trains is None:
+        return (stage,)
+    return tuple(resolve_router_trains(router_trains))
+
+
+def trainable_by_part(stage: str, parts: tuple, trainable) -> dict:
+    """``{part: subtree}`` of a trainable tree: the stage's subtree itself when it trains only its own part
+    (the published setting: checkpoints keep that layout), else the dict of the parts it trains."""
+    return {stage: trainable} if tuple(parts) == (stage,) else dict(trainable)
+
+
+def initial_trainable(cfg: ModelConfig, stage: str, parts: tuple, frozen: dict, seed: int) -> tuple[Any, dict]:
+    """(trainable, frozen): a fresh subtree for the stage's own part; parts trained jointly (the router stage's
+    branches) start from their value in ``frozen`` and move out of it."""
+    fresh = init_trainable(cfg, stage, seed)
+    if tuple(parts) == (stage,):
+        return fresh, frozen
+    trainable = {p: (fresh if p == stage else frozen[p]) for p in parts}
+    return trainable, {k: v for k, v in frozen.items() if k not in parts}
+
+
+def trainable_logical_axes(cfg: ModelConfig, stage: str, parts: tuple):
+    """Logical axis names of the trainable tree (see :func:`trainable_by_part` for its layout)."""
+    from mogu_jax.sharding import param_logical_axes
+    axes = param_logical_axes(cfg, parts)
+    return axes[stage] if tuple(parts) == (stage,) else {p: axes[p] for p in parts}
+
+
+def check_router_layers(cfg: ModelConfig) -> None:
+    bad = [i for i in cfg.router_layer_ids if not 0 <= i < cfg.num_layers]
+    if bad:
+        raise MoguError(f"model.router_layers: layer {bad[0]} does not exist; the model has layers "
+                        f"0..{cfg.num_layers - 1}")
+
+
 # ----------------------------------------------------------------------------------------- losses
 def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logits_from: int = 0,
-                  shared_prefix: tuple = ()) -> Callable:
+                  shared_prefix: tuple = (), parts: Optional[tuple] = None) -> Callable:
     """``f(trainable, frozen, batch) -> (sum_i w_i * loss_i, stats)``: stats are weighted sums (divide by
     ``stats["weight"]``) so they add up over micro-batches and processes. ``logits_from``: the LM head runs
     from this position on only (:meth:`mogu_jax.data.StageData.logits_from`: no example of the stage takes a
     loss before it; the same loss, less work). ``shared_prefix``: tokens every row of every batch starts with
     (:meth:`mogu_jax.data.StageData.shared_prefix`), run once per batch instead of once per row (the same
-    loss, less work)."""
+    loss, less work). ``parts``: the parts ``trainable`` holds (:func:`trained_parts`; default the stage's own)."""
     mode = MODE[stage]
-    cfg = cfg.replace(frozen_layers=lowest_trained_layer(cfg, stage))
+    parts = tuple(parts or (stage,))
+    cfg = cfg.replace(frozen_layers=lowest_trained_layer(cfg, stage, parts))
 
     def params_of(trainable, frozen):
-        return {**frozen, stage: trainable}
+        return {**frozen, **trainable_by_part(stage, parts, trainable)}
 
     if stage in PAIR_STAGES:
         def loss(trainable, frozen, batch):
@@ -95,11 +141,12 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
     return loss
 
 
-def lowest_trained_layer(cfg: ModelConfig, stage: str) -> int:
+def lowest_trained_layer(cfg: ModelConfig, stage: str, parts: Optional[tuple] = None) -> int:
     """The lowest layer holding a parameter the stage trains: the branches sit in every layer; the router stage
-    (branches frozen) trains routers only, so with MoGU v2 routers in upper layers everything below the lowest
-    one runs forward only (``cfg.frozen_layers``, :func:`mogu_jax.model.forward`)."""
-    return min(cfg.router_layer_ids) if stage == "router" else 0
+    with its branches frozen (``parts`` the router alone, the published v1 setting) trains routers only, so with
+    MoGU v2 routers in upper layers everything below the lowest one runs forward only (``cfg.frozen_layers``,
+    :func:`mogu_jax.model.forward`)."""
+    return min(cfg.router_layer_ids) if tuple(parts or (stage,)) == ("router",) else 0
 
 
 class FrozenLayersCache:
@@ -194,12 +241,13 @@ class StepFns:
     accumulation a grad step, an accumulate, and an update. All with explicit shardings; state donated."""
 
     def __init__(self, cfg: ModelConfig, stage: str, tx: optax.GradientTransformation, mesh, state_sh, frozen_sh,
-                 router_lambda: float = 2.0, logits_from: int = 0, shared_prefix: tuple = ()):
+                 router_lambda: float = 2.0, logits_from: int = 0, shared_prefix: tuple = (),
+                 parts: Optional[tuple] = None):
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         from mogu_jax.sharding import batch_sharding
 
-        self.loss = stage_loss_fn(cfg, stage, router_lambda, logits_from, tuple(shared_prefix))
+        self.loss = stage_loss_fn(cfg, stage, router_lambda, logits_from, tuple(shared_prefix), parts)
         self.tx = tx
         rep = NamedSharding(mesh, P())
         grad_sh = state_sh["params"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import os
+import re
 from typing import Any, Optional, Sequence
 
 import yaml
@@ -36,7 +38,8 @@ DEFAULTS: dict = {
         "lora_rank": 8,
         "lora_alpha": 16.0,
         "router_hidden": 512,
-        "router_layers": None,  # None: every layer (MoGU); a list: MoGU v2 subset
+        # None: every layer (MoGU); MoGU v2 subset: a list, "3,5,7", or "top-K:PROBE_DIR" (the probe's best K layers)
+        "router_layers": None,
     },
     "inputs": {"glad": None, "unwilling": None},  # for the router stage: stage output dirs or PEFT folders
     "data": {
@@ -68,6 +71,9 @@ DEFAULTS: dict = {
         "examples_per_update": None,  # if set: grad_accum = examples_per_update / batch_size
         "seed": 0,
         "router_lambda": 2.0,
+        # the parts the router stage trains: [router] (published v1: branches frozen) or with glad and/or unwilling
+        # (MoGU v2's joint training; the branches start from inputs.glad / inputs.unwilling and are exported too)
+        "router_trains": ["router"],
         # run the tokens every example starts with (the chat template's system prompt) once per batch, not once
         # per row: the same loss and gradients, less work (StageData.shared_prefix)
         "share_prefix": True,
@@ -297,5 +303,51 @@ def load_config(stage: str, path=None, overrides: Sequence[str] = (), values: Op
         if n % b:
             raise MoguError(f"train.examples_per_update={n} is not a multiple of train.batch_size={b}")
         t["grad_accum"] = n // b
+    resolved["model"]["router_layers"] = resolve_router_layers(resolved["model"]["router_layers"])
+    resolved["train"]["router_trains"] = resolve_router_trains(resolved["train"]["router_trains"])
     resolved["stage"] = stage
     return resolved
+
+
+ROUTER_TRAINABLE = ("router", "glad", "unwilling")  # what train.router_trains may list
+
+
+def resolve_router_trains(value: Any) -> list:
+    """``train.router_trains`` as a list of parts in canonical order (router, glad, unwilling): a list or
+    ``"router,glad"``; it must include ``router``, other parts are the branches the router stage trains too."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise MoguError(f"train.router_trains takes a list of parts ({', '.join(ROUTER_TRAINABLE)}), got {value!r}")
+    names = [n.strip() for n in names]
+    unknown = [n for n in names if n not in ROUTER_TRAINABLE]
+    if unknown:
+        raise MoguError(f"train.router_trains: unknown part {unknown[0]!r}; parts: {', '.join(ROUTER_TRAINABLE)}")
+    if "router" not in names:
+        raise MoguError("train.router_trains must include router (the router stage trains the routers)")
+    if len(set(names)) != len(names):
+        raise MoguError(f"train.router_trains lists a part twice: {value!r}")
+    return [p for p in ROUTER_TRAINABLE if p in names]
+
+
+def resolve_router_layers(value: Any) -> Optional[list]:
+    """``model.router_layers`` as a sorted list of layer ids (None: every layer). Accepts a list, one id,
+    ``"3,5,7"``, or ``"top-K:PROBE"``: the K best layers of a ``mogu-jax probe`` output (folder or probe.json)."""
+    if value is None or value == [] or value == "":
+        return None
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*top-(\d+):(.+)", value)
+        if m:
+            from mogu_jax.probe import router_layers_from_probe
+            return router_layers_from_probe(m.group(2).strip(), int(m.group(1)))
+        try:
+            value = [int(v) for v in value.split(",")]
+        except ValueError:
+            raise MoguError(f"model.router_layers takes layer ids (a list or '3,5,7') or 'top-K:PROBE_DIR', got "
+                            f"{value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise MoguError(f"model.router_layers takes a list of layer ids, got {value!r}")
+    if any(v < 0 for v in value) or len(set(value)) != len(value):
+        raise MoguError(f"model.router_layers: layer ids must be distinct and >= 0, got {value!r}")
+    return sorted(value)

@@ -99,12 +99,15 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
     ckpt_dir = _check_run_folder(conf, resume)
     maybe_init_distributed(conf["distributed"])
     lead = jax.process_index() == 0
+    parts = T.trained_parts(stage, conf["train"].get("router_trains"))
+    if resume:
+        check_resumed_parts(out_dir, stage, parts)
     cfg, frozen, tok = _load_model(conf)
     examples, loader = _load_data(conf, tok, say=lead and progress)
     tconf = conf["train"]
     accum = int(tconf["grad_accum"])
     total = T.total_updates(loader.steps_per_epoch, tconf["epochs"], accum, tconf["max_steps"])
-    run = _Run(conf, cfg, examples, loader, frozen, total, ckpt_dir, say=lead and progress)
+    run = _Run(conf, cfg, examples, loader, frozen, total, ckpt_dir, parts, say=lead and progress)
     if lead:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
@@ -112,7 +115,8 @@ def run_stage(conf: dict, resume: bool = False, progress: bool = True, stop_afte
     start = run.restore() if resume else 0
     last = run.train(start, accum, progress=progress and lead, stop_after=stop_after)
     done = int(T.host_value(run.state["step"])) >= total
-    paths = export_stage(out_dir, cfg, stage, run.state["params"], base_name=conf["model"]["base"]) if done else {}
+    paths = export_stage(out_dir, cfg, stage, run.state["params"], base_name=conf["model"]["base"],
+                         parts=parts) if done else {}
     return {"stage": stage, "updates": int(T.host_value(run.state["step"])), "total_updates": total, "last": last,
             "done": done, "out_dir": out_dir, **paths, "cfg": cfg, "flops": run.flops}
 
@@ -147,6 +151,7 @@ def _load_model(conf: dict):
     cfg = cfg.replace(lora_rank=int(m["lora_rank"]), lora_alpha=float(m["lora_alpha"]),
                       router_hidden=int(m["router_hidden"]), router_layers=tuple(m["router_layers"] or ()),
                       scan_layers=bool(m["scan_layers"]))
+    T.check_router_layers(cfg)
     frozen = {"base": base}
     if stage == "router":
         for part in ("glad", "unwilling"):
@@ -178,23 +183,27 @@ def _load_data(conf: dict, tok, say: bool):
 class _Run:
     """A stage's sharded train state, step functions, checkpoints and loop."""
 
-    def __init__(self, conf: dict, cfg, examples, loader, frozen: dict, total: int, ckpt_dir: str, say: bool):
+    def __init__(self, conf: dict, cfg, examples, loader, frozen: dict, total: int, ckpt_dir: str, parts: tuple,
+                 say: bool):
         import orbax.checkpoint as ocp
 
         from mogu_jax.sharding import make_mesh
 
         self.conf, self.cfg, self.loader, self.total, self.ckpt_dir = conf, cfg, loader, total, ckpt_dir
         self.stage = stage = conf["stage"]
+        self.parts = parts
         tconf, m = conf["train"], conf["model"]
         self.mesh = make_mesh(conf["mesh"])
         tx = T.make_optimizer(conf["optim"], total)
         tdtype = np.dtype(str(np.dtype(_np_dtype(m["trainable_dtype"]))))
-        trainable = T.trainable_dtype_cast(T.init_trainable(cfg, stage, int(tconf["seed"])), tdtype)
-        self.state, self.frozen, self.state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, self.mesh, tx)
+        trainable, frozen = T.initial_trainable(cfg, stage, parts, frozen, int(tconf["seed"]))
+        trainable = T.trainable_dtype_cast(trainable, tdtype)
+        self.state, self.frozen, self.state_sh, frozen_sh = place_state(cfg, stage, frozen, trainable, self.mesh, tx,
+                                                                        parts)
         self.prefix = examples.shared_prefix() if tconf["share_prefix"] else ()
         self.logits_from = examples.logits_from()
         self.fns = T.StepFns(cfg, stage, tx, self.mesh, self.state_sh, frozen_sh, float(tconf["router_lambda"]),
-                             logits_from=self.logits_from, shared_prefix=self.prefix)
+                             logits_from=self.logits_from, shared_prefix=self.prefix, parts=parts)
         if say and self.prefix:
             print(f"[{stage}] the {len(self.prefix)} tokens every example starts with run once per batch "
                   "(train.share_prefix)")
@@ -208,7 +217,7 @@ class _Run:
         example, once (``train.cache_frozen_layers``; one process; the lower layers then never run again)."""
         from mogu_jax import flops as F
 
-        k = T.lowest_trained_layer(self.cfg, self.stage)
+        k = T.lowest_trained_layer(self.cfg, self.stage, self.parts)
         if not (k and self.conf["train"]["cache_frozen_layers"]
                 and jax.process_count() == 1):
             return None
@@ -269,7 +278,7 @@ class _Run:
         from mogu_jax import flops as F
 
         tokens = mb["affirm"]["tokens"] if "affirm" in mb else mb["tokens"]
-        cfg = self.cfg.replace(frozen_layers=T.lowest_trained_layer(self.cfg, self.stage))
+        cfg = self.cfg.replace(frozen_layers=T.lowest_trained_layer(self.cfg, self.stage, self.parts))
         return F.train_step_flops(cfg, self.stage, tokens.shape[0], tokens.shape[1], len(self.prefix),
                                   self.logits_from, lower_cached=self.hidden is not None)
 
@@ -308,15 +317,28 @@ class _Run:
         return last
 
 
-def place_state(cfg, stage: str, frozen: dict, trainable: dict, mesh, tx):
+def check_resumed_parts(out_dir: str, stage: str, parts: tuple) -> None:
+    """A resumed run trains the parts its checkpoints hold (train.router_trains as in the run's config.yaml)."""
+    path = os.path.join(out_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        before = (yaml.safe_load(f) or {}).get("train", {}).get("router_trains")
+    if T.trained_parts(stage, before) != tuple(parts):
+        raise MoguError(f"{out_dir} was trained with train.router_trains={list(T.trained_parts(stage, before))}; "
+                        f"resume it with the same setting, not {list(parts)}")
+
+
+def place_state(cfg, stage: str, frozen: dict, trainable: dict, mesh, tx, parts: Optional[tuple] = None):
     """Shard the frozen tree and a fresh train state {params, opt_state, step} onto ``mesh`` by the logical
-    axis rules. Returns (state, frozen, state_shardings, frozen_shardings)."""
+    axis rules (``parts``: what ``trainable`` holds, see ``train.trained_parts``). Returns (state, frozen,
+    state_shardings, frozen_shardings)."""
     from mogu_jax.sharding import param_logical_axes, replicated, tree_shardings
 
-    parts = tuple(k for k in frozen if k != "base")
-    frozen_logical = param_logical_axes(cfg, parts) if parts else {"base": param_logical_axes(cfg)}
+    frozen_parts = tuple(k for k in frozen if k != "base")
+    frozen_logical = param_logical_axes(cfg, frozen_parts) if frozen_parts else {"base": param_logical_axes(cfg)}
     frozen_sh = tree_shardings(frozen_logical, frozen, mesh)
-    train_sh = tree_shardings(param_logical_axes(cfg, (stage,))[stage], trainable, mesh)
+    train_sh = tree_shardings(T.trainable_logical_axes(cfg, stage, tuple(parts or (stage,))), trainable, mesh)
     rep = replicated(mesh)
     opt_sh = optax_shardings(tx, jax.eval_shape(tx.init, trainable), train_sh, rep)
     state_sh = {"params": train_sh, "opt_state": opt_sh, "step": rep}
@@ -332,42 +354,57 @@ def optax_shardings(tx, opt_shape, param_sh, rep):
                                  is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
-def export_stage(out_dir: str, cfg, stage: str, trained, base_name: str = "") -> dict:
-    """final/<part>/ (orbax, every process takes part; stage.json written last marks it complete) and
-    published/ (PEFT folder or router.pth, written atomically by process 0), then DONE."""
+def export_stage(out_dir: str, cfg, stage: str, trained, base_name: str = "", parts: Optional[tuple] = None) -> dict:
+    """final/<part>/ for every part the stage trained (orbax, every process takes part; stage.json written last
+    marks it complete) and published/ (router.pth and/or PEFT folders, written atomically by process 0), then
+    DONE. The router stage trained jointly with the branches publishes them too."""
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
-    from mogu_jax.convert import mogu_artifacts as art
     from mogu_jax.io_utils import atomic_dir, write_file_atomic, write_json_atomic
 
+    parts = tuple(parts or (stage,))
     if T.non_finite_parts({"params": trained}):
-        raise MoguError(f"the trained {stage} part holds NaN or inf values; not exported")
+        raise MoguError(f"the trained {stage} stage holds NaN or inf values; not exported")
     lead = jax.process_index() == 0
-    final = os.path.abspath(os.path.join(out_dir, "final", stage))
+    by_part = T.trainable_by_part(stage, parts, trained)
+    finals = {p: os.path.abspath(os.path.join(out_dir, "final", p)) for p in parts}
     pub = os.path.join(out_dir, "published")
-    host = T.gather_to_host(trained)  # a collective: every process calls it
-    if lead and os.path.exists(final):
-        shutil.rmtree(final)
+    host = T.gather_to_host(by_part)  # a collective: every process calls it
+    if lead:
+        for final in finals.values():
+            if os.path.exists(final):
+                shutil.rmtree(final)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("mogu-export-clean")
     ck = ocp.StandardCheckpointer()
-    ck.save(os.path.join(final, "params"), trained)
+    for p in parts:
+        ck.save(os.path.join(finals[p], "params"), by_part[p])
     ck.wait_until_finished()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("mogu-export-saved")
     if lead:
-        write_json_atomic(os.path.join(final, "stage.json"), {"stage": stage, "model_config": cfg.to_dict()})
+        for p in parts:
+            write_json_atomic(os.path.join(finals[p], "stage.json"), {"stage": stage, "part": p,
+                                                                       "model_config": cfg.to_dict()})
         with atomic_dir(pub, overwrite=True) as tmp:
-            if stage == "router":
-                try:
-                    art.write_router(os.path.join(tmp, "router.pth"), host, cfg)
-                except MoguError:  # no torch: the same keys in safetensors
-                    art.write_router(os.path.join(tmp, "router.safetensors"), host, cfg)
-            else:
-                art.write_peft_adapter(os.path.join(tmp, stage), host, cfg, base_name)
+            for p in parts:
+                _publish_part(tmp, p, host[p], cfg, base_name)
         write_file_atomic(os.path.join(out_dir, DONE), stage + "\n")
-    return {"final": final, "published": pub}
+    return {"final": finals[stage], "finals": finals, "published": pub}
+
+
+def _publish_part(folder: str, part: str, tree, cfg, base_name: str) -> None:
+    """One trained part in the published format: router.pth (router.safetensors without torch), or a PEFT folder."""
+    from mogu_jax.convert import mogu_artifacts as art
+
+    if part != "router":
+        art.write_peft_adapter(os.path.join(folder, part), tree, cfg, base_name)
+        return
+    try:
+        art.write_router(os.path.join(folder, "router.pth"), tree, cfg)
+    except MoguError:  # no torch: the same keys in safetensors
+        art.write_router(os.path.join(folder, "router.safetensors"), tree, cfg)
 
 
 def stage_paths(stage: str, d: dict) -> tuple:

@@ -421,3 +421,125 @@ def test_resume_on_a_different_mesh(world, tmp_path):
     for x, y in zip(jax.tree_util.tree_leaves(_final(moved, "glad", res["cfg"])),
                     jax.tree_util.tree_leaves(_final(ref, "glad", res["cfg"]))):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+# ------------------------------------------------------------------ joint router + branch training (MoGU v2)
+JOINT = "train.router_trains=[router,glad,unwilling]"
+
+
+def test_joint_step_changes_router_and_branches_only(world):
+    """With train.router_trains listing the branches, one step differentiates router + both branches: all of
+    their leaves move, each has optimizer moments, and the frozen base stays bit-identical."""
+    from mogu_jax.sharding import make_mesh, replicated, tree_shardings
+    from mogu_jax.sharding import param_logical_axes
+    from mogu_jax.trainer import place_state
+    cfg = world["cfg"]
+    params = jax.tree_util.tree_map(np.asarray, random_mogu(cfg, world["base"], seed=4))
+    parts = T.trained_parts("router", ["glad", "router", "unwilling"])
+    assert parts == ("router", "glad", "unwilling") and T.trained_parts("router", None) == ("router",)
+    mesh = make_mesh((2, 2, 2))
+    tx = T.make_optimizer({"lr": 1e-2, "b1": 0.9, "b2": 0.999, "eps": 1e-6}, 10)
+    trainable, frozen = T.initial_trainable(cfg, "router", parts, {k: params[k] for k in ("base", "glad", "unwilling")},
+                                            seed=0)
+    assert sorted(frozen) == ["base"] and sorted(trainable) == ["glad", "router", "unwilling"]
+    before = {k: jax.tree_util.tree_map(lambda x: np.array(x, copy=True), v) for k, v in trainable.items()}
+    base_before = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), frozen)
+    state, frozen_g, state_sh, frozen_sh = place_state(cfg, "router", frozen, trainable, mesh, tx, parts)
+    opt_leaves = [x for x in jax.tree_util.tree_leaves(state["opt_state"]) if np.ndim(x) > 0]
+    assert sorted(x.shape for x in opt_leaves) == sorted([x.shape for x in jax.tree_util.tree_leaves(before)] * 2)
+    fns = T.StepFns(cfg, "router", tx, mesh, state_sh, frozen_sh, parts=parts)
+    data = D.tokenize_stage("router", D.load_stage_data("router", world["router"]), world["tok"])
+    batch = T.local_batch_to_global(next(D.StageLoader(data, 8)), mesh)
+    state, _ = fns.step(state, frozen_g, [batch])
+    state, _ = fns.step(state, frozen_g, [batch])
+    for part in parts:
+        for a, b in zip(jax.tree_util.tree_leaves(state["params"][part]), jax.tree_util.tree_leaves(before[part])):
+            assert not np.array_equal(np.asarray(a), b), part
+    for a, b in zip(jax.tree_util.tree_leaves(frozen_g), jax.tree_util.tree_leaves(base_before)):
+        assert np.asarray(a).tobytes() == b.tobytes()
+
+
+@pytest.fixture(scope="module")
+def branches(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("branches")
+    dirs = {}
+    for stage in ("glad", "unwilling"):
+        dirs[stage] = str(root / stage)
+        run_stage(_conf(world, stage, dirs[stage], "train.max_steps=2", "optim.lr=1e-2", "mesh.data=1"),
+                  progress=False)
+    return dirs
+
+
+def _router_conf(world, branches, out, *extra):
+    return _conf(world, "router", out, "mesh.data=1", "optim.lr=1e-2", f"inputs.glad={branches['glad']}",
+                 f"inputs.unwilling={branches['unwilling']}", *extra)
+
+
+def test_joint_router_stage_exports_branches_and_demo_assembles_them(world, branches, tmp_path):
+    """The router stage trained jointly writes final/ and published/ for router and both branches (changed from
+    their inputs, which stay untouched); by default it writes only the router and the branches the demo assembles
+    are the responder stages', bit for bit. The demo's _assemble picks the jointly trained branches up."""
+    from mogu_jax import api
+    from mogu_jax.checkpoint import load_checkpoint
+    from mogu_jax.pipeline import _assemble
+    from peft import PeftModel
+    inputs = {p: _final(branches[p], p, world["cfg"]) for p in ("glad", "unwilling")}
+    inputs_hash = {p: _hash_dir(branches[p]) for p in ("glad", "unwilling")}
+    base_ckpt = str(tmp_path / "base")
+    api.convert_hf_to_jax(world["hf"], base_ckpt)
+    runs = {}
+    for name, extra in (("default", ()), ("joint", (JOINT,))):
+        out = str(tmp_path / name)
+        res = run_stage(_router_conf(world, branches, out, "train.max_steps=3", *extra), progress=False)
+        assert res["done"]
+        _assemble(base_ckpt, {"router": out, **branches}, str(tmp_path / f"mogu_{name}"))
+        runs[name] = (out, res, load_checkpoint(str(tmp_path / f"mogu_{name}"))[1])
+    out, res, mogu = runs["default"]
+    assert sorted(os.listdir(os.path.join(out, "final"))) == ["router"]
+    assert sorted(os.listdir(os.path.join(out, "published"))) == ["router.pth"]
+    for p in ("glad", "unwilling"):
+        for a, b in zip(jax.tree_util.tree_leaves(mogu[p]), jax.tree_util.tree_leaves(inputs[p])):
+            assert np.asarray(a).tobytes() == b.tobytes()
+    out, res, mogu = runs["joint"]
+    assert sorted(os.listdir(os.path.join(out, "final"))) == ["glad", "router", "unwilling"]
+    assert sorted(os.listdir(os.path.join(out, "published"))) == ["glad", "router.pth", "unwilling"]
+    for p in ("glad", "unwilling"):
+        trained = _final(out, p, res["cfg"])
+        for a, b, c in zip(jax.tree_util.tree_leaves(trained), jax.tree_util.tree_leaves(inputs[p]),
+                           jax.tree_util.tree_leaves(mogu[p])):
+            assert not np.array_equal(a, b), p
+            assert np.asarray(c).tobytes() == a.tobytes()
+        assert _hash_dir(branches[p]) == inputs_hash[p]
+    # the published branch is a PEFT adapter of the trained weights
+    pm = PeftModel.from_pretrained(make_hf_model("llama_gqa"), os.path.join(out, "published", "glad"))
+    lora_b = [v for k, v in pm.state_dict().items() if "lora_B" in k][0]
+    np.testing.assert_allclose(lora_b.numpy(), _final(out, "glad", res["cfg"])["B"][0].T, atol=1e-6)
+
+
+def test_joint_router_stage_resumes_exactly(world, branches, tmp_path):
+    extra = ("train.max_steps=4", "train.epochs=2", "checkpoint.every=1", JOINT)
+    full = str(tmp_path / "full")
+    ref = run_stage(_router_conf(world, branches, full, *extra), progress=False)
+    cut = str(tmp_path / "cut")
+    part = run_stage(_router_conf(world, branches, cut, *extra), progress=False, stop_after=2)
+    assert part["updates"] == 2 and not part["done"] and not os.path.exists(os.path.join(cut, "final"))
+    with pytest.raises(Exception, match="resume it with the same setting"):
+        run_stage(_router_conf(world, branches, cut, *extra[:-1]), resume=True, progress=False)
+    done = run_stage(_router_conf(world, branches, cut, *extra), resume=True, progress=False)
+    assert done["done"] and done["updates"] == 4
+    assert _losses(cut) == _losses(full)
+    for p in ("router", "glad", "unwilling"):
+        for a, b in zip(jax.tree_util.tree_leaves(_final(cut, p, ref["cfg"])),
+                        jax.tree_util.tree_leaves(_final(full, p, ref["cfg"]))):
+            assert a.tobytes() == b.tobytes(), p
+
+
+def test_bad_router_trains(world, branches, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    argv = ["train", "router", f"model.base={world['hf']}", f"data.router.jsonl={world['router']}",
+            f"inputs.glad={branches['glad']}", f"inputs.unwilling={branches['unwilling']}", f"output.dir={out}"]
+    cli_fails(capsys, argv + ["train.router_trains=[glad]"], "must include router")
+    cli_fails(capsys, argv + ["train.router_trains=[router,base]"], "unknown part 'base'")
+    cli_fails(capsys, argv + ["train.router_trains=7"], "train.router_trains")
+    cli_fails(capsys, argv + ["model.router_layers=[0,5]"], "layer 5 does not exist")
+    assert not os.path.exists(out)

@@ -1,0 +1,146 @@
+"""`mogu-jax probe`: hidden states against transformers, the probe finds a planted layer, the command's outputs,
+`model.router_layers=top-K:PROBE_DIR` in the trainer's config, and bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mogu_jax import probe as P
+from mogu_jax.cli import main
+from mogu_jax.train_config import load_config
+from tiny_models import cli_fails, make_hf_model, save_hf
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import random
+    root = tmp_path_factory.mktemp("probe")
+    hf = str(root / "hf")
+    save_hf("llama_gqa", hf)
+    r = random.Random(0)
+    with open(root / "router.jsonl", "w") as f:
+        for i in range(40):
+            lab = i % 2
+            words = " ".join(f"w{r.randrange(4, 120)}" for _ in range(r.randrange(2, 12)))
+            f.write(json.dumps({"instruction": ("w50 w51 " if lab else "w60 w61 ") + words, "output": "w10",
+                                "label": lab}) + "\n")
+    return {"root": root, "hf": hf, "router": str(root / "router.jsonl")}
+
+
+def test_last_token_states_equal_hf_hidden_states(tiny):
+    """Every layer's output at the last prompt token, batched with right padding and length buckets, equals
+    transformers' hidden states of each prompt run alone (the last layer before HF's final norm)."""
+    from mogu_jax import api
+    from mogu_jax.templates import encode_prompt, format_prompt
+
+    cfg, params, tok = api.load(tiny["hf"])
+    prompts = ["w5 w6 w7", "w8 " * 20, "w9", "w10 w11 w12 w13 w14"]
+    ours = P.last_token_states(cfg, params, tok, prompts, batch_size=3)
+    assert ours.shape == (4, cfg.num_layers, cfg.hidden_size)
+    hf = make_hf_model("llama_gqa")
+    captured = []
+    hook = hf.model.layers[-1].register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple)
+                                                                                     else o))
+    for n, p in enumerate(prompts):
+        ids = torch.tensor([encode_prompt(tok, format_prompt(tok, p))])
+        with torch.no_grad():
+            out = hf(ids, output_hidden_states=True)
+        ref = [h[0, -1].numpy() for h in out.hidden_states[1:-1]] + [captured[-1][0, -1].numpy()]
+        np.testing.assert_allclose(ours[n], np.stack(ref), atol=1e-4, err_msg=p)
+    hook.remove()
+
+
+def test_probe_finds_the_planted_layer():
+    """Labels planted (noisily) in one layer's features: that layer ranks first, near-perfect on held-out rows,
+    the others near chance; the chosen layers are the top-k of the probe's own ranking."""
+    rng = np.random.default_rng(0)
+    n, layers, d = 160, 5, 24
+    y = np.arange(n) % 2
+    x = rng.normal(size=(n, layers, d)).astype(np.float32)
+    x[:, 3, 7] += 3.0 * (2 * y - 1)
+    fit, held = P.split_rows(y, 0.25, 0)
+    assert len(held) == 40 and not set(fit) & set(held)
+    assert y[held].sum() == 20  # stratified
+    s = P.fit_probes(x[fit], y[fit], x[held], y[held])
+    assert all(0.0 <= a <= 1.0 for a in s["accuracy"])
+    ranking = P.rank_layers(s["accuracy"], s["loss"])
+    assert ranking[0] == 3 and s["accuracy"][3] >= 0.95
+    assert max(s["accuracy"][i] for i in range(layers) if i != 3) < 0.8
+    assert P.top_layers(ranking, 2) == sorted(ranking[:2])
+    # averaged over splits: one split is the plain probe; several still find the layer
+    one = P.repeated_scores(x, y, 0.25, 0, 1)
+    np.testing.assert_array_equal(one["accuracy"], s["accuracy"])
+    assert float(one["accuracy_std"].max()) == 0.0
+    three = P.repeated_scores(x, y, 0.25, 0, 3)
+    assert P.rank_layers(three["accuracy"], three["loss"])[0] == 3 and float(three["accuracy_std"].max()) > 0
+    # ties in accuracy are broken by the held-out loss, then the layer id
+    assert P.rank_layers([1.0, 1.0, 0.5], [0.3, 0.1, 0.0]) == [1, 0, 2]
+    assert P.rank_layers([0.5, 0.5], [0.2, 0.2]) == [0, 1]
+
+
+def test_probe_rows_from_each_source(tiny, tmp_path):
+    from mogu_jax import synth
+    seeds = P.load_rows("seeds")
+    assert sum(r["label"] for r in seeds) == len(synth.split("malicious")[0])
+    assert len(seeds) == len(synth.split("benign")[0]) + len(synth.split("malicious")[0])
+    both = P.load_rows("seeds+contrast")
+    assert len(both) == len(seeds) + len(synth.split("contrast")[0])
+    assert sum(r["label"] for r in both) == sum(r["label"] for r in seeds)
+    assert [r["label"] for r in P.load_rows(tiny["router"])][:4] == [0, 1, 0, 1]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "router.jsonl").write_text(open(tiny["router"]).read())
+    assert len(P.load_rows(str(tmp_path / "data"))) == 40
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i}", "kind": k}) + "\n"
+                               for i, k in enumerate(["harmful", "jailbreak", "benign", "borderline"])))
+    assert [r["label"] for r in P.load_rows(str(prompts))] == [1, 1, 0, 0]
+
+
+def test_probe_command_outputs_and_trainer_config(tiny, tmp_path, capsys):
+    out = str(tmp_path / "probe")
+    assert main(["probe", tiny["hf"], "--data", tiny["router"], "--out", out, "--top-k", "1"]) == 0
+    printed = capsys.readouterr().out
+    doc = json.load(open(os.path.join(out, "probe.json")))
+    assert open(os.path.join(out, "accuracy.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert [r["layer"] for r in doc["layers"]] == [0, 1]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["fit_accuracy"] <= 1.0 for r in doc["layers"])
+    assert doc["n_fit"] + doc["n_heldout"] == 40 and doc["n_heldout"] == 10
+    acc = [r["accuracy"] for r in doc["layers"]]
+    assert doc["ranking"] == P.rank_layers(acc, [r["loss"] for r in doc["layers"]])
+    assert doc["router_layers"] == [doc["ranking"][0]] and acc[doc["ranking"][0]] == max(acc)
+    assert f"router_layers: {doc['ranking'][0]}" in printed
+    # the trainer takes the probe's choice
+    conf = load_config("router", None, [f"model.router_layers=top-1:{out}"])
+    assert conf["model"]["router_layers"] == doc["router_layers"]
+    conf = load_config("router", None, [f"model.router_layers=top-2:{out}/probe.json"])
+    assert conf["model"]["router_layers"] == [0, 1]
+    assert load_config("router", None, ["model.router_layers=5,3"])["model"]["router_layers"] == [3, 5]
+    assert load_config("router", None, ["model.router_layers=[1]"])["model"]["router_layers"] == [1]
+    assert load_config("router", None, [])["model"]["router_layers"] is None
+
+
+def test_probe_bad_input(tiny, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    argv = ["probe", tiny["hf"], "--out", out]
+    cli_fails(capsys, argv + ["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl", "does not exist")
+    one_class = tmp_path / "one.jsonl"
+    one_class.write_text("".join(json.dumps({"prompt": f"w{i}", "kind": "harmful"}) + "\n" for i in range(6)))
+    cli_fails(capsys, argv + ["--data", str(one_class)], "2 benign rows")
+    bad_kind = tmp_path / "kind.jsonl"
+    bad_kind.write_text(json.dumps({"prompt": "w5", "kind": "evil"}) + "\n")
+    cli_fails(capsys, argv + ["--data", str(bad_kind)], "kind.jsonl", "unknown kind")
+    cli_fails(capsys, argv + ["--data", tiny["router"], "--holdout", "1.5"], "--holdout")
+    cli_fails(capsys, argv + ["--data", tiny["router"], "--repeats", "0"], "--repeats")
+    cli_fails(capsys, argv + ["--data", tiny["router"], "--top-k", "3"], "--top-k", "2 layers")
+    assert not os.path.exists(out)
+    os.makedirs(out)
+    open(os.path.join(out, "other"), "w").close()
+    cli_fails(capsys, argv + ["--data", tiny["router"]], "--overwrite")
+    # the trainer's config: a probe folder that is not there, or more layers than the probe has
+    with pytest.raises(Exception, match="no probe file"):
+        load_config("router", None, [f"model.router_layers=top-2:{tmp_path / 'nope'}"])
+    cli_fails(capsys, ["train", "router", "model.router_layers=top-x:y"], "model.router_layers")
+    cli_fails(capsys, ["train", "router", "model.router_layers=[1,1]"], "distinct")
