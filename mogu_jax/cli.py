@@ -364,8 +364,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line -> namespace. ``train``'s ``key=value`` overrides may come anywhere after the stage
+    (before, between or after the ``--config`` options); anything else argparse does not know is an error."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command == "train" and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command == "convert":
             return cmd_convert(args)

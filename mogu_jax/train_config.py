@@ -161,6 +161,27 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             schema = schema[p]
 
 
+def read_config_file(path: str, stage: str) -> dict:
+    """One YAML layer as a mapping. A run's own resolved ``config.yaml`` (written into its output folder, with a
+    top-level ``stage`` key) is accepted for that stage; for another stage it is an error, since its values
+    are already resolved for the stage it ran."""
+    if not os.path.isfile(path):
+        raise MoguError(f"config file {path} does not exist")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise MoguError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise MoguError(f"config file {path} must hold a mapping")
+    if "stage" in data:
+        ran = data.pop("stage")
+        if ran != stage:
+            raise MoguError(f"config file {path} is the resolved config of a {ran!r} run (its 'stage' key); "
+                            f"it configures `train {ran}`, not `train {stage}`")
+    return data
+
+
 def load_config(stage: str, path=None, overrides: Sequence[str] = ()) -> dict:
     """Defaults <- YAML file(s) (later files win) <- ``key=value`` overrides; then the stage's
     ``per_stage`` section applies (command-line overrides still win)."""
@@ -168,16 +189,7 @@ def load_config(stage: str, path=None, overrides: Sequence[str] = ()) -> dict:
         raise MoguError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     cfg = copy.deepcopy(DEFAULTS)
     for path in ([path] if isinstance(path, str) else list(path or [])):
-        if not os.path.isfile(path):
-            raise MoguError(f"config file {path} does not exist")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise MoguError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise MoguError(f"config file {path} must hold a mapping")
-        _merge_layer(cfg, data)
+        _merge_layer(cfg, read_config_file(path, stage))
     for item in overrides:
         if "=" not in item:
             raise MoguError(f"override {item!r} is not key=value")
