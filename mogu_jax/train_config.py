@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from typing import Any, Optional, Sequence
 
 import yaml
@@ -139,11 +140,18 @@ def _deep_update(a: dict, b: dict) -> None:
             a[k] = v
 
 
+# YAML 1.1 (PyYAML) reads 1e-4 as a string (it wants 1.0e-4); an override means the number
+_EXPONENT_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -163,8 +171,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 def read_config_file(path: str, stage: str) -> dict:
     """One YAML layer as a mapping. A run's own resolved ``config.yaml`` (written into its output folder, with a
-    top-level ``stage`` key) is accepted for that stage; for another stage it is an error, since its values
-    are already resolved for the stage it ran."""
+    top-level ``stage`` key) is accepted for that stage, without its ``per_stage`` section (already applied);
+    for another stage it is an error, since its values are resolved for the stage it ran."""
     if not os.path.isfile(path):
         raise MoguError(f"config file {path} does not exist")
     with open(path) as f:
@@ -179,6 +187,9 @@ def read_config_file(path: str, stage: str) -> dict:
         if ran != stage:
             raise MoguError(f"config file {path} is the resolved config of a {ran!r} run (its 'stage' key); "
                             f"it configures `train {ran}`, not `train {stage}`")
+        # its values already include its per_stage section and the run's command-line overrides (which won
+        # over per_stage): applying per_stage again would undo those overrides
+        data.pop("per_stage", None)
     return data
 
 
