@@ -622,3 +622,18 @@ def test_load_by_column_bad_input(tmp_path, name, text, kwargs, msg):
 def test_parse_kind_map_errors(text, msg):
     with pytest.raises(MoguError, match=msg):
         ev.parse_kind_map(text)
+
+
+def test_version_1_reports_still_read(tmp_path):
+    rep = ev.evaluate_responses(ROWS, RESPONSES)
+    old = json.loads(json.dumps(rep))
+    old["version"] = 1
+    del old["usability"]
+    for per_kind in old["metrics"].values():
+        for m in per_kind.values():
+            del m["repeated"], m["repetition_rate"]
+    p = _write(tmp_path, "report.json", json.dumps(old))
+    table = [x.split() for x in ev.format_table(ev.read_report(p)).splitlines()]
+    assert ["harmful", "4", "repeated", "sentence", "-", "-"] in table and len(table) == 10
+    with pytest.raises(MoguError, match="version 3 is not supported"):
+        ev.read_report(_write(tmp_path, "r3.json", json.dumps(dict(old, version=3))))
