@@ -111,7 +111,17 @@ def _add_eval(sub):
     p = sub.add_parser("eval", help="base vs MoGU on prompts with a kind (harmful, jailbreak, benign, borderline)")
     p.add_argument("ckpt", type=path_arg, help="a MoGU checkpoint (glad, unwilling and router parts)")
     p.add_argument("--prompts", type=path_arg, required=True,
-                   help="JSONL {prompt, kind[, id]}, AdvBench harmful_behaviors.csv or a JailbreakBench behaviours CSV")
+                   help="JSONL {prompt, kind[, id]}, AdvBench harmful_behaviors.csv, a JailbreakBench behaviours "
+                        "CSV, or with --prompt-column any .csv, .tsv or .jsonl file")
+    p.add_argument("--prompt-column", default=None, help="read the prompt from this column (field) of a .csv, .tsv "
+                                                         "or .jsonl file")
+    p.add_argument("--kind-column", default=None, help="with --prompt-column: the column holding each row's kind "
+                                                       "(its values mapped by --kind-map)")
+    p.add_argument("--kind-map", default=None, help="with --kind-column: value=kind pairs, e.g. "
+                                                    "'safe=benign,unsafe=harmful' (values not listed must be kinds)")
+    p.add_argument("--kind", default=None, help="harmful | jailbreak | benign | borderline: the kind of every row "
+                                                "(AdvBench/JailbreakBench CSVs: default harmful; JSONL: rows without "
+                                                "one); with --kind-column: evaluate only the rows of this kind")
     p.add_argument("--out", type=path_arg, required=True, help="report folder")
     p.add_argument("--routed-tokens", type=routed_tokens, default=None,
                    help="M or 'all' (default from the model config)")
@@ -283,12 +293,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def eval_rows(args) -> list[dict]:
+    """The rows ``mogu-jax eval`` evaluates: by named columns with --prompt-column, else the known shapes."""
+    from mogu_jax import evaluate as E
+    if args.prompt_column is None:
+        if args.kind_column is not None or args.kind_map is not None:
+            raise MoguError("--kind-column and --kind-map go with --prompt-column")
+        return E.load_prompts(args.prompts, kind=args.kind)
+    if args.kind_map is not None and args.kind_column is None:
+        raise MoguError("--kind-map needs --kind-column (the column whose values it maps)")
+    if args.kind_column is None and args.kind is None:
+        raise MoguError("--prompt-column needs --kind-column (each row's kind) or --kind (one kind for every row)")
+    kind_map = E.parse_kind_map(args.kind_map) if args.kind_map is not None else None
+    return E.load_prompts_by_column(args.prompts, args.prompt_column, kind_column=args.kind_column,
+                                    kind_map=kind_map, kind=args.kind)
+
+
 def cmd_eval(args) -> int:
     from mogu_jax import api
     from mogu_jax import evaluate as E
     from mogu_jax.io_utils import check_output_dir
     from mogu_jax.pipeline import run_eval
-    rows = E.load_prompts(args.prompts)
+    rows = eval_rows(args)
     check_output_dir(args.out, args.overwrite)
     cfg, params, tok = api.load(args.ckpt, dtype=args.dtype, param_dtype="auto")
     if tok is None:
@@ -342,6 +368,19 @@ def cmd_demo(args) -> int:
 def _quiet_library_logs() -> None:
     """absl (orbax) and transformers warnings are not for CLI users: errors reach them as our one line."""
     logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line -> namespace. ``train``'s ``key=value`` overrides may come anywhere after the stage
+    (before, between or after the ``--config`` options); anything else argparse does not know is an error."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command == "train" and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
     try:
         import absl.logging
         absl.logging.set_verbosity(absl.logging.ERROR)
@@ -358,7 +397,7 @@ def one_line(message: str, limit: int = 2000) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_library_logs()
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         if args.command == "convert":
             return cmd_convert(args)
         if args.command == "generate":

@@ -219,11 +219,18 @@ def _deep_update(a: dict, b: dict) -> None:
             a[k] = v
 
 
+# YAML 1.1 (PyYAML) reads 1e-4 as a string (it wants 1.0e-4); an override means the number
+_EXPONENT_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -255,6 +262,22 @@ def read_yaml(path: str) -> dict:
     return data
 
 
+def read_config_file(path: str, stage: str) -> dict:
+    """One YAML layer as a mapping. A run's own resolved ``config.yaml`` (written into its output folder, with a
+    top-level ``stage`` key) is accepted for that stage, without its ``per_stage`` section (already applied);
+    for another stage it is an error, since its values are resolved for the stage it ran."""
+    data = read_yaml(path)
+    if "stage" in data:
+        ran = data.pop("stage")
+        if ran != stage:
+            raise MoguError(f"config file {path} is the resolved config of a {ran!r} run (its 'stage' key); "
+                            f"it configures `train {ran}`, not `train {stage}`")
+        # its values already include its per_stage section and the run's command-line overrides (which won
+        # over per_stage): applying per_stage again would undo those overrides
+        data.pop("per_stage", None)
+    return data
+
+
 def _dotted(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     """A nested mapping of settings -> (dotted key, value) pairs (a schema section's leaves)."""
     out = []
@@ -278,7 +301,7 @@ def load_config(stage: str, path=None, overrides: Sequence[str] = (), values: Op
         raise MoguError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     cfg = copy.deepcopy(DEFAULTS)
     for layer in ([path] if isinstance(path, (str, dict)) else list(path or [])):
-        _merge_layer(cfg, copy.deepcopy(layer) if isinstance(layer, dict) else read_yaml(layer))
+        _merge_layer(cfg, copy.deepcopy(layer) if isinstance(layer, dict) else read_config_file(layer, stage))
     pairs = []
     for item in overrides:
         if "=" not in item:

@@ -79,6 +79,7 @@ def restore_part(path: str, cfg, part: str):
     from mogu_jax.checkpoint import _as_dict, _validate_tree
     from mogu_jax import mogu as mogu_lib
 
+    path = os.path.abspath(path)  # orbax reads no metadata through a relative path (configs name relative runs/)
     init = mogu_lib.init_router if part == "router" else mogu_lib.init_branch
     expected = jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(0)))
     path = os.path.abspath(path)  # orbax wants absolute paths

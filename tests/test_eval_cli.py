@@ -64,3 +64,39 @@ def test_eval_bad_input(ckpts, tmp_path, capsys):
     good.write_text('{"prompt": "w5", "kind": "harmful"}\n')
     cli_fails(capsys, ["eval", str(ckpts / "hf"), "--prompts", str(good), "--out", out], "MoGU")
     assert not os.path.exists(out)
+
+
+def test_eval_prompts_by_column(ckpts, tmp_path, capsys):
+    table = tmp_path / "bench.csv"
+    table.write_text("prompt,label\nw5 w6,unsafe\nw7 w8,safe\nw9,safe\n")
+    out = tmp_path / "report"
+    assert main(["eval", str(ckpts / "mogu"), "--prompts", str(table), "--prompt-column", "prompt",
+                 "--kind-column", "label", "--kind-map", "safe=benign,unsafe=harmful", "--out", str(out),
+                 "--max-new-tokens", "4"]) == 0
+    report = json.load(open(out / "report.json"))
+    assert report["kinds"] == ["harmful", "benign"] and report["metrics"]["mogu"]["benign"]["n"] == 2
+    assert report["usability"]["systems"]["mogu"]["benign"]["n"] == 2
+    lines = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["prompt"], r["kind"]) for r in lines] == [
+        ("bench-1", "w5 w6", "harmful"), ("bench-2", "w7 w8", "benign"), ("bench-3", "w9", "benign")]
+    assert "ROUGE-L vs base" in capsys.readouterr().out
+
+
+def test_eval_by_column_bad_input(ckpts, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    ck = str(ckpts / "mogu")
+    table = tmp_path / "t.csv"
+    table.write_text("prompt,label\nw5,unsafe\nw6,spicy\n")
+    base = ["eval", ck, "--prompts", str(table), "--out", out]
+    cli_fails(capsys, base + ["--prompt-column", "question", "--kind", "harmful"], "missing column(s) question")
+    cli_fails(capsys, base + ["--prompt-column", "prompt", "--kind-column", "category"], "missing column(s) category")
+    cli_fails(capsys, base + ["--prompt-column", "prompt", "--kind-column", "label", "--kind-map", "unsafe=harmful"],
+              "unknown kind value 'spicy'", "row 2")
+    cli_fails(capsys, base + ["--prompt-column", "prompt", "--kind-column", "label", "--kind-map", "unsafe"],
+              "'unsafe' is not value=kind")
+    cli_fails(capsys, base + ["--prompt-column", "prompt", "--kind-column", "label", "--kind-map", "unsafe=bad"],
+              "unknown kind 'bad'")
+    cli_fails(capsys, base + ["--prompt-column", "prompt"], "--kind-column", "--kind")
+    cli_fails(capsys, base + ["--prompt-column", "prompt", "--kind-map", "a=benign"], "--kind-map needs --kind-column")
+    cli_fails(capsys, base + ["--kind-column", "label"], "go with --prompt-column")
+    assert not os.path.exists(out)
