@@ -132,7 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_data(sub)
     _add_demo(sub)
+    _add_plan(sub)
     return parser
+
+
+def _add_plan(sub):
+    from mogu_jax.plan_cli import add_arguments
+    add_arguments(sub.add_parser("plan", help="compile a stage for a TPU topology: per-chip memory, fit, speed"))
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -353,6 +359,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_data(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "plan":
+            from mogu_jax.plan_cli import cmd_plan
+            return cmd_plan(args)
     except MoguError as e:
         print(f"mogu-jax: error: {e}", file=sys.stderr)
         return 2

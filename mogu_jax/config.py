@@ -101,6 +101,9 @@ class ModelConfig:
     # loop (XLA:CPU copies the scan's stacked residuals every layer, ~40% of a training step here; unrolled,
     # the backward pass also stops below the lowest layer that has something to train)
     scan_layers: bool = True
+    # attention kernel (mogu_jax.attention): auto (splash on TPU, cuDNN on GPU with bf16/fp16, else the reference),
+    # xla (the reference einsum path), cudnn, splash
+    attention: str = "auto"
 
     # ------------------------------------------------------------------ helpers
     @property
