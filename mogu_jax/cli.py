@@ -123,9 +123,25 @@ def _add_demo(sub):
     p.add_argument("--overwrite", action="store_true")
 
 
+class _Intermixed(argparse.ArgumentParser):
+    """A command's parser that takes ``key=value`` overrides after its options too
+    (``mogu-jax train glad --config X a=b``; plain argparse stops at the first option)."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside or any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mogu-jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Intermixed)
     _add_convert(sub)
     _add_generate(sub)
     _add_train(sub)

@@ -116,6 +116,7 @@ def topology_devices(topo: Topology) -> list:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topo.generation}-{topo.chips * topo.chip.cores_per_chip}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_WORKER_ID", "0")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no chip to lock
     dims = topo.shape + (1,) * (3 - len(topo.shape))
     host = tuple(min(2, d) for d in dims[:2]) + (1,)
     try:
@@ -147,6 +148,10 @@ def model_config(conf: dict) -> ModelConfig:
                             "base's config.json, as configs/*.yaml do) or model.base=<a local HF folder>")
     if not isinstance(arch, dict):
         raise MoguError("model.architecture must be a mapping of config.json fields")
+    from mogu_jax.attention import IMPLEMENTATIONS
+
+    if m["attention"] not in IMPLEMENTATIONS:
+        raise MoguError(f"unknown model.attention {m['attention']!r}; one of {', '.join(IMPLEMENTATIONS)}")
     cfg = ModelConfig.from_hf(arch)
     pdtype = m.get("param_dtype") or arch.get("torch_dtype") or arch.get("dtype") or "float32"
     return cfg.replace(dtype=str(m["dtype"]), param_dtype=str(pdtype), remat=bool(m["remat"]),
@@ -448,3 +453,10 @@ def check_mesh(mesh: dict, topo: Topology) -> None:
         mesh_shape(mesh, topo.chips)
     except MoguError as e:
         raise MoguError(f"{e} (topology {topo.name} has {topo.chips} chips)") from None
+
+
+def tpu_compiler_available() -> bool:
+    """Whether libtpu (the ``[tpu]`` extra) is installed."""
+    from jax._src.cloud_tpu_init import get_tpu_library_path
+
+    return get_tpu_library_path() is not None

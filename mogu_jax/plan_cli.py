@@ -89,8 +89,9 @@ def cmd_plan(args) -> int:
 
     topo = PL.parse_topology(args.topology)
     conf = load_config("router" if args.stage == "generate" else args.stage, args.config, args.overrides)
-    devices = PL.topology_devices(topo)
+    PL.model_config(conf)  # the config must describe the model before anything is compiled
     PL.check_mesh(conf["mesh"], topo)
+    devices = PL.topology_devices(topo)
     try:
         if args.stage == "generate":
             g = PL.plan_generate(conf, topo, args.batch or 1, args.context, args.new_tokens, devices)
