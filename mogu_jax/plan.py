@@ -209,9 +209,9 @@ def tree_count(tree) -> int:
 class DoesNotFit(MoguError):
     """The step needs more memory per chip than the chip has (a compile-time out-of-memory)."""
 
-    def __init__(self, what: str, detail: str, over: Optional[float]):
+    def __init__(self, what: str, detail: str, over: Optional[float], at_least: bool = False):
         self.over = over
-        by = f" by {over / GiB:.2f} GiB" if over else ""
+        by = f" by {'at least ' if at_least else ''}{over / GiB:.2f} GiB" if over else ""
         super().__init__(f"{what} does not fit{by} ({detail})")
 
 
@@ -220,12 +220,16 @@ def _oom(e: Exception, what: str) -> Optional[DoesNotFit]:
     if "RESOURCE_EXHAUSTED" not in text and "HbmOom" not in text:
         return None
     over = None
-    m = re.search(r"[Ee]xceeded hbm capacity by ([\d.]+)([KMG])", text)
+    unit = {"K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 * GiB}
+    m = re.search(r"[Ee]xceeded hbm capacity by ([\d.]+)([KMGT])", text)
     if m:
-        over = float(m.group(1)) * {"K": 1024, "M": 1024 ** 2, "G": GiB}[m.group(2)]
-    line = next((ln.strip() for ln in text.splitlines() if "hbm" in ln.lower() and "used" in ln.lower()),
-                text.splitlines()[0])
-    return DoesNotFit(what, line[:200], over)
+        over = float(m.group(1)) * unit[m.group(2)]
+    m = re.search(r"required for [^(]*\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)", text)
+    at_least = bool(m) and over is None  # the temporaries alone: the arguments come on top
+    if at_least:
+        over = float(m.group(1)) * unit[m.group(2)] - float(m.group(3)) * unit[m.group(4)]
+    line = next((ln.strip() for ln in text.splitlines() if "hbm" in ln.lower()), text.splitlines()[0])
+    return DoesNotFit(what, line[:200], over, at_least)
 
 
 def compile_lowered(lowered, what: str):
@@ -265,18 +269,30 @@ def _train_settings(conf: dict, per_chip_batch: int, batch_shards: int) -> tuple
     return global_batch, max(1, math.ceil(per_update / global_batch))
 
 
-def plan_stage(conf: dict, topo: Topology, per_chip_batch: int = 1, devices: Optional[list] = None) -> StagePlan:
-    """Compile the train step of ``conf["stage"]`` for ``topo`` at ``per_chip_batch`` rows per batch shard."""
+@dataclasses.dataclass
+class LoweredStage:
+    lowered: Any  # the train step StepFns runs, lowered for abstract arguments
+    what: str  # names the stage, slice, mesh and batch (for messages)
+    mesh: Any
+    global_batch: int
+    grad_accum: int
+    seq_len: int
+    trees: dict  # abstract frozen, trainable, opt_state, batch
+    shardings: dict  # their shardings
+
+
+def lower_stage(conf: dict, topo: Topology, per_chip_batch: int = 1, devices: Optional[list] = None) -> LoweredStage:
+    """Lower the train step of ``conf["stage"]`` (:class:`mogu_jax.train.StepFns`, the shardings of
+    :func:`mogu_jax.train.state_shardings`) for ``topo`` at ``per_chip_batch`` rows per batch shard."""
     from mogu_jax import train as T
     from mogu_jax.config import as_dtype
-    from mogu_jax.sharding import MESH_AXES, make_mesh
+    from mogu_jax.sharding import make_mesh
 
     stage = conf["stage"]
     cfg = model_config(conf)
     devices = devices if devices is not None else topology_devices(topo)
     mesh = make_mesh(conf["mesh"], devices=devices)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    global_batch, accum = _train_settings(conf, per_chip_batch, shards)
+    global_batch, accum = _train_settings(conf, per_chip_batch, mesh.shape["data"] * mesh.shape["fsdp"])
     seq = int(conf["data"]["max_len"])
     tx = T.make_optimizer(conf["optim"], int(conf["train"].get("max_steps") or 1))
     frozen, trainable = abstract_trees(cfg, stage, as_dtype(conf["model"]["trainable_dtype"]))
@@ -287,18 +303,31 @@ def plan_stage(conf: dict, topo: Topology, per_chip_batch: int = 1, devices: Opt
     fns = T.StepFns(cfg, stage, tx, mesh, state_sh, frozen_sh, float(conf["train"]["router_lambda"]))
     what = (f"the {stage} stage on {topo.name} (mesh {dict(mesh.shape)}, {per_chip_batch} row(s) per batch shard, "
             f"length {seq})")
-    compiled, secs = compile_lowered(fns.lower(state, frozen, batch, accumulate=accum > 1), what)
+    lowered = fns.lower(state, frozen, batch, accumulate=accum > 1)
+    trees = {"frozen": frozen, "trainable": trainable, "opt_state": state["opt_state"], "batch": batch}
+    shardings = {"frozen": frozen_sh, "trainable": state_sh["params"], "opt_state": state_sh["opt_state"],
+                 "batch": fns.batch_sh(batch)}
+    return LoweredStage(lowered, what, mesh, global_batch, accum, seq, trees, shardings)
+
+
+def plan_stage(conf: dict, topo: Topology, per_chip_batch: int = 1, devices: Optional[list] = None) -> StagePlan:
+    """Compile the train step of ``conf["stage"]`` for ``topo`` at ``per_chip_batch`` rows per batch shard."""
+    from mogu_jax.sharding import MESH_AXES
+
+    low = lower_stage(conf, topo, per_chip_batch, devices)
+    compiled, secs = compile_lowered(low.lowered, low.what)
     mem = compiled.memory_analysis()
-    b = {"frozen": sharded_bytes(frozen, frozen_sh), "trainable": sharded_bytes(trainable, state_sh["params"]),
-         "optimizer": sharded_bytes(state["opt_state"], state_sh["opt_state"]),
-         "grad_accumulator": sharded_bytes(trainable, state_sh["params"]) if accum > 1 else 0,
-         "batch": sharded_bytes(batch, fns.batch_sh(batch)), "temporaries": int(mem.temp_size_in_bytes)}
+    t, sh = low.trees, low.shardings
+    b = {"frozen": sharded_bytes(t["frozen"], sh["frozen"]), "trainable": sharded_bytes(t["trainable"], sh["trainable"]),
+         "optimizer": sharded_bytes(t["opt_state"], sh["opt_state"]),
+         "grad_accumulator": sharded_bytes(t["trainable"], sh["trainable"]) if low.grad_accum > 1 else 0,
+         "batch": sharded_bytes(t["batch"], sh["batch"]), "temporaries": int(mem.temp_size_in_bytes)}
     b["total"] = sum(b.values()) + int(mem.generated_code_size_in_bytes)
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
               "generated_code_size_in_bytes")
-    return StagePlan(stage, topo, {a: int(mesh.shape[a]) for a in MESH_AXES}, per_chip_batch, global_batch, seq,
-                     accum, b, {f: int(getattr(mem, f)) for f in fields}, secs,
-                     {"frozen": tree_count(frozen), "trainable": tree_count(trainable)})
+    return StagePlan(conf["stage"], topo, {a: int(low.mesh.shape[a]) for a in MESH_AXES}, per_chip_batch,
+                     low.global_batch, low.seq_len, low.grad_accum, b, {f: int(getattr(mem, f)) for f in fields}, secs,
+                     {"frozen": tree_count(t["frozen"]), "trainable": tree_count(t["trainable"])})
 
 
 def max_batch(conf: dict, topo: Topology, devices: list, limit: int = 1024) -> tuple[int, Optional[StagePlan]]:

@@ -459,3 +459,37 @@ def test_resume_on_a_different_mesh(world, tmp_path):
     for x, y in zip(jax.tree_util.tree_leaves(_final(moved, "glad", res["cfg"])),
                     jax.tree_util.tree_leaves(_final(ref, "glad", res["cfg"]))):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+# ------------------------------------------------------------------ every preset loads and plans
+MESH_PRESET_TOPOLOGY = {"single.yaml": "v5e:1x1", "fsdp8.yaml": "v5p:2x2x2", "tpu-v4-32.yaml": "v4-32"}
+
+
+def test_every_config_preset_loads_and_plans():
+    """Every configs/*.yaml loads for every stage; every model preset's own architecture lowers the real train step
+    for a TPU slice (with 1 layer: tracing only), and every mesh preset compiles a small model for its topology (the
+    [tpu] extra; without it, loading only)."""
+    import glob
+
+    from mogu_jax import plan as PL
+    from test_plan import HAS_TPU_COMPILER, SMALL
+
+    models = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+    meshes = sorted(glob.glob(os.path.join(REPO, "configs", "mesh", "*.yaml")))
+    assert {os.path.basename(m) for m in meshes} == set(MESH_PRESET_TOPOLOGY)  # a new preset needs its topology
+    fsdp8 = os.path.join(REPO, "configs", "mesh", "fsdp8.yaml")
+    for path in models:
+        for stage in ("glad", "unwilling", "router"):
+            conf = load_config(stage, [path, fsdp8])
+            PL.model_config(conf)
+            if HAS_TPU_COMPILER and stage == "glad":
+                conf["model"]["architecture"] = dict(conf["model"]["architecture"], num_hidden_layers=1)
+                low = PL.lower_stage(conf, PL.parse_topology("v5p:2x2x2"))
+                assert low.mesh.shape["fsdp"] == 8 and low.lowered is not None, path
+    for path in meshes:
+        topo = PL.parse_topology(MESH_PRESET_TOPOLOGY[os.path.basename(path)])
+        conf = load_config("glad", path, [o for o in SMALL if not o.startswith("mesh.")])
+        PL.check_mesh(conf["mesh"], topo)
+        if HAS_TPU_COMPILER:
+            plan = PL.plan_stage(conf, topo)
+            assert plan.bytes["total"] < topo.chip.hbm, path
