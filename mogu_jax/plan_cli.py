@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mogu_jax.errors import MoguError
 
@@ -35,7 +34,7 @@ def _knobs(conf: dict, topo, batch: int) -> str:
     mesh = conf["mesh"]
     out = []
     if not (mesh.get("fsdp") == -1 or int(mesh.get("fsdp", 1)) * int(mesh.get("tensor", 1)) >= topo.chips):
-        out.append(f"shard parameters over more chips (mesh.data=1 mesh.fsdp=-1, or mesh.tensor=...)")
+        out.append("shard parameters over more chips (mesh.data=1 mesh.fsdp=-1, or mesh.tensor=...)")
     if not conf["model"]["remat"]:
         out.append("model.remat=true")
     if batch > 1:

@@ -33,13 +33,22 @@ MESH = ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]
 
 
 def grid() -> list[tuple]:
-    """(model, stage, topology, extra) in priority order: 7B training stages, routed generation, 70B."""
-    rows = [(m, s, t, {}) for s in ("glad", "router") for m in MODELS for t in TOPOLOGIES]
+    """(model, stage, topology, extra) in priority order: 7B training stages, routed generation, the attention
+    kernels at 4096 tokens, 70B. Training rows use model.remat=true (without it a 7B stage at 1024 tokens needs
+    ~31 GiB of temporaries per chip: measured on v4-8 and v5p-32)."""
+    remat = {"overrides": ["model.remat=true"], "label": "remat"}
+    rows = [("llama2-7b-chat", "glad", t, remat) for t in TOPOLOGIES]
+    rows += [("llama2-7b-chat", "router", "v5p-32", remat), ("falcon-7b-instruct", "glad", "v5p-32", remat),
+             ("falcon-7b-instruct", "glad", "v5e-16", remat)]
     rows += [("llama2-7b-chat", "generate", "v5e-16", {"batch": b}) for b in (1, 64)]
-    rows += [("llama2-7b-chat", "glad", "v5p-32", {"overrides": ["data.max_len=4096"], "label": "seq 4096 splash"}),
-             ("llama2-7b-chat", "glad", "v5p-32", {"overrides": ["data.max_len=4096", "model.attention=xla"],
-                                                   "label": "seq 4096 xla"})]
-    rows += [("llama2-70b", "glad", t, {}) for t in ("v5p-128", "v5p-32")]
+    rows += [("llama2-7b-chat", "glad", "v5p-32", {"overrides": ["data.max_len=4096", "model.remat=true"],
+                                                   "label": "remat, 4096 tokens, splash"}),
+             ("llama2-7b-chat", "glad", "v5p-32", {"overrides": ["data.max_len=4096", "model.remat=true",
+                                                                 "model.attention=xla"],
+                                                   "label": "remat, 4096 tokens, xla"})]
+    rows += [("llama2-70b", "glad", "v5p-128", remat)]
+    rows += [(m, "router", t, remat) for m in MODELS for t in TOPOLOGIES if (m, t) != ("llama2-7b-chat", "v5p-32")]
+    rows += [("falcon-7b-instruct", "glad", t, remat) for t in ("v4-8", "v6e-16")]
     return rows
 
 
@@ -125,6 +134,8 @@ def main() -> int:
     p.add_argument("--only", action="append", default=[], help="model:stage:topology (repeat)")
     p.add_argument("--max-batch", action="store_true", help="bisect the largest per-chip batch (many compiles)")
     p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--shard", type=int, default=0, help="run rows shard, shard + shards, ... (parallel processes)")
+    p.add_argument("--shards", type=int, default=1)
     p.add_argument("--table", metavar="JSONL", help="print the markdown table of a results file and exit")
     args = p.parse_args()
     if args.table:
@@ -134,6 +145,7 @@ def main() -> int:
     if args.only:
         want = {tuple(o.split(":")) for o in args.only}
         rows = [r for r in rows if r[:3] in want] or [(*o.split(":"), {}) for o in args.only]
+    rows = rows[args.shard::args.shards]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for model, stage, topology, extra in rows:
         row = run_row(model, stage, topology, extra, args.max_batch, args.mfu)

@@ -77,16 +77,20 @@ def test_activation_sharding_lowers_per_chip_temporaries(monkeypatch):
     from mogu_jax import sharding
 
     topo = PL.parse_topology("v5e:2x2")
-    conf = _conf("data.max_len=256", "model.remat=false")
-    on = PL.plan_stage(conf, topo, per_chip_batch=2)
+    arch = dict(ARCH, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
+                vocab_size=1024)  # big enough that the activations are most of the temporaries
+    conf = _conf("data.max_len=256")
+    conf["model"]["architecture"] = arch
+    on = PL.plan_stage(conf, topo, per_chip_batch=4)
 
     @contextlib.contextmanager
     def off(mesh, rules=None):
         yield
 
     monkeypatch.setattr(sharding, "activation_sharding", off)
-    without = PL.plan_stage(conf, topo, per_chip_batch=2)
-    assert on.bytes["temporaries"] < 0.8 * without.bytes["temporaries"], (on.bytes, without.bytes)
+    without = PL.plan_stage(conf, topo, per_chip_batch=4)
+    # measured: 89 MiB with the rules table, 322 MiB without (global batch 16 x 256 tokens, libtpu 0.0.42.1)
+    assert on.bytes["temporaries"] < 0.5 * without.bytes["temporaries"], (on.bytes, without.bytes)
 
 
 @needs_tpu
