@@ -114,7 +114,7 @@ def _splash_kernel(heads: int, t: int, mqa: bool, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    block = min(512, t)
+    block = next((b for b in (512, 256, 128) if t % b == 0), t)  # tiles must divide the sequence
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
