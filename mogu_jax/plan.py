@@ -433,7 +433,9 @@ def plan_generate(conf: dict, topo: Topology, batch: int, context: int, new_toke
 
     from mogu_jax import mogu as mogu_lib
     from mogu_jax.model import CACHE_AXES, abstract_params
-    from mogu_jax.sharding import MESH_AXES, batch_sharding, make_mesh, param_shardings, tree_shardings
+    from jax.sharding import NamedSharding
+
+    from mogu_jax.sharding import MESH_AXES, make_mesh, param_shardings, spec_for, tree_shardings
 
     cfg = model_config(conf)
     if not 0 < new_tokens < context:
@@ -460,7 +462,7 @@ def plan_generate(conf: dict, topo: Topology, batch: int, context: int, new_toke
         args = (params, jax.ShapeDtypeStruct((batch, t), jnp.int32), jax.ShapeDtypeStruct((batch, t), jnp.int32),
                 jax.ShapeDtypeStruct((batch, context), jnp.bool_), cache, jax.ShapeDtypeStruct((), jnp.int32),
                 jax.ShapeDtypeStruct((), jnp.int32))
-        rows = batch_sharding(mesh, 2)
+        rows = NamedSharding(mesh, spec_for(("batch", "length"), (batch, t), mesh))  # batch 1: not split
         fn = jax.jit(step, in_shardings=(params_sh, rows, rows, rows, cache_sh, None, None),
                      out_shardings=(None, cache_sh), donate_argnums=(4,))
         what = f"routed generation ({name}) on {topo.name} at batch {batch}, context {context}"

@@ -136,6 +136,7 @@ def main() -> int:
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--shard", type=int, default=0, help="run rows shard, shard + shards, ... (parallel processes)")
     p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--rows", help="comma-separated indices into the grid (after --only)")
     p.add_argument("--table", metavar="JSONL", help="print the markdown table of a results file and exit")
     args = p.parse_args()
     if args.table:
@@ -145,6 +146,8 @@ def main() -> int:
     if args.only:
         want = {tuple(o.split(":")) for o in args.only}
         rows = [r for r in rows if r[:3] in want] or [(*o.split(":"), {}) for o in args.only]
+    if args.rows:
+        rows = [rows[int(i)] for i in args.rows.split(",")]
     rows = rows[args.shard::args.shards]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for model, stage, topology, extra in rows:
