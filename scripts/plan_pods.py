@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -108,8 +109,10 @@ def render(path: str) -> str:
     for r in rows:
         name = r["model"] + (f" ({r['label']})" if r.get("label") else "")
         if "error" in r:
-            out.append(f"| {name} | {r['stage']} | {r['topology']} ({r['chips']}) | does not fit: over by "
-                       f"{r.get('over_gib', 0):.1f} GiB | no | 0 | | | |")
+            m = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", r["error"])
+            over = r.get("over_gib") or (float(m.group(1)) - float(m.group(2)) if m else 0)
+            out.append(f"| {name} | {r['stage']} | {r['topology']} ({r['chips']}) | does not fit: the compile runs out "
+                       f"of HBM by at least {over:.1f} GiB | no | 0 | | | |")
             continue
         b = r["bytes"]
         if r["stage"] == "generate":
