@@ -199,7 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_demo(sub)
     _add_probe(sub)
+    _add_plan(sub)
     return parser
+
+
+def _add_plan(sub):
+    from mogu_jax.plan_cli import add_arguments
+    add_arguments(sub.add_parser("plan", help="compile a stage for a TPU topology: per-chip memory, fit, speed"))
 
 
 
@@ -371,12 +377,12 @@ def _quiet_library_logs() -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command line -> namespace. ``train``'s ``key=value`` overrides may come anywhere after the stage
+    """The command line -> namespace. ``train``'s and ``plan``'s ``key=value`` overrides may come anywhere after the stage
     (before, between or after the ``--config`` options); anything else argparse does not know is an error."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command == "train" and all("=" in x and not x.startswith("-") for x in extra):
+        if args.command in ("train", "plan") and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -412,6 +418,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_demo(args)
         if args.command == "probe":
             return cmd_probe(args)
+        if args.command == "plan":
+            from mogu_jax.plan_cli import cmd_plan
+            return cmd_plan(args)
     except MoguError as e:
         print(f"mogu-jax: error: {one_line(str(e))}", file=sys.stderr)
         return 2

@@ -105,6 +105,9 @@ class ModelConfig:
     # frozen). They run forward only, outside the differentiated layer stack: no backward pass, no remat
     # recompute below layer N. Set by the trainer per stage (train.frozen_layers); 0 for every other use.
     frozen_layers: int = 0
+    # attention kernel (mogu_jax.attention): auto (splash on TPU, cuDNN on GPU with bf16/fp16, else the reference),
+    # xla (the reference einsum path), cudnn, splash
+    attention: str = "auto"
 
     # ------------------------------------------------------------------ helpers
     @property

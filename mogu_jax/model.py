@@ -47,8 +47,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from mogu_jax import attention as attention_lib
 from mogu_jax import mogu as mogu_lib
 from mogu_jax import numerics
+from mogu_jax.sharding import constrain
 from mogu_jax.config import ModelConfig
 from mogu_jax.errors import MoguError
 
@@ -236,19 +238,8 @@ def Norm(cfg: ModelConfig, name: Optional[str] = None) -> nn.Module:
 
 
 def dot_attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array, bias: Optional[Array] = None) -> Array:
-    """q [B,T,H,Dh], k/v [B,KVH,S,Dh], mask [B,1,T,S] bool, bias (ALiBi) None or [B,H,1,S] fp32 added to the
-    scaled scores -> [B,T,H*Dh] fp32. GQA without repeating k/v (query head h uses kv head h // (H/KVH))."""
-    b, t, h, d = q.shape
-    kvh = k.shape[1]
-    g = h // kvh
-    q = q.reshape(b, t, kvh, g, d)
-    scores = numerics.einsum(cfg, "btkgd,bksd->bkgts", q, k) * (1.0 / math.sqrt(d))
-    if bias is not None:
-        scores = scores + bias.reshape(bias.shape[0], kvh, g, 1, bias.shape[-1])
-    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = numerics.einsum(cfg, "bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, h * d)
+    """The reference attention (:func:`mogu_jax.attention.reference_attention`)."""
+    return attention_lib.reference_attention(cfg, q, k, v, mask, bias)
 
 
 class Attention(nn.Module):
@@ -263,7 +254,7 @@ class Attention(nn.Module):
         q = Linear(cfg.num_heads * hd, ("embed", "heads"), cfg, cfg.qkv_bias, name="q_proj")(x)
         k = Linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, cfg.qkv_bias, name="k_proj")(x)
         v = Linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, cfg.qkv_bias, name="v_proj")(x)
-        q = q.reshape(b, t, cfg.num_heads, hd)
+        q = constrain(q.reshape(b, t, cfg.num_heads, hd), ("batch", "length", "heads", "head_dim"))
         k = k.reshape(b, t, cfg.num_kv_heads, hd)
         if not cfg.alibi:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -276,7 +267,9 @@ class Attention(nn.Module):
             new_kv = (k, v)
         else:
             new_kv = None
-        attn = dot_attention(cfg, q, k, v, mask, bias)  # the per-token attention output before o_proj
+        # the per-token attention output before o_proj
+        attn = attention_lib.attend(cfg, q, k, v, mask, bias, cached=kv is not None)
+        attn = constrain(attn, ("batch", "length", "heads"))
         out = Linear(cfg.hidden_size, ("heads", "embed"), cfg, cfg.o_bias, name="o_proj")(attn)
         out, a, b_ = mogu_lib.project(cfg, self.mode, attn, out, **mogu)
         return out, new_kv, (a, b_)
@@ -295,6 +288,7 @@ class MLP(nn.Module):
             h = act(gate) * up
         else:
             h = act(Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, cfg.mlp_bias, name="up_proj")(x))
+        h = constrain(h, ("batch", "length", "mlp"))
         return Linear(cfg.hidden_size, ("mlp", "embed"), cfg, cfg.mlp_bias, name="down_proj")(h)
 
 
@@ -320,7 +314,7 @@ class DecoderLayer(nn.Module):
         else:
             x = x + h
             x = x + MLP(cfg, name="mlp")(Norm(cfg, name="post_attn_norm")(x))
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = constrain(x, ("batch", "length", "embed"))
         return x, (new_kv, ab)
 
 
@@ -390,7 +384,7 @@ class Decoder(nn.Module):
         positions, kv_mask = _defaults(tokens, positions, kv_mask, cache["k"].shape[3] if cache is not None else t)
         embedding = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size),
                                cfg.weight_dtype)
-        x = nn.with_logical_constraint(embed(cfg, embedding, tokens), ("batch", "length", "embed"))
+        x = constrain(embed(cfg, embedding, tokens), ("batch", "length", "embed"))
         cos, sin, bias = positional(cfg, positions, kv_mask)
         mask = attention_mask(cfg, kv_mask, t, cache_index)
 
@@ -404,6 +398,7 @@ class Decoder(nn.Module):
             logits = tied_logits(cfg, x, embedding)
         else:
             logits = lm_head(cfg, name="lm_head")(x)
+        logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = {"k": new_kv[0], "v": new_kv[1]} if new_kv is not None else None
         return logits, new_cache, ab
 

@@ -1,5 +1,9 @@
 """Device meshes and the one table that maps the model's logical axis names to mesh axes.
 
+The same table reaches activations: :func:`activation_sharding` (entered by the train step while it is
+traced) makes :func:`constrain` pin the model's activations (batch over ``data`` x ``fsdp``, heads / MLP /
+vocab over ``tensor``); outside it :func:`constrain` is the identity (single-device runs, decoding).
+
 Mesh axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters and optimizer
 state sharded along it), ``tensor`` (tensor parallelism over heads / MLP / vocab). Every parameter
 declares logical axis names (``mogu_jax.model``, ``mogu_jax.mogu``); ``RULES`` says where each goes.
@@ -9,6 +13,8 @@ dimension (then the next rule for that name is tried, else the dimension is repl
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Iterable, Optional, Sequence
 
@@ -132,3 +138,47 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# ------------------------------------------------------------------------------ activations
+_ACTIVE_MESH: contextvars.ContextVar = contextvars.ContextVar("mogu_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Optional[Mesh], rules=RULES):
+    """While tracing inside this context, :func:`constrain` pins activations to ``mesh`` by ``rules`` (the one
+    table above), and Flax's logical-axis-rules context holds the same table. ``mesh=None``: no-op."""
+    if mesh is None or mesh.size == 1:
+        yield
+        return
+    token = _ACTIVE_MESH.set((mesh, rules))
+    try:
+        with nn.logical_axis_rules(rules):
+            yield
+    finally:
+        _ACTIVE_MESH.reset(token)
+
+
+def active_mesh() -> Optional[Mesh]:
+    """The mesh of the enclosing :func:`activation_sharding`, or None."""
+    active = _ACTIVE_MESH.get()
+    return active[0] if active is not None else None
+
+
+def constrain(x, logical: Sequence[Optional[str]]):
+    """``x`` constrained to the sharding its logical axes get under the active rules (mesh axes that do not
+    divide a dimension are dropped, as for parameters); the identity outside :func:`activation_sharding`."""
+    active = _ACTIVE_MESH.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(logical, x.shape, mesh, rules)))
+
+
+def activation_spec(logical: Sequence[Optional[str]], shape: Sequence[int]) -> Optional[P]:
+    """The PartitionSpec :func:`constrain` would give (None outside :func:`activation_sharding`)."""
+    active = _ACTIVE_MESH.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    return spec_for(logical, shape, mesh, rules)

@@ -245,7 +245,7 @@ class StepFns:
                  parts: Optional[tuple] = None):
         from jax.sharding import NamedSharding, PartitionSpec as P
 
-        from mogu_jax.sharding import batch_sharding
+        from mogu_jax.sharding import activation_sharding, batch_sharding
 
         self.loss = stage_loss_fn(cfg, stage, router_lambda, logits_from, tuple(shared_prefix), parts)
         self.tx = tx
@@ -253,12 +253,14 @@ class StepFns:
         grad_sh = state_sh["params"]
 
         def batch_sh(batch):
-            return jax.tree_util.tree_map(lambda x: batch_sharding(mesh, np.ndim(x)), batch)
+            return jax.tree_util.tree_map(lambda x: batch_sharding(mesh, len(np.shape(x))), batch)
 
         self.batch_sh = batch_sh
 
         def grads(trainable, frozen, batch):
-            (_, stats), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, batch)
+            # traced with the rules table reaching activations (batch over data x fsdp, heads over tensor)
+            with activation_sharding(mesh):
+                (_, stats), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, batch)
             return g, stats
 
         def update(state, g, weight):
@@ -290,6 +292,13 @@ class StepFns:
             self._cache[key] = fn
         return self._cache[key]
 
+    def lower(self, state, frozen, batch, accumulate: bool = False):
+        """The step ``step`` runs, lowered for (abstract) arguments: the fused grad+update step, or with
+        ``accumulate`` the per-micro-batch gradient step (``mogu-jax plan`` compiles these)."""
+        if accumulate:
+            return self._jit("grads", batch).lower(state["params"], frozen, batch)
+        return self._jit("fused", batch).lower(state, frozen, batch)
+
     def step(self, state, frozen, micro_batches: list):
         """One optimizer update from ``micro_batches`` (global arrays). Returns (state, stats)."""
         if len(micro_batches) == 1:
@@ -309,6 +318,26 @@ class StepFns:
                 total_s = jax.tree_util.tree_map(jnp.add, total_s, s)
         state, gnorm = self._cache["update"](state, total_g, total_s["weight"])
         return state, dict(total_s, grad_norm=gnorm)
+
+
+def state_shardings(cfg: ModelConfig, stage: str, frozen, trainable, mesh, tx,
+                    parts: Optional[tuple] = None) -> tuple[dict, Any]:
+    """(train-state shardings {params, opt_state, step}, frozen-tree shardings) by the logical axis rules, for
+    concrete or abstract (``jax.ShapeDtypeStruct``) ``frozen`` / ``trainable`` trees (``parts``: what
+    ``trainable`` holds, :func:`trained_parts`)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mogu_jax.sharding import param_logical_axes, tree_shardings
+
+    frozen_parts = tuple(k for k in frozen if k != "base")
+    frozen_logical = param_logical_axes(cfg, frozen_parts) if frozen_parts else {"base": param_logical_axes(cfg)}
+    frozen_sh = tree_shardings(frozen_logical, frozen, mesh)
+    train_sh = tree_shardings(trainable_logical_axes(cfg, stage, tuple(parts or (stage,))), trainable, mesh)
+    rep = NamedSharding(mesh, P())
+    opt_shape = jax.eval_shape(tx.init, trainable)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_shape, train_sh, transform_non_params=lambda _: rep,
+                                   is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return {"params": train_sh, "opt_state": opt_sh, "step": rep}, frozen_sh
 
 
 # ------------------------------------------------------------------------------------ host helpers

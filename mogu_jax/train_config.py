@@ -33,6 +33,9 @@ DEFAULTS: dict = {
         "remat": False,
         "remat_policy": "nothing",  # with remat: nothing | dots (keep the weight matmuls' outputs: less recompute)
         "scan_layers": True,  # nn.scan over layers; false: unrolled (faster steps on CPU, longer compile)
+        "attention": "auto",  # auto | xla (reference einsum) | cudnn (GPU) | splash (TPU Pallas kernel)
+        # the base's config.json fields (architecture only): lets `mogu-jax plan` build the model without weights
+        "architecture": None,
         "template": None,  # llama2-chat | vicuna | falcon | None (tokenizer chat template)
         "system": None,
         "lora_rank": 8,

@@ -151,7 +151,7 @@ def _load_model(conf: dict):
     base, _ = split_params(params)
     cfg = cfg.replace(lora_rank=int(m["lora_rank"]), lora_alpha=float(m["lora_alpha"]),
                       router_hidden=int(m["router_hidden"]), router_layers=tuple(m["router_layers"] or ()),
-                      scan_layers=bool(m["scan_layers"]))
+                      scan_layers=bool(m["scan_layers"]), attention=str(m["attention"]))
     T.check_router_layers(cfg)
     frozen = {"base": base}
     if stage == "router":
@@ -334,15 +334,8 @@ def place_state(cfg, stage: str, frozen: dict, trainable: dict, mesh, tx, parts:
     """Shard the frozen tree and a fresh train state {params, opt_state, step} onto ``mesh`` by the logical
     axis rules (``parts``: what ``trainable`` holds, see ``train.trained_parts``). Returns (state, frozen,
     state_shardings, frozen_shardings)."""
-    from mogu_jax.sharding import param_logical_axes, replicated, tree_shardings
-
-    frozen_parts = tuple(k for k in frozen if k != "base")
-    frozen_logical = param_logical_axes(cfg, frozen_parts) if frozen_parts else {"base": param_logical_axes(cfg)}
-    frozen_sh = tree_shardings(frozen_logical, frozen, mesh)
-    train_sh = tree_shardings(T.trainable_logical_axes(cfg, stage, tuple(parts or (stage,))), trainable, mesh)
-    rep = replicated(mesh)
-    opt_sh = optax_shardings(tx, jax.eval_shape(tx.init, trainable), train_sh, rep)
-    state_sh = {"params": train_sh, "opt_state": opt_sh, "step": rep}
+    state_sh, frozen_sh = T.state_shardings(cfg, stage, frozen, trainable, mesh, tx, parts)
+    train_sh, opt_sh, rep = state_sh["params"], state_sh["opt_state"], state_sh["step"]
     params_g = T.to_global(trainable, train_sh)
     state = {"params": params_g, "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params_g),
              "step": jax.device_put(np.asarray(0, np.int32), rep)}

@@ -185,6 +185,35 @@ def test_short_batch_weights_and_accumulation_average(world):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
 
+def test_grad_accum_through_step_fns_equals_one_large_batch(world):
+    """train.grad_accum > 1 through the real StepFns (grad step, accumulate, update): one update from two
+    micro-batches of 4 equals one update from the batch of 8 (params, optimizer state and stats)."""
+    from mogu_jax.sharding import make_mesh
+    from mogu_jax.trainer import place_state
+
+    cfg, tok = world["cfg"], world["tok"]
+    data = D.tokenize_stage("glad", D.load_stage_data("glad", world["pairs"]), tok)
+    mesh = make_mesh((2, 2, 1))
+    big = T.local_batch_to_global(next(D.StageLoader(data, 8, seed=5, shuffle=False)), mesh)
+    it = iter(D.StageLoader(data, 4, seed=5, shuffle=False))
+    halves = [T.local_batch_to_global(next(it), mesh) for _ in range(2)]
+    tx = T.make_optimizer({"lr": 1e-2, "b1": 0.9, "b2": 0.999, "eps": 1e-6}, 10)
+    out = {}
+    for name, mbs in (("one", [big]), ("accumulated", halves)):
+        trainable = jax.tree_util.tree_map(np.asarray, T.init_trainable(cfg, "glad", 0))
+        trainable["B"] = trainable["B"] + 0.01  # away from zero, so A gets a gradient too
+        state, frozen, state_sh, frozen_sh = place_state(cfg, "glad", {"base": world["base"]}, trainable, mesh, tx)
+        fns = T.StepFns(cfg, "glad", tx, mesh, state_sh, frozen_sh)
+        out[name] = fns.step(state, frozen, mbs)
+    (s1, st1), (s2, st2) = out["one"], out["accumulated"]
+    assert int(s1["step"]) == int(s2["step"]) == 1
+    for k in ("loss", "weight", "grad_norm"):
+        np.testing.assert_allclose(float(st1[k]), float(st2[k]), rtol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    assert float(np.abs(np.asarray(s1["params"]["A"]) - np.asarray(T.init_trainable(cfg, "glad", 0)["A"])).max()) > 0
+
+
 # ------------------------------------------------------------------ meshes, frozen weights, optimizer state
 def _final(out, stage, cfg):
     return jax.tree_util.tree_map(np.asarray, restore_part(os.path.join(out, "final", stage), cfg, stage))
@@ -323,8 +352,17 @@ def test_resume_after_sigkill_is_bit_identical(world, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "DONE"))
+    ckpts = os.path.join(killed, "checkpoints")
+    saved = max(int(n) for n in os.listdir(ckpts) if n.isdigit())  # the last checkpoint the kill left
+    logged = open(metrics).read().count("\n")  # complete metric lines written before the kill
     r = subprocess.run(_cli(world, "glad", killed, *extra, "--resume"), capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
+    # the resumed process continued from that checkpoint: its first update is saved + 1, and it ran only the rest
+    # (a restart from update 0 would log update 1 again and 40 more lines)
+    with open(metrics) as f:
+        tail = f.read().split("\n")[logged:]
+    resumed = [json.loads(line)["update"] for line in tail if line.strip().startswith("{")]
+    assert saved >= 3 and resumed == list(range(saved + 1, 41)), (saved, resumed[:3])
     cfg = ModelConfig.from_dict(json.load(open(os.path.join(full, "final", "glad", "stage.json")))["model_config"])
     a, b = _final(full, "glad", cfg), _final(killed, "glad", cfg)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
@@ -543,3 +581,37 @@ def test_bad_router_trains(world, branches, tmp_path, capsys):
     cli_fails(capsys, argv + ["train.router_trains=7"], "train.router_trains")
     cli_fails(capsys, argv + ["model.router_layers=[0,5]"], "layer 5 does not exist")
     assert not os.path.exists(out)
+
+
+# ------------------------------------------------------------------ every preset loads and plans
+MESH_PRESET_TOPOLOGY = {"single.yaml": "v5e:1x1", "fsdp8.yaml": "v5p:2x2x2", "tpu-v4-32.yaml": "v4-32"}
+
+
+def test_every_config_preset_loads_and_plans():
+    """Every configs/*.yaml loads for every stage; every model preset's own architecture lowers the real train step
+    for a TPU slice (with 1 layer: tracing only), and every mesh preset compiles a small model for its topology (the
+    [tpu] extra; without it, loading only)."""
+    import glob
+
+    from mogu_jax import plan as PL
+    from test_plan import HAS_TPU_COMPILER, SMALL
+
+    models = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+    meshes = sorted(glob.glob(os.path.join(REPO, "configs", "mesh", "*.yaml")))
+    assert {os.path.basename(m) for m in meshes} == set(MESH_PRESET_TOPOLOGY)  # a new preset needs its topology
+    fsdp8 = os.path.join(REPO, "configs", "mesh", "fsdp8.yaml")
+    for path in models:
+        for stage in ("glad", "unwilling", "router"):
+            conf = load_config(stage, [path, fsdp8])
+            PL.model_config(conf)
+            if HAS_TPU_COMPILER and stage == "glad":
+                conf["model"]["architecture"] = dict(conf["model"]["architecture"], num_hidden_layers=1)
+                low = PL.lower_stage(conf, PL.parse_topology("v5p:2x2x2"))
+                assert low.mesh.shape["fsdp"] == 8 and low.lowered is not None, path
+    for path in meshes:
+        topo = PL.parse_topology(MESH_PRESET_TOPOLOGY[os.path.basename(path)])
+        conf = load_config("glad", path, [o for o in SMALL if not o.startswith("mesh.")])
+        PL.check_mesh(conf["mesh"], topo)
+        if HAS_TPU_COMPILER:
+            plan = PL.plan_stage(conf, topo)
+            assert plan.bytes["total"] < topo.chip.hbm, path

@@ -1,0 +1,202 @@
+"""``mogu-jax plan``: a small-width model compiled by XLA's TPU compiler for abstract TPU topologies (the
+``[tpu]`` extra: skipped cleanly without libtpu), activation sharding proved by compiled numbers, the attention
+kernels against the reference, and bad input."""
+
+import contextlib
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mogu_jax import attention as A
+from mogu_jax import plan as PL
+from mogu_jax.config import ModelConfig
+from mogu_jax.train_config import load_config
+from tiny_models import cli_fails
+
+HAS_TPU_COMPILER = PL.tpu_compiler_available()
+needs_tpu = pytest.mark.skipif(not HAS_TPU_COMPILER, reason="the [tpu] extra (libtpu) is not installed")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# a small Llama (GQA): compiles for TPU in seconds
+ARCH = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False)
+ARCH_ARG = "model.architecture={" + ", ".join(f"{k}: {v}" for k, v in ARCH.items()).replace("False", "false") + "}"
+SMALL = [ARCH_ARG, "model.dtype=bfloat16", "model.param_dtype=bfloat16", "model.attention=xla", "data.max_len=128",
+         "train.batch_size=1", "train.examples_per_update=4", "mesh.data=1", "mesh.fsdp=-1"]
+
+
+def _conf(*extra, stage="glad"):
+    return load_config(stage, None, SMALL + list(extra))
+
+
+def _analytic_base_params(a: dict) -> tuple[int, int]:
+    """(all base parameters, norm parameters) of a Llama from its config.json fields."""
+    d, i, layers, v = a["hidden_size"], a["intermediate_size"], a["num_hidden_layers"], a["vocab_size"]
+    hd = d // a["num_attention_heads"]
+    attn = d * a["num_attention_heads"] * hd * 2 + d * a["num_key_value_heads"] * hd * 2
+    norms = (2 * layers + 1) * d
+    return v * d * 2 + layers * (attn + 3 * d * i) + norms, norms
+
+
+@needs_tpu
+def test_small_model_fits_and_bytes_are_the_analytic_count():
+    topo = PL.parse_topology("v5e:2x2")
+    plan = PL.plan_stage(_conf(), topo, per_chip_batch=1)
+    total, norms = _analytic_base_params(ARCH)
+    d, layers, r = ARCH["hidden_size"], ARCH["num_hidden_layers"], 8
+    assert plan.counts["frozen"] == total
+    assert plan.counts["trainable"] == layers * r * (d + d)  # LoRA A [attn_width, r] + B [r, hidden] per layer
+    # bf16 base: every matrix sharded over the 4 fsdp chips, the norm scales replicated
+    assert plan.bytes["frozen"] == (total - norms) * 2 // 4 + norms * 2
+    # fp32 trainables and Adam's two moments (plus its step counter)
+    # (LoRA A [L, attn_width, r]: heads over tensor (1 here), whole on every chip; B [L, r, hidden]: hidden over fsdp)
+    assert plan.bytes["trainable"] == layers * d * r * 4 + layers * r * d * 4 // 4
+    assert 2 * plan.bytes["trainable"] <= plan.bytes["optimizer"] <= 2 * plan.bytes["trainable"] + 16
+    assert plan.grad_accum == 1 and plan.global_batch == 4
+    # the compiled step's arguments are exactly these trees (TPU pads small arrays to its tiles)
+    ours = sum(plan.bytes[k] for k in ("frozen", "trainable", "optimizer", "batch"))
+    assert ours <= plan.compiled["argument_size_in_bytes"] <= ours * 1.1 + 64 * 1024
+    assert 0 < plan.bytes["total"] < topo.chip.hbm
+
+
+@needs_tpu
+def test_a_batch_that_cannot_fit_is_one_clear_line(capsys):
+    line = cli_fails(capsys, ["plan", "glad", "--topology", "v5e:2x2", "--batch", "4096", *SMALL[:-1],
+                              "data.max_len=1024", "mesh.fsdp=-1"], "does not fit by", "GiB", "try", "remat")
+    assert "Traceback" not in line
+
+
+@needs_tpu
+def test_activation_sharding_lowers_per_chip_temporaries(monkeypatch):
+    """The rules table reaches activations: with it, the batch is spread over the 4 chips and each chip's
+    temporaries fall; without it (the constraints made no-ops, as before), they are those of a larger batch."""
+    from mogu_jax import sharding
+
+    topo = PL.parse_topology("v5e:2x2")
+    arch = dict(ARCH, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
+                vocab_size=1024)  # big enough that the activations are most of the temporaries
+    conf = _conf("data.max_len=256")
+    conf["model"]["architecture"] = arch
+    on = PL.plan_stage(conf, topo, per_chip_batch=4)
+
+    @contextlib.contextmanager
+    def off(mesh, rules=None):
+        yield
+
+    monkeypatch.setattr(sharding, "activation_sharding", off)
+    without = PL.plan_stage(conf, topo, per_chip_batch=4)
+    # measured: 89 MiB with the rules table, 322 MiB without (global batch 16 x 256 tokens, libtpu 0.0.42.1)
+    assert on.bytes["temporaries"] < 0.5 * without.bytes["temporaries"], (on.bytes, without.bytes)
+
+
+@needs_tpu
+def test_generate_plan_holds_both_kv_caches():
+    topo = PL.parse_topology("v5e:2x2")
+    g = PL.plan_generate(_conf(stage="router"), topo, batch=4, context=256, new_tokens=128)
+    a = ARCH
+    hd = a["hidden_size"] // a["num_attention_heads"]
+    # two caches (routed, base), k and v, bf16, [L, B, KVH, S, Dh]; the batch spread over the 4 chips
+    per_chip = 2 * 2 * 2 * a["num_hidden_layers"] * 4 * a["num_key_value_heads"] * 256 * hd // 4
+    assert g.bytes["kv_caches"] == per_chip
+    assert g.bytes["prefill_temporaries"] > 0 and g.bytes["total"] < topo.chip.hbm
+
+
+# ------------------------------------------------------------------------------------------ attention
+def _qkv(b=2, t=128, h=4, kvh=2, d=16, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32)
+    k = jax.random.normal(ks[1], (b, kvh, t, d), jnp.float32)
+    v = jax.random.normal(ks[2], (b, kvh, t, d), jnp.float32)
+    lengths = np.array([t, t - 37])
+    kv_mask = jnp.asarray(np.arange(t)[None] < lengths[:, None])
+    causal = np.tril(np.ones((t, t), bool))
+    mask = jnp.asarray(causal[None, None]) & kv_mask[:, None, None, :]
+    return q, k, v, kv_mask, mask, lengths
+
+
+def _cfg(**kw):
+    return ModelConfig.from_hf(ARCH).replace(**kw)
+
+
+def _valid_rows(x, lengths):
+    return [np.asarray(x[i, :n]) for i, n in enumerate(lengths)]
+
+
+def test_splash_kernel_equals_the_reference_on_cpu():
+    """The Pallas splash kernel (interpret mode on CPU) against the einsum reference: causal, right padding, GQA."""
+    q, k, v, kv_mask, mask, lengths = _qkv()
+    cfg = _cfg()
+    ref = A.reference_attention(cfg, q, k, v, mask)
+    out = A.splash_attention(cfg, q, k, v, kv_mask, interpret=True)
+    for a, b in zip(_valid_rows(out, lengths), _valid_rows(ref, lengths)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_dot_product_attention_call_equals_the_reference():
+    """The call the cuDNN path makes, run by XLA on CPU: same mask, scale and GQA layout as the reference."""
+    q, k, v, kv_mask, mask, lengths = _qkv(seed=1)
+    cfg = _cfg()
+    ref = A.reference_attention(cfg, q, k, v, mask)
+    out = A.dot_product_attention(cfg, q, k, v, mask, "xla")
+    for a, b in zip(_valid_rows(out, lengths), _valid_rows(ref, lengths)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_kernels_fall_back_for_alibi_and_sliding_window_and_say_so_once(capsys):
+    A._SAID.clear()
+    alibi = _cfg(alibi="falcon", attention="splash")
+    assert A.implementation(alibi) == "xla"
+    assert A.implementation(alibi) == "xla"
+    err = capsys.readouterr().err
+    assert err.count("ALiBi") == 1 and "reference" in err
+    window = _cfg(sliding_window=64, attention="cudnn")
+    assert A.implementation(window) == "xla"
+    assert "sliding window" in capsys.readouterr().err
+    assert A.implementation(_cfg(attention="splash")) == "splash"
+    assert A.implementation(_cfg(attention="splash"), cached=True) == "xla"  # decoding with a KV cache
+    assert A.implementation(_cfg(attention="auto")) == "xla"  # CPU
+
+
+def test_unknown_attention_is_an_error(capsys):
+    cli_fails(capsys, ["plan", "glad", "--topology", "v5e:2x2", *SMALL, "model.attention=flash"], "model.attention",
+              "splash")
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_unknown_topology_lists_the_known_form(capsys):
+    cli_fails(capsys, ["plan", "glad", "--topology", "v9z-8", *SMALL], "unknown topology", "v5e:4x4", "v5p-32")
+    cli_fails(capsys, ["plan", "glad", "--topology", "v5e:2x2x2", *SMALL], "2 dimensions")
+
+
+def test_a_mesh_that_does_not_multiply_to_the_chips(capsys):
+    cli_fails(capsys, ["plan", "glad", "--topology", "v5e:2x2", *SMALL, "mesh.fsdp=3"], "needs 3 devices", "4 chips")
+
+
+def test_a_config_that_cannot_describe_the_model(capsys, tmp_path):
+    cli_fails(capsys, ["plan", "router", "--topology", "v5e:2x2", "model.base=smollm2-nowhere", "mesh.data=-1"],
+              "cannot describe the model", "model.architecture")
+
+
+def test_without_the_extra_plan_says_how_to_install_it(capsys, monkeypatch):
+    import jax._src.cloud_tpu_init as cti
+    monkeypatch.setattr(cti, "get_tpu_library_path", lambda: None)
+    cli_fails(capsys, ["plan", "glad", "--topology", "v5e:2x2", *SMALL], "pip install", "[tpu]")
+
+
+def test_cloud_names_map_to_slices():
+    shapes = {n: PL.parse_topology(n).shape for n in ("v4-8", "v5e-16", "v5p-32", "v6e-16", "v4-32", "v5p:2x4x4")}
+    assert shapes == {"v4-8": (2, 2, 1), "v5e-16": (4, 4), "v5p-32": (2, 2, 4), "v6e-16": (4, 4), "v4-32": (2, 2, 4),
+                      "v5p:2x4x4": (2, 4, 4)}
+
+
+def test_every_model_preset_describes_its_model():
+    """Every configs/*.yaml model preset loads for every stage and carries its architecture (planning needs no
+    download); the sizes are those of the public models."""
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))):
+        for stage in ("glad", "unwilling", "router"):
+            cfg = PL.model_config(load_config(stage, path))
+            assert cfg.num_layers in (30, 32), path
