@@ -135,11 +135,12 @@ def check_pip(words: list[str], pip_help: str) -> None:
             assert re.search(rf"(^|[\s,]){re.escape(w)}[\s,=]", pip_help, re.M), f"pip install has no option {w}"
         elif w.startswith("."):
             assert (ROOT / "pyproject.toml").is_file()
-            extra = re.fullmatch(r"\.(?:\[(\w+)\])?", w)
+            extra = re.fullmatch(r"\.(?:\[([\w,]+)\])?", w)
             assert extra, w
-            if extra.group(1):
-                pyproject = (ROOT / "pyproject.toml").read_text()
-                assert re.search(rf"^{extra.group(1)}\s*=", pyproject, re.M), f"pyproject has no extra {w}"
+            pyproject = (ROOT / "pyproject.toml").read_text()
+            for name in (extra.group(1) or "").split(","):
+                if name:
+                    assert re.search(rf"^{name}\s*=", pyproject, re.M), f"pyproject has no extra {name!r} ({w})"
         elif "==" in w:
             name, version = w.split("==")
             assert importlib.metadata.version(name).split("+")[0] == version, f"{w}: installed is not that version"
@@ -154,14 +155,28 @@ def check_pytest(words: list[str]) -> None:
             assert (ROOT / w).exists(), f"pytest target {w} does not exist"
 
 
+def check_script(words: list[str]) -> None:
+    """``python scripts/X.py --opt ...``: the script exists and its --help names every option the README uses."""
+    script = ROOT / words[1]
+    assert script.is_file(), f"README runs {words[1]}, which does not exist"
+    shown = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    for w in words[2:]:
+        if w.startswith("--"):
+            assert w.split("=")[0] in shown.stdout, f"{words[1]} has no option {w}"
+
+
 def test_install_and_test_lines():
     pip_help = _pip_options()
     seen = set()
     for words in readme_commands():
         if words[0] == "pip":
             check_pip(words, pip_help)
-        elif words[0] == "python":
+        elif words[:2] == ["python", "-m"]:
             check_pytest(words)
+        elif words[0] == "python" and words[1].startswith("scripts/"):
+            check_script(words)
         elif words[0] == "mogu-jax":
             continue
         else:
@@ -306,10 +321,10 @@ def test_train_overrides_anywhere():
                        "c.z=3"])
     assert (args.stage, args.config, args.resume) == ("glad", ["c1.yaml", "c2.yaml"], True)
     assert args.overrides == ["a.x=1", "b.y=2", "c.z=3"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(MoguError, match="unrecognized arguments: --bogus"):  # one error line, exit 2 (cli.main)
         parse_args(["train", "glad", "--config", "c.yaml", "--bogus"])
-    with pytest.raises(SystemExit):
-        parse_args(["eval", "ckpt", "--prompts", "p", "--out", "o", "a=1"])   # overrides are train's only
+    with pytest.raises(MoguError, match="unrecognized arguments: a=1"):   # overrides are train's and plan's only
+        parse_args(["eval", "ckpt", "--prompts", "p", "--out", "o", "a=1"])
 
 
 def test_resolved_config_is_a_config(tmp_path):
