@@ -33,15 +33,16 @@ def load(path: str | os.PathLike, dtype: str = "float32", param_dtype: Optional[
     ``param_dtype`` casts the weights (None keeps what the checkpoint stores; ``auto``: bf16 when the compute
     dtype is bf16, else as stored)."""
     path = os.fspath(path)
+    ours = os.path.isdir(path) and (is_checkpoint(path) or looks_like_checkpoint(path))
+    source = None if ours else open_source(path)  # a bad path is reported before anything else is said
     dtype, param_dtype = resolve_dtypes(dtype, param_dtype)
     overrides = dict(dtype=dtype, **cfg_overrides)
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
     cast = as_dtype(param_dtype) if param_dtype is not None else None
-    if os.path.isdir(path) and (is_checkpoint(path) or looks_like_checkpoint(path)):
+    if ours:
         cfg, params, _ = load_checkpoint(path, cast=cast, **overrides)
         return cfg, params, load_tokenizer(path)
-    source = open_source(path)
     cfg = ModelConfig.from_hf(source.hf_config(), **overrides)
     params = params_from_source(source, cfg, dtype=cast, finish=lambda _, a: jnp.asarray(a), progress=progress)
     return cfg, params, source.tokenizer()

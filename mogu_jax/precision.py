@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -45,7 +44,7 @@ def is_auto(dtype) -> bool:
 
 def resolve_dtype(dtype, *, say: Optional[Callable[[str], None]] = None) -> str:
     """``dtype`` itself unless it is ``auto`` (or None); then the backend's verdict (:func:`auto_choice`),
-    announced once per process through ``say`` (default: a line on stderr)."""
+    announced once per process through ``say`` (default: a line on stdout; errors alone go to stderr)."""
     if not is_auto(dtype):
         return str(dtype)
     choice = auto_choice()
@@ -54,7 +53,7 @@ def resolve_dtype(dtype, *, say: Optional[Callable[[str], None]] = None) -> str:
     line = f"mogu-jax: dtype auto -> {choice.dtype} ({choice.reason}); pass --dtype / model.dtype to override"
     if choice.dtype not in _said:  # once per process (a later answer from the cache says the same)
         _said.add(choice.dtype)
-        (say or (lambda s: print(s, file=sys.stderr, flush=True)))(line)
+        (say or (lambda s: print(s, flush=True)))(line)
     return choice.dtype
 
 

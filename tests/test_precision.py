@@ -30,16 +30,16 @@ def probe(monkeypatch, tmp_path):
 
 def test_auto_picks_bf16_where_the_probe_finds_it_faster(probe, capsys):
     assert precision.resolve_dtype("auto") == "bfloat16"
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out
     assert "dtype auto -> bfloat16" in err and "3.00x the fp32 rate" in err and "Fake CPU with AMX" in err
     precision.resolve_dtype("auto")
-    assert capsys.readouterr().err == ""  # printed once per process
+    assert capsys.readouterr().out == ""  # printed once per process
 
 
 def test_auto_picks_fp32_where_bf16_is_slower(probe, capsys):
     probe["speedup"] = 0.55  # an AVX2-only CPU: XLA emulates bf16
     assert precision.resolve_dtype(None) == "float32"
-    assert "bf16 needs >= 1.25x" in capsys.readouterr().err
+    assert "bf16 needs >= 1.25x" in capsys.readouterr().out
     probe["speedup"] = 1.1  # faster, but not by enough to pay for the casts
     probe["cpu"] = "Another CPU"
     assert precision.resolve_dtype("auto") == "float32"
