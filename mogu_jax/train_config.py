@@ -125,8 +125,8 @@ NUMERIC: dict = {
     "checkpoint.every": (int, 1, False, None, False),
     "checkpoint.keep": (int, 1, False, None, False),
     "mesh.data": (int, -1, False, None, False),
-    "mesh.fsdp": (int, 1, False, None, False),
-    "mesh.tensor": (int, 1, False, None, False),
+    "mesh.fsdp": (int, -1, False, None, False),  # -1: the devices the other axes leave
+    "mesh.tensor": (int, -1, False, None, False),
 }
 
 
