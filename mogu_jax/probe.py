@@ -37,8 +37,8 @@ def load_rows(spec: str) -> list[dict]:
     if spec in (SEEDS, SEEDS_CONTRAST):
         from mogu_jax import synth
         benign = ("benign", "contrast") if spec == SEEDS_CONTRAST else ("benign",)
-        return ([{"prompt": r["instruction"], "label": 0} for kind in benign for r in synth.split(kind)[0]]
-                + [{"prompt": r["instruction"], "label": 1} for r in synth.split("malicious")[0]])
+        return ([{"prompt": r["instruction"], "label": 0} for kind in benign for r in synth.split(kind, "train")]
+                + [{"prompt": r["instruction"], "label": 1} for r in synth.split("malicious", "train")])
     if os.path.isdir(spec):
         path = os.path.join(spec, "router.jsonl")
         if not os.path.isfile(path):

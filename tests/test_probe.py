@@ -84,10 +84,10 @@ def test_probe_finds_the_planted_layer():
 def test_probe_rows_from_each_source(tiny, tmp_path):
     from mogu_jax import synth
     seeds = P.load_rows("seeds")
-    assert sum(r["label"] for r in seeds) == len(synth.split("malicious")[0])
-    assert len(seeds) == len(synth.split("benign")[0]) + len(synth.split("malicious")[0])
+    assert sum(r["label"] for r in seeds) == len(synth.split("malicious", "train"))
+    assert len(seeds) == len(synth.split("benign", "train")) + len(synth.split("malicious", "train"))
     both = P.load_rows("seeds+contrast")
-    assert len(both) == len(seeds) + len(synth.split("contrast")[0])
+    assert len(both) == len(seeds) + len(synth.split("contrast", "train"))
     assert sum(r["label"] for r in both) == sum(r["label"] for r in seeds)
     assert [r["label"] for r in P.load_rows(tiny["router"])][:4] == [0, 1, 0, 1]
     (tmp_path / "data").mkdir()
