@@ -91,6 +91,8 @@ def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array, bias: Op
            cached: bool) -> Array:
     """The model's attention (shapes as :func:`reference_attention`; ``cached``: k/v come from a KV cache)."""
     impl = implementation(cfg, cached)
+    if impl == "splash" and cfg.attention == "auto" and q.shape[1] % 128:
+        impl = "xla"  # auto: the kernel tiles by 128; a shorter or odd length (a small model's bucket) takes the reference
     if impl == "cudnn":
         return dot_product_attention(cfg, q, k, v, mask, "cudnn")
     if impl == "splash":

@@ -153,8 +153,15 @@ def model_config(conf: dict) -> ModelConfig:
     if m["attention"] not in IMPLEMENTATIONS:
         raise MoguError(f"unknown model.attention {m['attention']!r}; one of {', '.join(IMPLEMENTATIONS)}")
     cfg = ModelConfig.from_hf(arch)
-    pdtype = m.get("param_dtype") or arch.get("torch_dtype") or arch.get("dtype") or "float32"
-    return cfg.replace(dtype=str(m["dtype"]), param_dtype=str(pdtype), remat=bool(m["remat"]),
+    from mogu_jax.precision import is_auto
+
+    # the plan targets a TPU, whose MXU multiplies bf16 natively: what `dtype: auto` picks there
+    dtype = "bfloat16" if is_auto(m["dtype"]) else str(m["dtype"])
+    pdtype = m.get("param_dtype")
+    if pdtype is not None and is_auto(pdtype):
+        pdtype = "bfloat16" if dtype == "bfloat16" else None
+    pdtype = pdtype or arch.get("torch_dtype") or arch.get("dtype") or "float32"
+    return cfg.replace(dtype=dtype, param_dtype=str(pdtype), remat=bool(m["remat"]),
                        remat_policy=str(m["remat_policy"]), lora_rank=int(m["lora_rank"]),
                        lora_alpha=float(m["lora_alpha"]), router_hidden=int(m["router_hidden"]),
                        router_layers=tuple(m["router_layers"] or ()), scan_layers=bool(m["scan_layers"]),
