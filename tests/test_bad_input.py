@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -251,8 +252,10 @@ def test_truncated_params_file_is_one_line(capsys, ckpt, tmp_path):
     big = max(files, key=os.path.getsize)
     with open(big, "r+b") as f:
         f.truncate(os.path.getsize(big) // 2)
+    # which parameter the cut file held depends on how orbax packed the tensors (layers/... or lm_head/...)
     line = cli_fails(capsys, ["convert", "jax-to-hf", str(d), str(tmp_path / "out")], f"checkpoint {d}",
-                     "parameter layers/")
+                     "cannot read parameter ")
+    assert re.search(r"cannot read parameter [\w/]+ from params/", line), line
     assert "'driver'" not in line and len(line) < 600
     _nothing_written(str(tmp_path), "out")
 
