@@ -19,9 +19,7 @@ import dataclasses
 from typing import Optional
 
 from mogu_jax.config import ModelConfig
-
-PAIR_STAGES = ("glad", "unwilling")
-MODE = {"glad": "glad", "unwilling": "unwilling", "router": "routed"}
+from mogu_jax.train import MODE, PAIR_STAGES  # the stages' modes and which stages run two sequences per example
 
 
 def _attn_width(cfg: ModelConfig) -> int:
