@@ -47,7 +47,7 @@ def grid() -> list[tuple]:
              ("llama2-7b-chat", "glad", "v5p-32", {"overrides": ["data.max_len=4096", "model.remat=true",
                                                                  "model.attention=xla"],
                                                    "label": "remat, 4096 tokens, xla"})]
-    rows += [("llama2-70b", "glad", "v5p-128", remat)]
+    rows += [("llama2-70b", "glad", "v5p-128", remat), ("llama2-70b", "glad", "v5p-64", remat)]
     rows += [(m, "router", t, remat) for m in MODELS for t in TOPOLOGIES if (m, t) != ("llama2-7b-chat", "v5p-32")]
     rows += [("falcon-7b-instruct", "glad", t, remat) for t in ("v4-8", "v6e-16")]
     return rows
