@@ -103,13 +103,30 @@ def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array, bias: Op
 
 def dot_product_attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array, kernel: str) -> Array:
     """``jax.nn.dot_product_attention`` (``kernel``: ``cudnn``, or ``xla`` to check the plumbing on CPU):
-    causal, with the model's padding mask."""
+    causal, with the model's padding mask.
+
+    Self-attention over right-padded rows (every training batch) passes the kernel each row's key length instead
+    of the mask: cuDNN then skips the padded tiles and needs no bias tensor (measured on an H200: about 2x faster
+    than the same call with the mask as a bias). Whether the rows are right-padded is checked on the device
+    (``lax.cond``), so any other mask (left padding) still takes the masked call and the result is exact
+    either way."""
     b, t, h, d = q.shape
+    s = k.shape[2]
     dt = cfg.compute_dtype
-    out = jax.nn.dot_product_attention(q.astype(dt), k.transpose(0, 2, 1, 3).astype(dt),
-                                       v.transpose(0, 2, 1, 3).astype(dt), mask=mask, is_causal=True,
-                                       scale=1.0 / math.sqrt(d), implementation=kernel)
-    return out.astype(jnp.float32).reshape(b, t, h * d)
+    args = (q.astype(dt), k.transpose(0, 2, 1, 3).astype(dt), v.transpose(0, 2, 1, 3).astype(dt))
+
+    def call(args, **how):
+        out = jax.nn.dot_product_attention(*args, is_causal=True, scale=1.0 / math.sqrt(d), implementation=kernel,
+                                           **how)
+        return out.astype(jnp.float32).reshape(b, t, h * d)
+
+    if t != s or mask.shape[0] != b:  # a cache or a shared mask: the masked call
+        return call(args, mask=mask)
+    key_mask = mask[:, 0, -1, :]  # the last query row of a cache-free causal mask is the key padding mask
+    lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
+    right_padded = jnp.all(key_mask == (jnp.arange(s)[None, :] < lengths[:, None]))
+    return jax.lax.cond(right_padded, lambda a: call(a, key_value_seq_lengths=lengths),
+                        lambda a: call(a, mask=mask), args)
 
 
 def _splash_kernel(heads: int, t: int, mqa: bool, interpret: bool):

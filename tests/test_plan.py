@@ -136,14 +136,44 @@ def test_splash_kernel_equals_the_reference_on_cpu():
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
-def test_dot_product_attention_call_equals_the_reference():
-    """The call the cuDNN path makes, run by XLA on CPU: same mask, scale and GQA layout as the reference."""
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_dot_product_attention_call_equals_the_reference(padding):
+    """The call the cuDNN path makes, run by XLA on CPU: same mask, scale and GQA layout as the reference. Right
+    padding takes the kernel's key lengths, left padding (which lengths cannot describe) the masked call; the
+    branch taken is checked through the kernel's arguments."""
     q, k, v, kv_mask, mask, lengths = _qkv(seed=1)
+    if padding == "left":
+        kv_mask = kv_mask[:, ::-1]
+        mask = jnp.asarray(np.tril(np.ones((128, 128), bool))[None, None]) & kv_mask[:, None, None, :]
     cfg = _cfg()
     ref = A.reference_attention(cfg, q, k, v, mask)
-    out = A.dot_product_attention(cfg, q, k, v, mask, "xla")
-    for a, b in zip(_valid_rows(out, lengths), _valid_rows(ref, lengths)):
-        np.testing.assert_allclose(a, b, atol=2e-5)
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*a, **kw):
+        seen.append("lengths" if kw.get("key_value_seq_lengths") is not None else "mask")
+        return real(*a, **kw)
+
+    jax.nn.dot_product_attention = spy
+    try:
+        out = jax.jit(lambda q, k, v, m: A.dot_product_attention(cfg, q, k, v, m, "xla"))(q, k, v, mask)
+    finally:
+        jax.nn.dot_product_attention = real
+    assert sorted(seen) == ["lengths", "mask"]  # both branches traced; the device picks one
+    rows = range(2) if padding == "right" else [0]  # left padding: the valid rows are the last ones
+    for i in rows:
+        n = lengths[i]
+        sl = slice(0, n) if padding == "right" else slice(None)
+        np.testing.assert_allclose(np.asarray(out[i, sl]), np.asarray(ref[i, sl]), atol=2e-5)
+    if padding == "left":
+        n = lengths[1]
+        np.testing.assert_allclose(np.asarray(out[1, -n:]), np.asarray(ref[1, -n:]), atol=2e-5)
+    # the branch the device took: with the mask, left padding's valid rows differ from the key-length answer
+    by_len = A.jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), is_causal=True,
+                                            key_value_seq_lengths=jnp.asarray(lengths, jnp.int32),
+                                            scale=1 / 4.0, implementation="xla").reshape(out.shape)
+    same = np.allclose(np.asarray(by_len[1, :lengths[1]]), np.asarray(out[1, :lengths[1]]), atol=2e-5)
+    assert same == (padding == "right")
 
 
 def test_kernels_fall_back_for_alibi_and_sliding_window_and_say_so_once(capsys):
