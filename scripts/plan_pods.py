@@ -107,7 +107,8 @@ def render(path: str) -> str:
            "max batch/chip | tokens/s @40% MFU | published schedule | compile |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = r["model"] + (f" ({r['label']})" if r.get("label") else "")
+        label = ", ".join(x for x in (r.get("label"), "memory at the max batch" if r.get("max_batch") else "") if x)
+        name = r["model"] + (f" ({label})" if label else "")
         if "error" in r:
             m = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", r["error"])
             over = r.get("over_gib") or (float(m.group(1)) - float(m.group(2)) if m else 0)
