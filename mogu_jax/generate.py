@@ -11,7 +11,7 @@ Two compiled functions per (model config, forward function):
 Shapes are bucketed (batch, prompt length and ``max_new_tokens`` round up to powers of two with a
 minimum), and ``temperature``, ``top_p``, ``seed``, ``max_new_tokens``, the EOS ids and the pad id are
 traced values, so calls that fit the same buckets reuse the compiled code. :func:`generate_text` pads a
-short last batch to the call's batch bucket (:func:`call_buckets`), so the batches of one call compile once
+call's batches to one even batch shape (:func:`even_batches`, :func:`call_buckets`), so they compile once
 per prompt-length bucket they meet (prompts are batched by length). :data:`COMPILE_COUNTS`
 counts traces (incremented in the Python bodies of the traced functions) for tests.
 
@@ -440,8 +440,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     ``routed_tokens`` (with ``mode="routed"``): MoGU's handoff — only the first ``routed_tokens`` new tokens
     are routed, then the plain base model continues (None or >= max_new_tokens: every token routed).
     In routed mode the output carries the router weights of the routed tokens (``router``).
-    ``min_batch``: a lower bound of the batch bucket, so that a caller generating many batches
-    (:func:`generate_text`) gives a short last batch the shape, hence the compilation, of the others.
+    ``min_batch``: the batch shape of a caller generating many batches (:func:`generate_text`): a short last
+    batch is padded to it, so it takes the others' shape, hence their compilation. Without it (1) the batch is
+    padded to a power of two.
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -464,7 +465,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     eos = resolve_eos(cfg, eos_ids)
     pad = resolve_pad(cfg, pad_id, eos)
     n_rows = len(prompts)
-    b = bucket(n_rows, max(MIN_BATCH_BUCKET, min_batch))
+    b = max(n_rows, min_batch) if min_batch > MIN_BATCH_BUCKET else bucket(n_rows, MIN_BATCH_BUCKET)
     p = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
     n = bucket(max_new_tokens, MIN_NEW_BUCKET)
     e = bucket(len(eos), MIN_EOS_BUCKET)
@@ -541,14 +542,25 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
 
 # ------------------------------------------------------------------------------------ from text
-def call_buckets(prompts: Sequence[Sequence[int]], batch_size: int) -> dict:
-    """The :func:`generate` bucket bound that gives every batch of one call (``batch_size`` rows at a time)
-    the same batch shape: a short last batch costs at most one batch of padding rows instead of a compilation
-    (~10 s on 2 CPU cores for SmolLM2). Prompt-length buckets stay per batch: padding every prompt to the
-    longest one would cost prefill and cache in proportion to the longest prompt, without bound."""
-    if not prompts:
+def even_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``order`` cut into the fewest batches of at most ``batch_size`` rows, as even as possible: 129 rows at 32
+    are 5 batches of 26 (or 25), not 4 x 32 + 1, which would cost a fifth batch of 32 rows for one prompt
+    (every batch of a call is padded to the largest one: :func:`call_buckets`)."""
+    order = list(order)
+    if not order:
+        return []
+    size = math.ceil(len(order) / math.ceil(len(order) / batch_size))
+    return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+def call_buckets(batches: Sequence[Sequence[int]]) -> dict:
+    """The :func:`generate` batch shape that gives every batch of one call (:func:`even_batches`) the same
+    shape: a short last batch costs a padding row or so instead of a compilation (~10 s on 2 CPU cores for
+    SmolLM2). Prompt-length buckets stay per batch: padding every prompt to the longest one would cost prefill
+    and cache in proportion to the longest prompt, without bound."""
+    if not batches:
         return {}
-    return {"min_batch": bucket(min(batch_size, len(prompts)), MIN_BATCH_BUCKET)}
+    return {"min_batch": max(len(b) for b in batches)}
 
 
 def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[str], template: Optional[str] = None,
@@ -576,8 +588,8 @@ def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[st
     seed = int(kw.pop("seed", 0))
 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    kw.update(call_buckets(encoded, batch_size))
+    batches = even_batches(order, batch_size)
+    kw.update(call_buckets(batches))
     results: list[Optional[dict]] = [None] * len(encoded)
     it = batches
     if progress:

@@ -304,7 +304,7 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
     the opening's tokens start the assistant turn (appended to the encoded prompt) and ``response`` is the
     continuation text (leading whitespace kept, so ``opening + response`` reads right).
     """
-    from mogu_jax.generate import call_buckets, generate, generate_text, resolve_eos
+    from mogu_jax.generate import call_buckets, even_batches, generate, generate_text, resolve_eos
     from mogu_jax.templates import encode_prompt, format_prompt
 
     def gen(instructions: Sequence[str], system: Optional[str] = None,
@@ -327,8 +327,8 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
             opening_ids.append(ids)
             prompts.append(encode_prompt(tokenizer, format_prompt(tokenizer, ins, template, system)) + ids)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-        shapes = call_buckets(prompts, batch_size)
+        batches = even_batches(order, batch_size)
+        shapes = call_buckets(batches)
         results: list[Optional[dict]] = [None] * len(prompts)
         it = batches
         if progress:

@@ -229,10 +229,19 @@ def test_generate_text(tiny, word_tokenizer):
         assert r["response"] == tok.decode(want, skip_special_tokens=True)
 
 
+def test_even_batches_pad_at_most_one_row_per_batch():
+    sizes = lambda n, b: [len(x) for x in G.even_batches(range(n), b)]  # noqa: E731
+    assert sizes(129, 32) == [26, 26, 26, 26, 25]  # not 4 x 32 + a batch of 32 rows for one prompt
+    assert sizes(117, 32) == [30, 30, 30, 27]
+    assert sizes(64, 32) == [32, 32] and sizes(5, 8) == [5] and sizes(0, 8) == []
+    assert G.call_buckets(G.even_batches(range(129), 32)) == {"min_batch": 26}
+    assert [i for b in G.even_batches(range(50), 7) for i in b] == list(range(50))  # order kept, nothing lost
+
+
 def test_generate_text_compiles_once_per_prompt_bucket(tiny, word_tokenizer):
-    """A call's short last batch takes the batch shape of the others: 6 prompts in batches of 4 and 2 in one
-    prompt bucket compile the prefill and decode once; a longer prompt bucket compiles once more. The answers
-    equal one-by-one generation."""
+    """A call's batches share one batch shape: 6 prompts at batch_size 4 go as two even batches of 3 (not 4 + 2)
+    and, in one prompt bucket, compile the prefill and decode once; a longer prompt bucket compiles once more.
+    The answers equal one-by-one generation."""
     cfg, params, _ = tiny
     tok = word_tokenizer
     long = " ".join(["hello world"] * 8)
@@ -241,8 +250,8 @@ def test_generate_text_compiles_once_per_prompt_bucket(tiny, word_tokenizer):
     short = ["hi", "tell me a joke", "hello", "hi hi", "hello world", "me"]
     res = G.generate_text(cfg, params, tok, short, template="falcon", batch_size=4, max_new_tokens=4,
                           eos_ids=(), progress=False)
-    assert G.compile_count() == before + 2  # prefill + decode, for the batches of 4 and 2 rows
-    both = short[:4] + [long, long + " hi"]  # batches: 4 short prompts (bucket 16), 2 long ones (bucket 32)
+    assert G.compile_count() == before + 2  # prefill + decode, for both batches of 3 rows
+    both = short[:4] + [long, long + " hi"]  # batches: 3 short prompts (bucket 16); 1 short + 2 long (bucket 32)
     res2 = G.generate_text(cfg, params, tok, both, template="falcon", batch_size=4, max_new_tokens=4,
                            eos_ids=(), progress=False)
     assert G.compile_count() == before + 4
