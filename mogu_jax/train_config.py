@@ -83,6 +83,10 @@ DEFAULTS: dict = {
         # router stage with routers only from layer k up (branches frozen): the layers below run once per
         # example, not once per epoch (the same loss and gradients; host memory: examples x tokens x hidden x 4 B)
         "cache_frozen_layers": True,
+        # router stage: the tokens the routers' targets cover: all (published) or after_prefix (not the tokens every
+        # example starts with: the chat template's system prompt, the same for both labels, which no router can
+        # tell apart since it comes before the instruction)
+        "router_targets": "all",
         "log_every": 1,
     },
     "checkpoint": {"every": 100, "keep": 3},

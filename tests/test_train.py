@@ -19,6 +19,7 @@ from mogu_jax import data as D
 from mogu_jax import train as T
 from mogu_jax.cli import main
 from mogu_jax.config import ModelConfig
+from mogu_jax.errors import MoguError
 from mogu_jax.convert import mogu_artifacts as art
 from mogu_jax.convert.hf import params_from_source
 from mogu_jax.convert.sources import HFDirSource
@@ -76,11 +77,12 @@ SYSTEM = " ".join(f"w{i}" for i in range(30, 45))
 
 
 @pytest.mark.parametrize("stage,shared", [("glad", False), ("unwilling", False), ("router", False), ("glad", True),
-                                          ("router", True)])
+                                          ("router", True), ("router", "after_prefix")])
 def test_stage_loss_equals_per_example_reference(world, stage, shared, tmp_path):
     """Our batched stage loss = the per-example loss of the real HF model (PEFT for the responders, the spec's
     formula for the router). ``shared``: a template with a system prompt, whose tokens the loss runs once per
-    batch (StageData.shared_prefix), and the LM head from the first loss position, as run_stage does."""
+    batch (StageData.shared_prefix), and the LM head from the first loss position, as run_stage does;
+    ``after_prefix``: also the router's targets only after that prompt (``train.router_targets``)."""
     cfg, tok = world["cfg"], world["tok"]
     rows = D.load_stage_data(stage, world["router"] if stage == "router" else world["pairs"])
     if shared:
@@ -93,7 +95,10 @@ def test_stage_loss_equals_per_example_reference(world, stage, shared, tmp_path)
     batch = next(D.StageLoader(data, 8, seed=3))
     params = random_mogu(cfg, world["base"], seed=1, router_std=0.5)
     frozen = {k: v for k, v in params.items() if k != stage}
-    total, stats = T.stage_loss_fn(cfg, stage, 2.0, start, prefix)(params[stage], frozen, batch)
+    router_from = T.router_targets_from({"router_targets": shared}, data) if shared == "after_prefix" else 0
+    assert router_from == (len(prefix) if shared == "after_prefix" else 0)
+    total, stats = T.stage_loss_fn(cfg, stage, 2.0, start, prefix, router_from=router_from)(params[stage], frozen,
+                                                                                           batch)
     ours = float(total) / float(stats["weight"])
 
     per = []
@@ -104,6 +109,7 @@ def test_stage_loss_equals_per_example_reference(world, stage, shared, tmp_path)
             toks = batch["tokens"][i][m]
             logits, a, b = torch_reference(hf, cfg, params, toks[None], cfg.router_layer_ids)
             lab = int(batch["label"][i])
+            a, b = a[..., router_from:], b[..., router_from:]
             mse = np.mean((a - lab) ** 2) + np.mean((b - (1 - lab)) ** 2)
             per.append(_ce(logits[0], toks, batch["loss_mask"][i][m]) + 2.0 * mse)
     else:
@@ -303,6 +309,15 @@ def _hash_dir(d):
             h.update(n.encode())
             h.update(open(os.path.join(root, n), "rb").read())
     return h.hexdigest()
+
+
+def test_router_targets_option_is_checked(world):
+    data = D.tokenize_stage("router", D.load_stage_data("router", world["router"]), world["tok"], max_len=1024,
+                            template="vicuna", system=SYSTEM)
+    assert T.router_targets_from({"router_targets": "all"}, data) == 0
+    assert T.router_targets_from({"router_targets": "after_prefix"}, data) == len(data.shared_prefix()) > 0
+    with pytest.raises(MoguError, match="train.router_targets must be one of all, after_prefix"):
+        T.router_targets_from({"router_targets": "instruction"}, data)
 
 
 def test_router_stage_learns_and_exports(world, tmp_path):
