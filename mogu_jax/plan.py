@@ -338,7 +338,12 @@ def plan_stage(conf: dict, topo: Topology, per_chip_batch: int = 1, devices: Opt
 
 
 def max_batch(conf: dict, topo: Topology, devices: list, limit: int = 1024) -> tuple[int, Optional[StagePlan]]:
-    """The largest per-chip batch that compiles within HBM (doubling, then bisection over compiles)."""
+    """The largest per-chip batch that compiles within HBM, and its plan (0, None when one row does not fit).
+
+    A step's memory grows about linearly with its batch, so the compiles at 1 and 2 rows predict the answer;
+    the prediction is compiled, then batches above the largest that fits (doubling steps) until one does not,
+    then a bisection: usually 4-5 compiles where doubling from 1 and bisecting takes ~2 log2(n). Exact either
+    way: every answer is a compile that fits next to one that does not (or ``limit``)."""
     def fits(n):
         try:
             p = plan_stage(conf, topo, n, devices)
@@ -346,18 +351,31 @@ def max_batch(conf: dict, topo: Topology, devices: list, limit: int = 1024) -> t
             return None
         return p if p.bytes["total"] <= topo.chip.hbm else None
 
-    best = fits(1)
+    lo, best = 1, fits(1)
     if best is None:
         return 0, None
-    lo, hi = 1, None
-    while hi is None and lo < limit:
-        p = fits(lo * 2)
+    hi = None
+    second = fits(2) if limit >= 2 else None
+    if second is None:
+        return 1, best
+    lo, per_row, first_total = 2, second.bytes["total"] - best.bytes["total"], best.bytes["total"]
+    best = second
+    guess = min(limit, 1 + int((topo.chip.hbm - first_total) // per_row)) if per_row > 0 else limit
+    if guess > lo:
+        p = fits(guess)
         if p is None:
-            hi = lo * 2
+            hi = guess
         else:
-            lo, best = lo * 2, p
-    hi = hi or lo
-    while hi - lo > 1:
+            lo, best = guess, p
+    step = 1
+    while hi is None and lo < limit:  # the prediction fits: find a batch that does not
+        n = min(limit, lo + step)
+        p = fits(n)
+        if p is None:
+            hi = n
+        else:
+            lo, best, step = n, p, step * 2
+    while hi is not None and hi - lo > 1:
         mid = (lo + hi) // 2
         p = fits(mid)
         lo, hi, best = (mid, hi, p) if p is not None else (lo, mid, best)

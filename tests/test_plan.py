@@ -230,3 +230,35 @@ def test_every_model_preset_describes_its_model():
         for stage in ("glad", "unwilling", "router"):
             cfg = PL.model_config(load_config(stage, path))
             assert cfg.num_layers in (30, 32), path
+
+
+@pytest.mark.parametrize("base,per_row,hbm", [(3.0, 2.5, 16.0), (1.0, 0.9, 32.0), (10.0, 7.0, 16.0), (20.0, 1.0, 16.0),
+                                              (1.0, 0.0, 16.0), (0.5, 0.9, 16.0)])
+def test_max_batch_search_is_exact_in_few_compiles(monkeypatch, base, per_row, hbm):
+    """``max_batch`` against a step whose memory is ``base + per_row * (batch - 1)`` GiB plus a little curvature
+    (activations are not exactly linear), with the compiles replaced by that formula: the exact answer, and
+    far fewer compiles than one per batch size."""
+    gib = PL.GiB
+    calls = []
+
+    class Fake:
+        def __init__(self, n):
+            self.bytes = {"total": int((base + per_row * (n - 1) + 0.01 * n * n) * gib)}
+
+    def fake_plan(conf, topo, n, devices):
+        calls.append(n)
+        total = Fake(n).bytes["total"]
+        if total > hbm * gib:
+            raise PL.DoesNotFit("step", "over", total - hbm * gib)
+        return Fake(n)
+
+    monkeypatch.setattr(PL, "plan_stage", fake_plan)
+    topo = PL.Topology("fake", {16.0: "v5e", 32.0: "v6e"}[hbm], (2, 2))  # 16 / 32 GiB chips
+    assert topo.chip.hbm == hbm * gib
+    n, plan = PL.max_batch({}, topo, [], limit=64)
+    want = max([k for k in range(1, 65) if Fake(k).bytes["total"] <= hbm * gib], default=0)
+    assert n == want
+    assert (plan is None) == (want == 0) and (plan is None or plan.bytes["total"] == Fake(want).bytes["total"])
+    assert len(calls) <= 2 * max(1, want).bit_length() + 2
+    if (base, per_row) == (3.0, 2.5):  # nearly linear: the prediction (6) and the batch above it, 4 compiles in all
+        assert calls == [1, 2, 6, 7]
