@@ -116,10 +116,11 @@ def test_demo_settings_live_in_configs():
     assert demo_settings() == read_yaml(os.path.join(repo, "configs", "smollm2-135m.yaml"))
     for stage in ("glad", "unwilling", "router"):
         conf = load_config(stage, demo_settings(), values={"model": {"base": "/x"}})
-        assert conf["model"]["dtype"] == "auto" and conf["data"]["max_len"] == 80
+        assert conf["model"]["dtype"] == "auto" and conf["data"]["max_len"] == 64
+        assert conf["train"]["router_targets"] == "after_prefix"
     assert load_config("router", demo_settings())["data"]["balance_labels"] is True
     # typed values win over the file's per-stage sections, as command-line overrides do
-    conf = load_config("router", demo_settings(), values={"train": {"epochs": 1}, "data": {"buckets": [64]}})
-    assert conf["train"]["epochs"] == 1 and conf["data"]["buckets"] == [64]
+    conf = load_config("router", demo_settings(), values={"train": {"epochs": 1}, "data": {"buckets": [32]}})
+    assert conf["train"]["epochs"] == 1 and conf["data"]["buckets"] == [32]
     with pytest.raises(MoguError, match="unknown config key 'train.epoch'"):
         load_config("glad", demo_settings(), values={"train": {"epoch": 1}})
