@@ -351,16 +351,15 @@ def max_batch(conf: dict, topo: Topology, devices: list, limit: int = 1024) -> t
             return None
         return p if p.bytes["total"] <= topo.chip.hbm else None
 
-    lo, best = 1, fits(1)
-    if best is None:
+    one = fits(1)
+    if one is None:
         return 0, None
-    hi = None
-    second = fits(2) if limit >= 2 else None
-    if second is None:
-        return 1, best
-    lo, per_row, first_total = 2, second.bytes["total"] - best.bytes["total"], best.bytes["total"]
-    best = second
-    guess = min(limit, 1 + int((topo.chip.hbm - first_total) // per_row)) if per_row > 0 else limit
+    two = fits(2) if limit >= 2 else None
+    if two is None:
+        return 1, one
+    lo, best, hi = 2, two, None
+    per_row = two.bytes["total"] - one.bytes["total"]
+    guess = min(limit, 1 + int((topo.chip.hbm - one.bytes["total"]) // per_row)) if per_row > 0 else limit
     if guess > lo:
         p = fits(guess)
         if p is None:
