@@ -105,7 +105,8 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     data_dir = os.path.join(out, "data")
     summary = synth.build_data(cfg, params, tok, data_dir,
                                max_new_tokens=gen.get("max_new_tokens", demo["data"]["max_new_tokens"]),
-                               batch_size=demo["data"]["batch_size"], limit=gen.get("limit"), progress=True)
+                               batch_size=demo["data"]["batch_size"], limit=gen.get("limit"),
+                               wrap_every=demo["data"]["wrap_every"], progress=True)
     ledger.add("data", G.FLOPS_DONE[0] - gen_flops)
     del params
     timings["data"] = time.perf_counter() - t

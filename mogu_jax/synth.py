@@ -226,6 +226,17 @@ def spread(rows: Sequence, limit: Optional[int]) -> list:
     return [rows[(k * n) // limit] for k in range(limit)]
 
 
+def wrapped_rows(rows: Sequence[dict], templates: Sequence[str], every: Optional[int]) -> list[dict]:
+    """Every ``every``-th row (the 1st, the ``every+1``-th, ...) wrapped in a jailbreak template, the ``j``-th
+    wrapped row in template ``j % len(templates)``: copies with the wrapped ``instruction``, the bare one as
+    ``request`` and the template's number as ``template``. None: no rows."""
+    if not every:
+        return []
+    return [dict(r, instruction=templates[j % len(templates)].format(instruction=r["instruction"]),
+                 request=r["instruction"], template=j % len(templates))
+            for j, r in enumerate(list(rows)[::every])]
+
+
 def pick(options: Sequence[str], seed: int, purpose: str, text: str) -> str:
     """A deterministic choice from ``options`` for one row: a hash of (seed, purpose, text)."""
     h = hashlib.sha256(f"{seed}\0{purpose}\0{text}".encode("utf-8")).digest()
@@ -369,7 +380,7 @@ def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str]) -> list[
     return out
 
 
-def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template):
+def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every=None):
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -379,6 +390,9 @@ def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, templat
         raise MoguError(f"batch_size must be a positive integer, got {batch_size!r}")
     if limit is not None and (not is_int(limit) or limit < 1):
         raise MoguError(f"limit must be a positive integer (rows per seed kind) or None, got {limit!r}")
+    if wrap_every is not None and (not is_int(wrap_every) or wrap_every < 1):
+        raise MoguError(f"wrap_every must be a positive integer (every n-th train row wrapped) or None, "
+                        f"got {wrap_every!r}")
     if not is_int(seed):
         raise MoguError(f"seed must be an integer, got {seed!r}")
     if refusal_source not in REFUSAL_SOURCES:
@@ -430,9 +444,11 @@ class _Answers:
     contrast: list = dataclasses.field(default_factory=list)
     malicious: list = dataclasses.field(default_factory=list)  # glad affirmatives (opening + continuation)
     malicious_refusals: list = dataclasses.field(default_factory=list)
+    wrapped_benign: list = dataclasses.field(default_factory=list)  # answers to the wrapped benign rows
     model_refusals: dict = dataclasses.field(default_factory=lambda: {"used": 0, "bank_fallback": 0})
     dropped: list = dataclasses.field(default_factory=list)
-    trimmed: dict = dataclasses.field(default_factory=lambda: {"benign": 0, "contrast": 0, "malicious": 0})
+    trimmed: dict = dataclasses.field(
+        default_factory=lambda: {"benign": 0, "contrast": 0, "malicious": 0, "wrapped_benign": 0})
 
     def keep(self, kind: str, row: dict, text: str, cut: str, affects: list, judge) -> bool:
         """Count a trim of ``text`` to ``cut``; drop (and list) the row when ``cut`` is empty or a refusal."""
@@ -511,10 +527,14 @@ def _malicious_refusals(run: Callable, judge, ans: _Answers, rows: list[dict], r
     return out
 
 
-def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed: int) -> dict[str, list[dict]]:
+def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed: int,
+                wrapped: dict) -> dict[str, list[dict]]:
     """The glad, unwilling and router rows from the train rows and their answers (dropped rows left out; every
-    malicious row reaches the router with its refusal). A stage without rows is an error."""
+    malicious row reaches the router with its refusal). ``wrapped`` (``{"benign", "malicious"}``,
+    :func:`wrapped_rows`) go to the router only: benign with the model's answer to the wrapped prompt (label 0),
+    malicious with the bare row's refusal (label 1). A stage without rows is an error."""
     mal = train["malicious"]
+    refusal_of = {r["index"]: ref for r, ref in zip(mal, ans.malicious_refusals)}
     glad = [{"instruction": r["instruction"], "affirmative": a, "refusal": ref}
             for r, a, ref in zip(mal, ans.malicious, ans.malicious_refusals) if a is not None]
     unwilling = [{"instruction": r["instruction"], "affirmative": a,
@@ -523,7 +543,11 @@ def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed
     router = ([{"instruction": r["instruction"], "output": a, "label": 0}
                for kind in ("benign", "contrast") for r, a in zip(train[kind], getattr(ans, kind)) if a is not None]
               + [{"instruction": r["instruction"], "output": ref, "label": 1}
-                 for r, ref in zip(mal, ans.malicious_refusals)])
+                 for r, ref in zip(mal, ans.malicious_refusals)]
+              + [{"instruction": r["instruction"], "output": a, "label": 0}
+                 for r, a in zip(wrapped["benign"], ans.wrapped_benign) if a is not None]
+              + [{"instruction": r["instruction"], "output": refusal_of[r["index"]], "label": 1}
+                 for r in wrapped["malicious"]])
     causes = {"glad": "the base model refused every primed malicious instruction or answered nothing",
               "unwilling": "the base model refused or left empty every benign instruction", "router": "no rows"}
     stages = {"glad": glad, "unwilling": unwilling, "router": router}
@@ -556,7 +580,7 @@ def _output_files(stages: dict[str, list[dict]], evals: dict[str, list[dict]]) -
     return files, counts
 
 
-def _summary(counts: dict, stages: dict, train: dict, ans: _Answers, evals: dict, refusals: dict,
+def _summary(counts: dict, stages: dict, train: dict, wrapped: dict, ans: _Answers, evals: dict, refusals: dict,
              settings: dict) -> dict:
     """The content of ``summary.json`` (deterministic: no timings)."""
     glad, unwilling, router = stages["glad"], stages["unwilling"], stages["router"]
@@ -570,8 +594,11 @@ def _summary(counts: dict, stages: dict, train: dict, ans: _Answers, evals: dict
                           "dropped": ans.drops("benign")},
             "router": {"rows": len(router), "benign": sum(a is not None for a in ans.benign),
                        "contrast": sum(a is not None for a in ans.contrast), "malicious": len(train["malicious"]),
+                       "wrapped_benign": sum(a is not None for a in ans.wrapped_benign),
+                       "wrapped_malicious": len(wrapped["malicious"]),
                        "label_0": sum(r["label"] == 0 for r in router), "label_1": sum(r["label"] == 1 for r in router),
-                       "dropped": {"benign": ans.drops("benign"), "contrast": ans.drops("contrast")}},
+                       "dropped": {"benign": ans.drops("benign"), "contrast": ans.drops("contrast"),
+                                   "wrapped_benign": ans.drops("wrapped_benign")}},
         },
         "eval": {part: {k: sum(h["kind"] == k for h in rows) for k in EVAL_KINDS} for part, rows in evals.items()},
         "dropped": ans.dropped,
@@ -583,13 +610,17 @@ def _summary(counts: dict, stages: dict, train: dict, ans: _Answers, evals: dict
 
 def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: Optional[str] = None,
                max_new_tokens: int = 96, batch_size: int = 8, limit: Optional[int] = None, seed: int = 0,
-               refusal_source: str = "bank", prime_malicious: bool = True, progress: bool = True,
-               overwrite: bool = False, generate_fn: Optional[Callable] = None, judge=None) -> dict:
+               refusal_source: str = "bank", prime_malicious: bool = True, wrap_every: Optional[int] = None,
+               progress: bool = True, overwrite: bool = False, generate_fn: Optional[Callable] = None,
+               judge=None) -> dict:
     """Build the training files of the three stages and the dev / test prompts into ``out_dir`` (see the module
     docstring). Returns the summary written to ``summary.json`` plus ``out_dir`` and ``seconds``.
 
     ``limit``: at most this many rows per seed kind, spread evenly over the train rows and, separately, the
-    dev and the test rows (:func:`spread`). ``generate_fn``/``judge`` replace the model and the refusal judge
+    dev and the test rows (:func:`spread`). ``wrap_every``: every ``wrap_every``-th benign and malicious train
+    row is also added to the router stage inside a jailbreak template (:func:`wrapped_rows`; benign: the model's
+    own answer to the wrapped prompt, label 0; malicious: its refusal, label 1), so that a wrapper alone does not
+    tell the routers the label; None (default): no wrapped rows. ``generate_fn``/``judge`` replace the model and the refusal judge
     (``cfg``/``params``/``tokenizer`` may then be None).
 
     Steps: check the arguments and the output folder; pick the rows of each split; generate every list once
@@ -598,7 +629,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     write them all atomically.
     """
     t0 = time.perf_counter()
-    _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template)
+    _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every)
     out_dir = os.fspath(out_dir)
     check_output_dir(out_dir, overwrite)  # fail before any generation
     if generate_fn is None:
@@ -624,17 +655,21 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     ans.malicious = _malicious_affirmatives(run, judge, ans, train["malicious"], seeds["affirmative_openings"], seed,
                                             prime_malicious)
     ans.malicious_refusals = _malicious_refusals(run, judge, ans, train["malicious"], refusals, seed, refusal_source)
+    wrapped = {kind: wrapped_rows(train[kind], seeds["jailbreak_templates"], wrap_every)
+               for kind in ("benign", "malicious")}
+    ans.wrapped_benign = _own_answers(run, judge, ans, "wrapped_benign", wrapped["benign"], ["router"])
 
-    stages = _stage_rows(train, ans, benign_refusals, seed)
+    stages = _stage_rows(train, ans, benign_refusals, seed, wrapped)
     files, counts = _output_files(stages, evals)
     refusal_info = {"source": refusal_source, "bank_size": len(refusals), "generic_bank_size": len(benign_refusals),
                     **({"model_used": ans.model_refusals["used"], "bank_fallback": ans.model_refusals["bank_fallback"],
                         "system_prompt": SAFETY_SYSTEM_PROMPT} if refusal_source == "model" else {})}
     settings = {"template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit,
                 "seed": seed, "refusal_source": refusal_source, "prime_malicious": bool(prime_malicious),
+                "wrap_every": wrap_every,
                 "decoding": "greedy", "judge": repr(judge), "model": _model_info(cfg),
                 "split": seeds["splits"].get("method")}
-    summary = _summary(counts, stages, train, ans, evals, refusal_info, settings)
+    summary = _summary(counts, stages, train, wrapped, ans, evals, refusal_info, settings)
     files[SUMMARY_FILE] = _json(summary)
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:

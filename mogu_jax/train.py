@@ -158,11 +158,14 @@ def router_targets_from(tconf: dict, examples) -> int:
 
 
 def lowest_trained_layer(cfg: ModelConfig, stage: str, parts: Optional[tuple] = None) -> int:
-    """The lowest layer holding a parameter the stage trains: the branches sit in every layer; the router stage
-    with its branches frozen (``parts`` the router alone, the published v1 setting) trains routers only, so with
-    MoGU v2 routers in upper layers everything below the lowest one runs forward only (``cfg.frozen_layers``,
-    :func:`mogu_jax.model.forward`)."""
-    return min(cfg.router_layer_ids) if tuple(parts or (stage,)) == ("router",) else 0
+    """The lowest layer holding a parameter the stage's loss depends on: the glad and unwilling stages run one
+    branch, which sits in every layer (0). The router stage runs the routed model, in which a layer without a
+    router *is* the base layer (:func:`mogu_jax.model.forward`): with MoGU v2 routers in upper layers
+    everything below the lowest one runs forward only (``cfg.frozen_layers``), whether the branches are frozen
+    (the published v1 setting) or trained with the routers (``train.router_trains``: the branches' slices
+    below the lowest router get no gradient either way, as they take no part in the routed model)."""
+    del parts  # the same for every set of trained parts (see above)
+    return min(cfg.router_layer_ids) if stage == "router" else 0
 
 
 class FrozenLayersCache:

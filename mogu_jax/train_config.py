@@ -97,7 +97,8 @@ DEFAULTS: dict = {
     # `mogu-jax demo` only (configs/smollm2-135m.yaml): the generation around the three stages; training
     # ignores it
     "demo": {
-        "data": {"max_new_tokens": 40, "batch_size": 32},  # the base model's answers for the stage files
+        # the base model's answers for the stage files; wrap_every: synth.build_data's (null: no wrapped rows)
+        "data": {"max_new_tokens": 40, "batch_size": 32, "wrap_every": None},
         "eval": {"max_new_tokens": 40, "batch_size": 32},  # base vs MoGU on the evaluation split
         "quick": {"limit": 8, "max_new_tokens": 16, "max_len": 64, "per_kind": 2, "epochs": 1},  # --quick
     },

@@ -82,6 +82,33 @@ def test_backward_stops_below_the_lowest_router(tiny4, remat):
         assert f2 < 0.8 * f0, (f2, f0)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_joint_router_stage_backward_also_stops_below_the_lowest_router(tiny4, remat):
+    """Routers + branches trained together (train.router_trains): below the lowest router a routed layer is the
+    base layer, so the branches' slices there get exactly zero gradient and cutting the stack at that layer gives
+    the same value and gradients with a smaller differentiated program."""
+    cfg, p = tiny4
+    cfg = cfg.replace(remat=remat)
+    tokens = jnp.asarray(random_tokens(3, 12, seed=5))
+    trainable = {k: p[k] for k in ("router", "glad", "unwilling")}
+    assert T.lowest_trained_layer(cfg, "router", ("router", "glad", "unwilling")) == 2
+    results = {}
+    for k in (0, 2):
+        f = router_grad(cfg.replace(frozen_layers=k), p, tokens)
+        (value, _), grad = jax.value_and_grad(f, has_aux=True)(trainable)
+        program = jax.make_jaxpr(jax.grad(lambda t: f(t)[0]))(trainable).jaxpr
+        results[k] = value, grad, matmul_flops(program)
+    (v0, g0, f0), (v2, g2, f2) = results[0], results[2]
+    np.testing.assert_allclose(float(v2), float(v0), rtol=1e-6)
+    for name in ("glad", "unwilling"):
+        for leaf in jax.tree_util.tree_leaves(g0[name]):
+            assert float(jnp.abs(leaf[:2]).max()) == 0.0  # the layers below the lowest router
+            assert float(jnp.abs(leaf[2:]).max()) > 0
+    for a, b in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6 * max(1.0, float(jnp.abs(b).max())))
+    assert f2 < 0.8 * f0, (f2, f0)
+
+
 def test_frozen_layers_guard_rails(tiny4):
     cfg, p = tiny4
     tokens = jnp.asarray(random_tokens(2, 6))

@@ -150,7 +150,8 @@ def test_full_build_counts_labels_and_layouts(tmp_path):
     assert summary["files"]["glad.jsonl"] == 106 and summary["files"]["router.jsonl"] == len(rows["router"])
     assert summary["stages"]["glad"]["dropped"] == {"refused": 2}
     assert summary["stages"]["unwilling"]["dropped"] == {"refused": 1}
-    assert summary["stages"]["router"]["dropped"] == {"benign": {"refused": 1}, "contrast": {"refused": 1}}
+    assert summary["stages"]["router"]["dropped"] == {"benign": {"refused": 1}, "contrast": {"refused": 1},
+                                                      "wrapped_benign": {}}
     assert sorted(d["instruction"] for d in summary["dropped"]) == sorted(refuse)
     assert all(d["reason"] == "refused" for d in summary["dropped"])
     assert json.load(open(out / "summary.json")) == {k: v for k, v in summary.items()
@@ -335,3 +336,41 @@ def test_tiny_model_build(tiny, tmp_path):
     # greedy: the same seed gives byte-identical files
     S.build_data(cfg, params, tok, tmp_path / "b", **kw)
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+
+
+# ------------------------------------------------------------------------------------------- wrapped rows
+def test_wrap_every_adds_wrapped_rows_of_both_labels_to_the_router_only(tmp_path):
+    """``wrap_every``: every n-th benign and malicious train row reaches the router inside a jailbreak template,
+    benign with the model's own answer to the wrapped prompt (label 0), malicious with the bare row's refusal
+    (label 1); glad and unwilling are unchanged, and without the option nothing is wrapped."""
+    templates = S.load_seeds()["jailbreak_templates"]
+    plain, plain_summary, _ = build(tmp_path, "plain", limit=12)
+    out, summary, stub = build(tmp_path, "wrapped", limit=12, wrap_every=3)
+    for stage in ("glad.jsonl", "unwilling.jsonl"):
+        assert read_jsonl(out / stage) == read_jsonl(plain / stage)
+    before, after = read_jsonl(plain / "router.jsonl"), read_jsonl(out / "router.jsonl")
+    assert after[: len(before)] == before
+    extra = after[len(before):]
+    benign = S.spread(S.split("benign", "train"), 12)[::3]
+    malicious = S.spread(S.split("malicious", "train"), 12)[::3]
+    assert [r["label"] for r in extra] == [0] * len(benign) + [1] * len(malicious)
+    for j, (r, seed_row) in enumerate(zip(extra, benign + malicious)):
+        t = j % len(templates) if j < len(benign) else (j - len(benign)) % len(templates)
+        assert r["instruction"] == templates[t].format(instruction=seed_row["instruction"])
+    refusal_of = {r["instruction"]: r["output"] for r in before if r["label"] == 1}
+    for r, seed_row in zip(extra[len(benign):], malicious):
+        assert r["output"] == refusal_of[seed_row["instruction"]]
+    # the wrapped benign prompts were generated (one call of their own), the malicious ones need no generation
+    wrapped_calls = [c for c in stub.calls if c["instructions"] == [r["instruction"] for r in extra[: len(benign)]]]
+    assert len(wrapped_calls) == 1
+    assert summary["stages"]["router"]["wrapped_benign"] == len(benign)
+    assert summary["stages"]["router"]["wrapped_malicious"] == len(malicious)
+    assert plain_summary["stages"]["router"]["wrapped_benign"] == 0 and plain_summary["settings"]["wrap_every"] is None
+    layouts_agree(out)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, "3", True])
+def test_wrap_every_refuses_bad_values(tmp_path, bad):
+    with pytest.raises(MoguError, match="wrap_every must be a positive integer"):
+        build(tmp_path, wrap_every=bad)
+    assert not (tmp_path / "out").exists()
