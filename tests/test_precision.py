@@ -118,7 +118,9 @@ def test_demo_settings_live_in_configs():
         conf = load_config(stage, demo_settings(), values={"model": {"base": "/x"}})
         assert conf["model"]["dtype"] == "auto" and conf["data"]["max_len"] == 64
         assert conf["train"]["router_targets"] == "after_prefix"
-    assert load_config("router", demo_settings())["data"]["balance_labels"] is True
+    router = load_config("router", demo_settings())
+    assert router["data"]["balance_labels"] is True
+    assert router["train"]["router_trains"] == ["router", "glad", "unwilling"]  # MoGU v2 joint training
     # typed values win over the file's per-stage sections, as command-line overrides do
     conf = load_config("router", demo_settings(), values={"train": {"epochs": 1}, "data": {"buckets": [32]}})
     assert conf["train"]["epochs"] == 1 and conf["data"]["buckets"] == [32]
