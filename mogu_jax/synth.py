@@ -380,6 +380,16 @@ def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str]) -> list[
     return out
 
 
+def wrapped_benign_prompts(part: str) -> list[dict]:
+    """Split ``part``'s benign rows, row ``k`` wrapped in jailbreak template ``k % 11`` (``{"id", "prompt",
+    "kind": "jailbreak_benign"}``): over-refusal of benign requests in jailbreak-style wrappers, measured on dev
+    when choosing settings (``scripts/wrapped_benign_prompts.py`` writes the file)."""
+    templates = _load_seeds_cached()["jailbreak_templates"]
+    return [{"id": f"jailbreak_benign-{r['index']:03d}-t{k % len(templates):02d}",
+             "prompt": templates[k % len(templates)].format(instruction=r["instruction"]), "kind": "jailbreak_benign"}
+            for k, r in enumerate(split("benign", part))]
+
+
 def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every=None):
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)

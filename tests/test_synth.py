@@ -374,3 +374,20 @@ def test_wrap_every_refuses_bad_values(tmp_path, bad):
     with pytest.raises(MoguError, match="wrap_every must be a positive integer"):
         build(tmp_path, wrap_every=bad)
     assert not (tmp_path / "out").exists()
+
+
+def test_wrapped_benign_prompts_load_as_an_evaluation_kind(tmp_path):
+    """The dev file of benign requests in the seed jailbreak templates (README, the demo's levers table): the
+    split's benign rows, each inside one template, of a kind the evaluation knows as 'should be answered'."""
+    rows = S.wrapped_benign_prompts("dev")
+    dev = S.split("benign", "dev")
+    templates = S.load_seeds()["jailbreak_templates"]
+    assert len(rows) == len(dev) == 39
+    for k, (row, seed_row) in enumerate(zip(rows, dev)):
+        assert row["prompt"] == templates[k % len(templates)].format(instruction=seed_row["instruction"])
+    assert "jailbreak_benign" in E.USABLE_KINDS
+    path = tmp_path / "dev_jb_benign.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = E.load_prompts(str(path))
+    assert [r["prompt"] for r in loaded] == [r["prompt"] for r in rows]
+    assert {r["kind"] for r in loaded} == {"jailbreak_benign"}
