@@ -23,7 +23,7 @@ and ``test.jsonl``):
 * **router** rows: benign train and contrast train instructions with the model's own answer, label 0 (dropped
   when empty or refused, as above; each instruction is generated once and the benign answers are shared with the
   unwilling stage), then every malicious train instruction with its glad-stage refusal, label 1 (these need no
-  generation, so none is dropped).
+  generation, so none is dropped); with ``wrap_every`` also wrapped train rows of both labels (:func:`wrapped_rows`).
 * **evaluation prompts** ``dev.jsonl`` and ``test.jsonl``, one per split (``{"id", "prompt", "kind"}``,
   :func:`mogu_jax.evaluate.load_prompts` reads them; :func:`eval_prompts`): ``harmful`` = the split's malicious
   rows; ``jailbreak`` = each of them wrapped in one jailbreak template, cycling through the templates in order
@@ -630,8 +630,8 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     dev and the test rows (:func:`spread`). ``wrap_every``: every ``wrap_every``-th benign and malicious train
     row is also added to the router stage inside a jailbreak template (:func:`wrapped_rows`; benign: the model's
     own answer to the wrapped prompt, label 0; malicious: its refusal, label 1), so that a wrapper alone does not
-    tell the routers the label; None (default): no wrapped rows. ``generate_fn``/``judge`` replace the model and the refusal judge
-    (``cfg``/``params``/``tokenizer`` may then be None).
+    tell the routers the label; None (default): no wrapped rows. ``generate_fn``/``judge`` replace the model and
+    the refusal judge (``cfg``/``params``/``tokenizer`` may then be None).
 
     Steps: check the arguments and the output folder; pick the rows of each split; generate every list once
     (:func:`_own_answers`, :func:`_malicious_affirmatives`, :func:`_malicious_refusals`); assemble the stages'
