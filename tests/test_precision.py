@@ -118,6 +118,7 @@ def test_demo_settings_live_in_configs():
         conf = load_config(stage, demo_settings(), values={"model": {"base": "/x"}})
         assert conf["model"]["dtype"] == "auto" and conf["data"]["max_len"] == 64
         assert conf["train"]["router_targets"] == "after_prefix"
+        assert conf["data"]["refusal_eos"] is True  # refusals that end (issue 12, chosen on dev)
     router = load_config("router", demo_settings())
     assert router["data"]["balance_labels"] is True
     assert router["train"]["router_trains"] == ["router", "glad", "unwilling"]  # MoGU v2 joint training
