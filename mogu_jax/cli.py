@@ -149,6 +149,8 @@ def _add_data(sub):
     b.add_argument("--no-prime", action="store_true", help="do not prime malicious answers with an affirmative opening")
     b.add_argument("--wrap-every", type=POSITIVE_INT, default=None,
                    help="also give the router every N-th benign and malicious train row inside a jailbreak template")
+    b.add_argument("--twins", action="store_true",
+                   help="also give the router the benign twins of the malicious train rows (same form, harmless)")
     b.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     b.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     b.add_argument("--overwrite", action="store_true")
@@ -346,7 +348,7 @@ def cmd_data(args) -> int:
     summary = synth.build_data(cfg, params, tok, args.out, template=args.template, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, limit=args.limit, seed=args.seed,
                                refusal_source=args.refusals, prime_malicious=not args.no_prime,
-                               wrap_every=args.wrap_every,
+                               wrap_every=args.wrap_every, twins=args.twins,
                                overwrite=args.overwrite)
     print(json.dumps(summary, indent=2, default=str))
     return 0

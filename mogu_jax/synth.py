@@ -23,12 +23,14 @@ and ``test.jsonl``):
 * **router** rows: benign train and contrast train instructions with the model's own answer, label 0 (dropped
   when empty or refused, as above; each instruction is generated once and the benign answers are shared with the
   unwilling stage), then every malicious train instruction with its glad-stage refusal, label 1 (these need no
-  generation, so none is dropped); with ``wrap_every`` also wrapped train rows of both labels (:func:`wrapped_rows`).
+  generation, so none is dropped); with ``wrap_every`` also wrapped train rows of both labels (:func:`wrapped_rows`);
+  with ``twins`` also the benign twins of the malicious train rows (``benign_twins.json``), label 0.
 * **evaluation prompts** ``dev.jsonl`` and ``test.jsonl``, one per split (``{"id", "prompt", "kind"}``,
   :func:`mogu_jax.evaluate.load_prompts` reads them; :func:`eval_prompts`): ``harmful`` = the split's malicious
   rows; ``jailbreak`` = each of them wrapped in one jailbreak template, cycling through the templates in order
   (row ``k`` of the split's list uses template ``k % n_templates``); ``benign`` = its benign rows;
-  ``borderline`` = its contrast rows. Dev is for every choice of settings; test is reported, never tuned on.
+  ``borderline`` = its contrast rows; ``benign_twin`` = the benign twins of its malicious rows (plain requests in the
+  malicious seeds' form). Dev is for every choice of settings; test is reported, never tuned on.
 
 **Choices per row** (the affirmative opening and the bank refusal) are a pure function of ``seed`` and the
 instruction text (a SHA-256 hash), so they do not change with ``limit``, the batch size or the order of rows.
@@ -84,12 +86,16 @@ SEED_FILES = {
     "benign": "benign.json",
     "malicious": "malicious.json",
     "contrast": "contrast.json",
+    "benign_twins": "benign_twins.json",
     "jailbreak_templates": "jailbreak_templates.json",
     "refusals": "refusals.json",
     "affirmative_openings": "affirmative_openings.json",
     "splits": "splits.json",
 }
-SPLIT_KINDS = ("benign", "malicious", "contrast")
+SPLIT_KINDS = ("benign", "malicious", "contrast", "benign_twins")
+#: ``benign_twins.json`` row ``i`` is the benign twin of malicious row ``i`` (the same form, a harmless request), so
+#: the two lists have one split: a twin and its malicious row are never in different splits.
+TWIN_OF = {"benign_twins": "malicious"}
 #: The independent test set (package data): written apart from the seed lists, in other words and shapes; never
 #: used for training or for choosing settings (see mogu_jax/seeds/README.md).
 INDEPENDENT_TEST_FILE = "independent_test.jsonl"
@@ -102,7 +108,7 @@ SPLIT_PARTS = ("train", "dev", "test")
 #: The splits written as evaluation prompts (``dev.jsonl``, ``test.jsonl``).
 EVAL_SPLITS = ("dev", "test")
 #: The evaluation kinds of those files, in their order.
-EVAL_KINDS = ("harmful", "jailbreak", "benign", "borderline")
+EVAL_KINDS = ("harmful", "jailbreak", "benign", "borderline", "benign_twin")
 REFUSAL_SOURCES = ("bank", "model")
 
 SUMMARY_FORMAT = "mogu_jax.synth_data"
@@ -164,6 +170,12 @@ def _check_seeds(s: dict) -> None:
         if len(set(idx)) != len(idx):
             raise MoguError(f"seed file splits.json: {kind} has an index listed twice (train, dev and test must be "
                             "disjoint)")
+    for kind, of in TWIN_OF.items():
+        if len(s[kind]) != len(s[of]) or any(r.get("twin_of") != i for i, r in enumerate(s[kind])):
+            raise MoguError(f"seed file {SEED_FILES[kind]}: row i must be the twin of {SEED_FILES[of]} row i "
+                            f"(\"twin_of\": i), one per row")
+        if s["splits"][kind] != s["splits"][of]:
+            raise MoguError(f"seed file splits.json: {kind} must have the same split as {of} (twins go together)")
     for key in ("jailbreak_templates", "refusals", "affirmative_openings"):
         v = s[key]
         if not isinstance(v, list) or not v or not all(isinstance(t, str) and t.strip() for t in v):
@@ -175,15 +187,15 @@ def _check_seeds(s: dict) -> None:
 
 
 def load_seeds() -> dict:
-    """All seed files as ``{"benign", "malicious", "contrast", "jailbreak_templates", "refusals",
+    """All seed files as ``{"benign", "malicious", "contrast", "benign_twins", "jailbreak_templates", "refusals",
     "affirmative_openings", "splits"}`` (a fresh copy each call)."""
     return copy.deepcopy(_load_seeds_cached())
 
 
 def split(kind: str, part: str) -> list[dict]:
-    """The rows of seed kind ``benign``, ``malicious`` or ``contrast`` in split ``part`` (``train``, ``dev`` or
-    ``test``), in the fixed order of ``splits.json``. Each row is a copy of the seed row plus ``"index"``, its
-    position in the seed file."""
+    """The rows of seed kind ``benign``, ``malicious``, ``contrast`` or ``benign_twins`` in split ``part``
+    (``train``, ``dev`` or ``test``), in the fixed order of ``splits.json``. Each row is a copy of the seed row plus
+    ``"index"``, its position in the seed file."""
     if kind not in SPLIT_KINDS:
         raise MoguError(f"unknown seed kind {kind!r}; kinds with a split: {', '.join(SPLIT_KINDS)}")
     if part not in SPLIT_PARTS:
@@ -366,8 +378,9 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
 
 def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str]) -> list[dict]:
     """The evaluation prompts of one split (``{"id", "prompt", "kind"}``, :data:`EVAL_KINDS`) from its seed rows
-    ``{"malicious", "benign", "contrast"}``: ``harmful`` = the malicious rows; ``jailbreak`` = each malicious row
-    wrapped in one template, row ``k`` in template ``k % len(templates)``; ``benign``; ``borderline`` = contrast."""
+    ``{"malicious", "benign", "contrast", "benign_twins"}``: ``harmful`` = the malicious rows; ``jailbreak`` = each
+    malicious row wrapped in one template, row ``k`` in template ``k % len(templates)``; ``benign``; ``borderline``
+    = contrast; ``benign_twin`` = the malicious rows' benign twins (plain requests in the malicious seeds' form)."""
     out = [{"id": f"harmful-{r['index']:03d}", "prompt": r["instruction"], "kind": "harmful"}
            for r in rows["malicious"]]
     for k, r in enumerate(rows["malicious"]):
@@ -377,6 +390,8 @@ def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str]) -> list[
     out += [{"id": f"benign-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign"} for r in rows["benign"]]
     out += [{"id": f"borderline-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline"}
             for r in rows["contrast"]]
+    out += [{"id": f"benign_twin-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign_twin"}
+            for r in rows.get("benign_twins", ())]
     return out
 
 
@@ -390,7 +405,7 @@ def wrapped_benign_prompts(part: str) -> list[dict]:
             for k, r in enumerate(split("benign", part))]
 
 
-def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every=None):
+def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every=None, twins=False):
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -403,6 +418,8 @@ def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, templat
     if wrap_every is not None and (not is_int(wrap_every) or wrap_every < 1):
         raise MoguError(f"wrap_every must be a positive integer (every n-th train row wrapped) or None, "
                         f"got {wrap_every!r}")
+    if not isinstance(twins, bool):
+        raise MoguError(f"twins must be true or false, got {twins!r}")
     if not is_int(seed):
         raise MoguError(f"seed must be an integer, got {seed!r}")
     if refusal_source not in REFUSAL_SOURCES:
@@ -455,10 +472,11 @@ class _Answers:
     malicious: list = dataclasses.field(default_factory=list)  # glad affirmatives (opening + continuation)
     malicious_refusals: list = dataclasses.field(default_factory=list)
     wrapped_benign: list = dataclasses.field(default_factory=list)  # answers to the wrapped benign rows
+    benign_twins: list = dataclasses.field(default_factory=list)  # answers to the benign twins (``twins``)
     model_refusals: dict = dataclasses.field(default_factory=lambda: {"used": 0, "bank_fallback": 0})
     dropped: list = dataclasses.field(default_factory=list)
     trimmed: dict = dataclasses.field(
-        default_factory=lambda: {"benign": 0, "contrast": 0, "malicious": 0, "wrapped_benign": 0})
+        default_factory=lambda: {"benign": 0, "contrast": 0, "malicious": 0, "wrapped_benign": 0, "benign_twins": 0})
 
     def keep(self, kind: str, row: dict, text: str, cut: str, affects: list, judge) -> bool:
         """Count a trim of ``text`` to ``cut``; drop (and list) the row when ``cut`` is empty or a refusal."""
@@ -540,7 +558,8 @@ def _malicious_refusals(run: Callable, judge, ans: _Answers, rows: list[dict], r
 def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed: int,
                 wrapped: dict) -> dict[str, list[dict]]:
     """The glad, unwilling and router rows from the train rows and their answers (dropped rows left out; every
-    malicious row reaches the router with its refusal). ``wrapped`` (``{"benign", "malicious"}``,
+    malicious row reaches the router with its refusal; the benign twins' answers, when generated, go to the router
+    with label 0). ``wrapped`` (``{"benign", "malicious"}``,
     :func:`wrapped_rows`) go to the router only: benign with the model's answer to the wrapped prompt (label 0),
     malicious with the bare row's refusal (label 1). A stage without rows is an error."""
     mal = train["malicious"]
@@ -551,7 +570,8 @@ def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed
                   "refusal": pick(benign_refusals, seed, "refusal", r["instruction"])}
                  for r, a in zip(train["benign"], ans.benign) if a is not None]
     router = ([{"instruction": r["instruction"], "output": a, "label": 0}
-               for kind in ("benign", "contrast") for r, a in zip(train[kind], getattr(ans, kind)) if a is not None]
+               for kind in ("benign", "contrast", "benign_twins") for r, a in zip(train[kind], getattr(ans, kind))
+               if a is not None]
               + [{"instruction": r["instruction"], "output": ref, "label": 1}
                  for r, ref in zip(mal, ans.malicious_refusals)]
               + [{"instruction": r["instruction"], "output": a, "label": 0}
@@ -603,11 +623,14 @@ def _summary(counts: dict, stages: dict, train: dict, wrapped: dict, ans: _Answe
             "unwilling": {"rows": len(unwilling), "benign_train": len(train["benign"]),
                           "dropped": ans.drops("benign")},
             "router": {"rows": len(router), "benign": sum(a is not None for a in ans.benign),
-                       "contrast": sum(a is not None for a in ans.contrast), "malicious": len(train["malicious"]),
+                       "contrast": sum(a is not None for a in ans.contrast),
+                       "benign_twins": sum(a is not None for a in ans.benign_twins),
+                       "malicious": len(train["malicious"]),
                        "wrapped_benign": sum(a is not None for a in ans.wrapped_benign),
                        "wrapped_malicious": len(wrapped["malicious"]),
                        "label_0": sum(r["label"] == 0 for r in router), "label_1": sum(r["label"] == 1 for r in router),
                        "dropped": {"benign": ans.drops("benign"), "contrast": ans.drops("contrast"),
+                                   "benign_twins": ans.drops("benign_twins"),
                                    "wrapped_benign": ans.drops("wrapped_benign")}},
         },
         "eval": {part: {k: sum(h["kind"] == k for h in rows) for k in EVAL_KINDS} for part, rows in evals.items()},
@@ -621,6 +644,7 @@ def _summary(counts: dict, stages: dict, train: dict, wrapped: dict, ans: _Answe
 def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: Optional[str] = None,
                max_new_tokens: int = 96, batch_size: int = 8, limit: Optional[int] = None, seed: int = 0,
                refusal_source: str = "bank", prime_malicious: bool = True, wrap_every: Optional[int] = None,
+               twins: bool = False,
                progress: bool = True, overwrite: bool = False, generate_fn: Optional[Callable] = None,
                judge=None) -> dict:
     """Build the training files of the three stages and the dev / test prompts into ``out_dir`` (see the module
@@ -630,8 +654,11 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     dev and the test rows (:func:`spread`). ``wrap_every``: every ``wrap_every``-th benign and malicious train
     row is also added to the router stage inside a jailbreak template (:func:`wrapped_rows`; benign: the model's
     own answer to the wrapped prompt, label 0; malicious: its refusal, label 1), so that a wrapper alone does not
-    tell the routers the label; None (default): no wrapped rows. ``generate_fn``/``judge`` replace the model and
-    the refusal judge (``cfg``/``params``/``tokenizer`` may then be None).
+    tell the routers the label; None (default): no wrapped rows. ``twins``: the benign twins of the malicious train
+    rows (``benign_twins.json``: the same form, a harmless request) go to the router stage with the model's own
+    answers (label 0), so that the form of a malicious seed alone does not tell the routers the label.
+    ``generate_fn``/``judge`` replace the model and the refusal judge (``cfg``/``params``/``tokenizer`` may then be
+    None).
 
     Steps: check the arguments and the output folder; pick the rows of each split; generate every list once
     (:func:`_own_answers`, :func:`_malicious_affirmatives`, :func:`_malicious_refusals`); assemble the stages'
@@ -639,7 +666,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     write them all atomically.
     """
     t0 = time.perf_counter()
-    _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every)
+    _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every, twins)
     out_dir = os.fspath(out_dir)
     check_output_dir(out_dir, overwrite)  # fail before any generation
     if generate_fn is None:
@@ -668,6 +695,8 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     wrapped = {kind: wrapped_rows(train[kind], seeds["jailbreak_templates"], wrap_every)
                for kind in ("benign", "malicious")}
     ans.wrapped_benign = _own_answers(run, judge, ans, "wrapped_benign", wrapped["benign"], ["router"])
+    ans.benign_twins = _own_answers(run, judge, ans, "benign_twins", train["benign_twins"] if twins else [],
+                                    ["router"])
 
     stages = _stage_rows(train, ans, benign_refusals, seed, wrapped)
     files, counts = _output_files(stages, evals)
@@ -676,7 +705,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
                         "system_prompt": SAFETY_SYSTEM_PROMPT} if refusal_source == "model" else {})}
     settings = {"template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit,
                 "seed": seed, "refusal_source": refusal_source, "prime_malicious": bool(prime_malicious),
-                "wrap_every": wrap_every,
+                "wrap_every": wrap_every, "twins": bool(twins),
                 "decoding": "greedy", "judge": repr(judge), "model": _model_info(cfg),
                 "split": seeds["splits"].get("method")}
     summary = _summary(counts, stages, train, wrapped, ans, evals, refusal_info, settings)

@@ -378,7 +378,7 @@ def test_load_jsonl(tmp_path):
     ('{"prompt": "a", "kind": "harmful"}\n{"prompt": "b", "kind": \n',
      "invalid JSON at line 2 column 25: Expecting value"),
     ('{"prompt": "a", "kind": "malicious"}\n',
-     "row 1: unknown kind 'malicious'; kinds: harmful, jailbreak, benign, borderline, harmful_direct"),
+     "row 1: unknown kind 'malicious'; kinds: harmful, jailbreak, benign, borderline, benign_twin, harmful_direct"),
     ('{"prompt": "a", "kind": "harmful"}\n\n{"instruction": "b", "kind": "benign"}\n',
      r"row 2 \(line 3\): missing field 'prompt' \(each row needs prompt, kind; 'id' is optional\)"),
     ('{"prompt": "a"}\n', "row 1: missing field 'kind'"),

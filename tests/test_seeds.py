@@ -23,7 +23,7 @@ CATEGORIES = {
     "misinformation",
 }
 REFUSAL_KEYWORDS = ("I'm sorry", "I can't", "I cannot", "I won't", "I am unable")
-SPLIT_KINDS = ("benign", "malicious", "contrast")
+SPLIT_KINDS = ("benign", "malicious", "contrast", "benign_twins")
 
 
 def load(name):
@@ -41,6 +41,7 @@ def seeds():
         "benign": load("benign.json"),
         "malicious": load("malicious.json"),
         "contrast": load("contrast.json"),
+        "benign_twins": load("benign_twins.json"),
         "templates": load("jailbreak_templates.json"),
         "refusals": load("refusals.json"),
         "openings": load("affirmative_openings.json"),
@@ -64,6 +65,7 @@ def test_files_are_package_data():
         "benign.json",
         "malicious.json",
         "contrast.json",
+        "benign_twins.json",
         "jailbreak_templates.json",
         "refusals.json",
         "affirmative_openings.json",
@@ -77,6 +79,7 @@ def test_counts(seeds):
     assert len(seeds["benign"]) >= 170
     assert len(seeds["malicious"]) >= 170
     assert len(seeds["contrast"]) >= 70
+    assert len(seeds["benign_twins"]) == len(seeds["malicious"])
     assert 8 <= len(seeds["templates"]) <= 12
     assert len(seeds["refusals"]) >= 40
     assert len(seeds["openings"]) >= 20
@@ -89,6 +92,8 @@ def test_row_shapes(seeds):
         assert set(row) == {"instruction", "category"}
     for row in seeds["contrast"]:
         assert set(row) == {"instruction", "trigger"}
+    for i, row in enumerate(seeds["benign_twins"]):
+        assert set(row) == {"instruction", "twin_of"} and row["twin_of"] == i
     for kind in ("templates", "refusals", "openings"):
         assert all(isinstance(s, str) for s in seeds[kind])
 
@@ -161,7 +166,8 @@ def test_refusals_distinct_from_openings(seeds):
 
 SPLIT_PARTS = ("train", "dev", "test")
 #: rows per split part: dev = the former held-out rows (i % 5 == 4), test = i % 5 == 2, train = the rest
-SPLIT_SIZES = {"benign": (117, 39, 39), "malicious": (108, 36, 36), "contrast": (53, 17, 18)}
+SPLIT_SIZES = {"benign": (117, 39, 39), "malicious": (108, 36, 36), "contrast": (53, 17, 18),
+               "benign_twins": (108, 36, 36)}
 
 
 def tokens(s):
@@ -183,6 +189,30 @@ def test_splits_disjoint_covering_fixed(seeds):
         assert sorted(i for p in parts for i in p) == list(range(n)), kind  # disjoint and covering
         assert splits[kind]["dev"] == [i for i in range(n) if i % 5 == 4]
         assert splits[kind]["test"] == [i for i in range(n) if i % 5 == 2]
+
+
+def test_benign_twins_share_their_malicious_rows_split(seeds):
+    """A twin and its malicious row are in the same split, so a dev or test malicious row's form never reaches
+    training through its twin; and the loader refuses a splits file that parts them."""
+    from mogu_jax import synth as S
+    assert seeds["splits"]["benign_twins"] == seeds["splits"]["malicious"]
+    for part in SPLIT_PARTS:
+        twins, mal = S.split("benign_twins", part), S.split("malicious", part)
+        assert [t["twin_of"] for t in twins] == [m["index"] for m in mal]
+    broken = S.load_seeds()
+    broken["splits"]["benign_twins"]["dev"], broken["splits"]["benign_twins"]["test"] = (
+        broken["splits"]["benign_twins"]["test"], broken["splits"]["benign_twins"]["dev"])
+    with pytest.raises(S.MoguError, match="same split as malicious"):
+        S._check_seeds(broken)
+
+
+def test_benign_twins_keep_the_malicious_form_not_its_words(seeds):
+    """Twins share the malicious row's opening words (its form) but not its content words."""
+    same_opening = sum(t["instruction"].split()[0] == m["instruction"].split()[0]
+                       for t, m in zip(seeds["benign_twins"], seeds["malicious"]))
+    assert same_opening >= 0.8 * len(seeds["malicious"])
+    for t, m in zip(seeds["benign_twins"], seeds["malicious"]):
+        assert jaccard(tokens(t["instruction"]), tokens(m["instruction"])) < 0.6, (t, m)
 
 
 def test_malicious_dev_and_test_balanced_over_categories(seeds):

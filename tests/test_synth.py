@@ -151,7 +151,7 @@ def test_full_build_counts_labels_and_layouts(tmp_path):
     assert summary["stages"]["glad"]["dropped"] == {"refused": 2}
     assert summary["stages"]["unwilling"]["dropped"] == {"refused": 1}
     assert summary["stages"]["router"]["dropped"] == {"benign": {"refused": 1}, "contrast": {"refused": 1},
-                                                      "wrapped_benign": {}}
+                                                      "benign_twins": {}, "wrapped_benign": {}}
     assert sorted(d["instruction"] for d in summary["dropped"]) == sorted(refuse)
     assert all(d["reason"] == "refused" for d in summary["dropped"])
     assert json.load(open(out / "summary.json")) == {k: v for k, v in summary.items()
@@ -180,8 +180,9 @@ def test_full_build_counts_labels_and_layouts(tmp_path):
 
     # evaluation prompts: one file per split, from that split's rows only
     templates = seeds["jailbreak_templates"]
-    assert summary["eval"] == {"dev": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 17},
-                               "test": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 18}}
+    assert summary["eval"] == {
+        "dev": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 17, "benign_twin": 36},
+        "test": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 18, "benign_twin": 36}}
     ids = set()
     for part in S.EVAL_SPLITS:
         prompts = E.load_prompts(out / f"{part}.jsonl")
@@ -191,6 +192,8 @@ def test_full_build_counts_labels_and_layouts(tmp_path):
         assert [h["prompt"] for h in by_kind["harmful"]] == [r["instruction"] for r in mal]
         assert [h["prompt"] for h in by_kind["benign"]] == [r["instruction"] for r in ben]
         assert [h["prompt"] for h in by_kind["borderline"]] == [r["instruction"] for r in con]
+        twins = S.split("benign_twins", part)
+        assert [h["prompt"] for h in by_kind["benign_twin"]] == [r["instruction"] for r in twins]
         assert [h["prompt"] for h in by_kind["jailbreak"]] == [
             templates[k % len(templates)].format(instruction=r["instruction"]) for k, r in enumerate(mal)]
         ids |= {h["id"] for h in prompts}
@@ -214,7 +217,7 @@ def test_limit_spreads_rows(tmp_path):
     rows = layouts_agree(out)
     assert (len(rows["glad"]), len(rows["unwilling"]), len(rows["router"])) == (5, 5, 15)
     assert sum(r["label"] for r in rows["router"]) == 5
-    assert summary["eval"] == {p: {"harmful": 5, "jailbreak": 5, "benign": 5, "borderline": 5}
+    assert summary["eval"] == {p: {"harmful": 5, "jailbreak": 5, "benign": 5, "borderline": 5, "benign_twin": 5}
                                for p in ("dev", "test")}
     mal_train = S.split("malicious", "train")
     cats = {r["category"] for r in mal_train if r["instruction"] in {g["instruction"] for g in rows["glad"]}}
@@ -332,7 +335,8 @@ def test_tiny_model_build(tiny, tmp_path):
         op = next(o for o in openings if r["affirmative"].startswith(o + " "))
         assert r["affirmative"][len(op) + 1:].split()[0].startswith("w")
     assert summary["settings"]["model"]["num_layers"] == cfg.num_layers
-    assert summary["eval"] == {p: {"harmful": 3, "jailbreak": 3, "benign": 3, "borderline": 3} for p in ("dev", "test")}
+    assert summary["eval"] == {p: {"harmful": 3, "jailbreak": 3, "benign": 3, "borderline": 3, "benign_twin": 3}
+                               for p in ("dev", "test")}
     # greedy: the same seed gives byte-identical files
     S.build_data(cfg, params, tok, tmp_path / "b", **kw)
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
@@ -391,3 +395,37 @@ def test_wrapped_benign_prompts_load_as_an_evaluation_kind(tmp_path):
     loaded = E.load_prompts(str(path))
     assert [r["prompt"] for r in loaded] == [r["prompt"] for r in rows]
     assert {r["kind"] for r in loaded} == {"jailbreak_benign"}
+
+
+def test_twins_add_the_benign_twins_to_the_router_only(tmp_path):
+    """``twins``: the benign twins of the malicious train rows reach the router with the model's own answers
+    (label 0, one generation call of their own); glad and unwilling are unchanged; without the option no twin is
+    trained on. The evaluation files hold each split's twins as the ``benign_twin`` kind either way."""
+    plain, plain_summary, _ = build(tmp_path, "plain", limit=12)
+    out, summary, stub = build(tmp_path, "twins", limit=12, twins=True)
+    for stage in ("glad.jsonl", "unwilling.jsonl", "dev.jsonl", "test.jsonl"):
+        assert read_jsonl(out / stage) == read_jsonl(plain / stage)
+    twins = S.spread(S.split("benign_twins", "train"), 12)
+    malicious = S.spread(S.split("malicious", "train"), 12)
+    assert [t["twin_of"] for t in twins] == [m["index"] for m in malicious]  # limit keeps the pairs together
+    router = read_jsonl(out / "router.jsonl")
+    added = [r for r in router if r not in read_jsonl(plain / "router.jsonl")]
+    assert [r["instruction"] for r in added] == [t["instruction"] for t in twins]
+    assert {r["label"] for r in added} == {0}
+    assert len([c for c in stub.calls if c["instructions"] == [t["instruction"] for t in twins]]) == 1
+    assert summary["stages"]["router"]["benign_twins"] == len(twins) and summary["settings"]["twins"] is True
+    assert plain_summary["stages"]["router"]["benign_twins"] == 0
+    assert not any(r["instruction"] in {t["instruction"] for t in S.split("benign_twins", "train")}
+                   for r in read_jsonl(plain / "router.jsonl"))
+    for part in ("dev", "test"):
+        rows = [r for r in read_jsonl(out / f"{part}.jsonl") if r["kind"] == "benign_twin"]
+        assert [r["prompt"] for r in rows] == [t["instruction"] for t in S.spread(S.split("benign_twins", part), 12)]
+    assert "benign_twin" in E.USABLE_KINDS
+    layouts_agree(out)
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_twins_refuses_bad_values(tmp_path, bad):
+    with pytest.raises(MoguError, match="twins must be true or false"):
+        build(tmp_path, twins=bad)
+    assert not (tmp_path / "out").exists()

@@ -7,15 +7,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mogu_jax.errors import MoguError
 
-#: The seed splits' kinds, then the finer kinds of the independent test set (mogu_jax/seeds/independent_test.jsonl):
-#: short direct harmful questions, unsafe twins of safe-but-alarming prompts, harmful and benign requests inside the
-#: same jailbreak-style wrappers, plain everyday imperatives.
-KINDS = ("harmful", "jailbreak", "benign", "borderline", "harmful_direct", "borderline_unsafe_twin",
+#: The seed splits' kinds (``benign_twin``: the benign twins of the malicious seeds, plain requests in their form),
+#: then the finer kinds of the independent test set (mogu_jax/seeds/independent_test.jsonl): short direct harmful
+#: questions, unsafe twins of safe-but-alarming prompts, harmful and benign requests inside the same jailbreak-style
+#: wrappers, plain everyday imperatives.
+KINDS = ("harmful", "jailbreak", "benign", "borderline", "benign_twin", "harmful_direct", "borderline_unsafe_twin",
          "jailbreak_harmful", "benign_plain", "jailbreak_benign")
 #: should be refused
 MALICIOUS_KINDS = ("harmful", "jailbreak", "harmful_direct", "borderline_unsafe_twin", "jailbreak_harmful")
 #: should be answered
-USABLE_KINDS = ("benign", "borderline", "benign_plain", "jailbreak_benign")
+USABLE_KINDS = ("benign", "borderline", "benign_plain", "jailbreak_benign", "benign_twin")
 
 
 def check_kind(kind: Any, path: str, loc: str) -> str:
