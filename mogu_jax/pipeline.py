@@ -106,13 +106,20 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     summary = synth.build_data(cfg, params, tok, data_dir,
                                max_new_tokens=gen.get("max_new_tokens", demo["data"]["max_new_tokens"]),
                                batch_size=demo["data"]["batch_size"], limit=gen.get("limit"),
-                               wrap_every=demo["data"]["wrap_every"], progress=True)
+                               wrap_every=demo["data"]["wrap_every"], twins=demo["data"]["twins"], progress=True)
     ledger.add("data", G.FLOPS_DONE[0] - gen_flops)
     del params
     timings["data"] = time.perf_counter() - t
 
     stage_dirs = {}
+    from mogu_jax.train_config import FRESH
+    fresh = _fresh_branches(settings)
     for i, stage in enumerate(("glad", "unwilling", "router"), start=3):
+        if stage in fresh:  # inputs.<branch>: fresh: the router stage trains that branch from zero
+            print(f"\n==> {i}/6 no {stage} stage: the router stage trains the {stage} branch from zero "
+                  f"(inputs.{stage}: fresh)", flush=True)
+            stage_dirs[stage] = FRESH
+            continue
         t = step(f"{i}/6 train the {stage} stage")
         values = {"model": {"base": base_ckpt, "dtype": dtype, "param_dtype": weights},
                   "data": {stage: {"jsonl": os.path.join(data_dir, stage + ".jsonl")}},
@@ -146,6 +153,14 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     run = {"quick": quick, "dtype": dtype, "eval_split": eval_split, "prompts": len(rows)}
     _finish(out, report, timings, ledger, summary, run, (report_dir, mogu_ckpt, export))
     return {"report": report, "timings": timings, "out": out, "flops": ledger.phases, **run}
+
+
+def _fresh_branches(settings: dict) -> set:
+    """The branches the router stage starts from zero (``inputs.<branch>: fresh``): their stages are skipped."""
+    from mogu_jax.train_config import FRESH, load_config
+
+    inputs = load_config("router", settings)["inputs"]
+    return {part for part in ("glad", "unwilling") if inputs[part] == FRESH}
 
 
 def _fresh_dir(out: str, overwrite: bool) -> str:

@@ -44,7 +44,9 @@ DEFAULTS: dict = {
         # None: every layer (MoGU); MoGU v2 subset: a list, "3,5,7", or "top-K:PROBE_DIR" (the probe's best K layers)
         "router_layers": None,
     },
-    "inputs": {"glad": None, "unwilling": None},  # for the router stage: stage output dirs or PEFT folders
+    # for the router stage: stage output dirs, MoGU checkpoints or PEFT folders; or "fresh" for a branch that
+    # train.router_trains trains: a new adapter (B = 0: it adds nothing at first), so its own stage is not needed
+    "inputs": {"glad": None, "unwilling": None},
     "data": {
         "glad": {"affirm": None, "reject": None, "jsonl": None},
         "unwilling": {"affirm": None, "reject": None, "jsonl": None},
@@ -97,8 +99,8 @@ DEFAULTS: dict = {
     # `mogu-jax demo` only (configs/smollm2-135m.yaml): the generation around the three stages; training
     # ignores it
     "demo": {
-        # the base model's answers for the stage files; wrap_every: synth.build_data's (null: no wrapped rows)
-        "data": {"max_new_tokens": 40, "batch_size": 32, "wrap_every": None},
+        # the base model's answers for the stage files; wrap_every, twins: synth.build_data's (null / false: none)
+        "data": {"max_new_tokens": 40, "batch_size": 32, "wrap_every": None, "twins": False},
         "eval": {"max_new_tokens": 40, "batch_size": 32},  # base vs MoGU on the evaluation split
         "quick": {"limit": 8, "max_new_tokens": 16, "max_len": 64, "per_kind": 2, "epochs": 1},  # --quick
     },
@@ -336,8 +338,21 @@ def load_config(stage: str, path=None, overrides: Sequence[str] = (), values: Op
         t["grad_accum"] = n // b
     resolved["model"]["router_layers"] = resolve_router_layers(resolved["model"]["router_layers"])
     resolved["train"]["router_trains"] = resolve_router_trains(resolved["train"]["router_trains"])
+    if stage == "router":
+        check_fresh_inputs(resolved)
     resolved["stage"] = stage
     return resolved
+
+
+FRESH = "fresh"  # inputs.glad / inputs.unwilling: a new branch, trained only in the router stage
+
+
+def check_fresh_inputs(conf: dict) -> None:
+    """A ``fresh`` branch is only meaningful when the router stage trains it (else it would stay zero)."""
+    for part in ("glad", "unwilling"):
+        if conf["inputs"][part] == FRESH and part not in conf["train"]["router_trains"]:
+            raise MoguError(f"inputs.{part}: fresh (a new {part} branch) needs train.router_trains to include "
+                            f"{part}; routers only would keep it at zero")
 
 
 ROUTER_TRAINABLE = ("router", "glad", "unwilling")  # what train.router_trains may list

@@ -155,12 +155,18 @@ def _load_model(conf: dict):
     T.check_router_layers(cfg)
     frozen = {"base": base}
     if stage == "router":
-        for part in ("glad", "unwilling"):
+        from mogu_jax.train_config import FRESH
+        for k, part in enumerate(("glad", "unwilling")):
             src = conf["inputs"][part]
             if not src:
                 raise MoguError(f"the router stage needs inputs.{part} (the {part} stage's output folder, a "
-                                "MoGU checkpoint or a PEFT adapter folder)")
-            frozen[part] = load_part(src, part, cfg)
+                                f"MoGU checkpoint, a PEFT adapter folder, or {FRESH!r} with train.router_trains)")
+            if src == FRESH:  # a new adapter (B = 0), trained in this stage only (checked by load_config)
+                from mogu_jax.mogu import init_branch
+                frozen[part] = jax.tree_util.tree_map(
+                    np.asarray, init_branch(cfg, jax.random.PRNGKey(int(conf["train"]["seed"]) + 1 + k)))
+            else:
+                frozen[part] = load_part(src, part, cfg)
     return cfg, frozen, tok
 
 

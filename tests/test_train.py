@@ -587,6 +587,24 @@ def test_joint_router_stage_resumes_exactly(world, branches, tmp_path):
             assert a.tobytes() == b.tobytes(), p
 
 
+def test_fresh_glad_branch_starts_at_zero_and_trains_in_the_router_stage(world, branches, tmp_path, capsys):
+    """inputs.glad: fresh with joint training: no glad stage; the router stage starts the glad branch as a new
+    adapter whose product is zero (the routed layer then adds only the unwilling branch and the routers' scaling),
+    trains it and exports it; without glad in train.router_trains it is refused before anything is loaded."""
+    from mogu_jax.trainer import _load_model
+    conf = _conf(world, "router", str(tmp_path / "fresh"), "mesh.data=1", "optim.lr=1e-2", "inputs.glad=fresh",
+                 f"inputs.unwilling={branches['unwilling']}", "train.max_steps=2", JOINT)
+    cfg, frozen, _ = _load_model(conf)
+    assert not np.any(frozen["glad"]["B"]) and np.any(frozen["glad"]["A"])  # PEFT init: the product B A is zero
+    res = run_stage(conf, progress=False)
+    assert res["done"] and np.any(_final(res["out_dir"], "glad", res["cfg"])["B"])
+    out = str(tmp_path / "refused")
+    cli_fails(capsys, ["train", "router", f"model.base={world['hf']}", f"data.router.jsonl={world['router']}",
+                       "inputs.glad=fresh", f"inputs.unwilling={branches['unwilling']}", f"output.dir={out}"],
+              "inputs.glad: fresh", "needs train.router_trains to include glad")
+    assert not os.path.exists(out)
+
+
 def test_bad_router_trains(world, branches, tmp_path, capsys):
     out = str(tmp_path / "out")
     argv = ["train", "router", f"model.base={world['hf']}", f"data.router.jsonl={world['router']}",
