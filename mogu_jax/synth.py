@@ -29,8 +29,9 @@ and ``test.jsonl``):
   :func:`mogu_jax.evaluate.load_prompts` reads them; :func:`eval_prompts`): ``harmful`` = the split's malicious
   rows; ``jailbreak`` = each of them wrapped in one jailbreak template, cycling through the templates in order
   (row ``k`` of the split's list uses template ``k % n_templates``); ``benign`` = its benign rows;
-  ``borderline`` = its contrast rows; ``benign_twin`` = the benign twins of its malicious rows (plain requests in the
-  malicious seeds' form). Dev is for every choice of settings; test is reported, never tuned on.
+  ``borderline`` = its contrast rows (dev: also the 150 dev-only rows of ``borderline_dev.json``); ``benign_twin``
+  = the benign twins of its malicious rows (plain requests in the malicious seeds' form). Dev is for every choice
+  of settings; test is reported, never tuned on.
 
 **Choices per row** (the affirmative opening and the bank refusal) are a pure function of ``seed`` and the
 instruction text (a SHA-256 hash), so they do not change with ``limit``, the batch size or the order of rows.
@@ -87,6 +88,7 @@ SEED_FILES = {
     "malicious": "malicious.json",
     "contrast": "contrast.json",
     "benign_twins": "benign_twins.json",
+    "borderline_dev": "borderline_dev.json",
     "jailbreak_templates": "jailbreak_templates.json",
     "refusals": "refusals.json",
     "affirmative_openings": "affirmative_openings.json",
@@ -96,6 +98,10 @@ SPLIT_KINDS = ("benign", "malicious", "contrast", "benign_twins")
 #: ``benign_twins.json`` row ``i`` is the benign twin of malicious row ``i`` (the same form, a harmless request), so
 #: the two lists have one split: a twin and its malicious row are never in different splits.
 TWIN_OF = {"benign_twins": "malicious"}
+#: ``borderline_dev.json``: 150 safe prompts that merely sound alarming, written for the dev split only (no train or
+#: test rows): ``dev.jsonl`` holds them as ``borderline`` next to the 17 dev contrast rows, so that over-refusal is
+#: measured on 167 dev prompts, not 17, when settings are chosen.
+DEV_ONLY_KINDS = ("borderline_dev",)
 #: The independent test set (package data): written apart from the seed lists, in other words and shapes; never
 #: used for training or for choosing settings (see mogu_jax/seeds/README.md).
 INDEPENDENT_TEST_FILE = "independent_test.jsonl"
@@ -170,6 +176,10 @@ def _check_seeds(s: dict) -> None:
         if len(set(idx)) != len(idx):
             raise MoguError(f"seed file splits.json: {kind} has an index listed twice (train, dev and test must be "
                             "disjoint)")
+    for kind in DEV_ONLY_KINDS:
+        if not isinstance(s[kind], list) or not all(isinstance(r, dict) and isinstance(r.get("instruction"), str)
+                                                    for r in s[kind]):
+            raise MoguError(f"seed file {SEED_FILES[kind]}: expected a list of objects with an 'instruction'")
     for kind, of in TWIN_OF.items():
         if len(s[kind]) != len(s[of]) or any(r.get("twin_of") != i for i, r in enumerate(s[kind])):
             raise MoguError(f"seed file {SEED_FILES[kind]}: row i must be the twin of {SEED_FILES[of]} row i "
@@ -380,7 +390,8 @@ def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str]) -> list[
     """The evaluation prompts of one split (``{"id", "prompt", "kind"}``, :data:`EVAL_KINDS`) from its seed rows
     ``{"malicious", "benign", "contrast", "benign_twins"}``: ``harmful`` = the malicious rows; ``jailbreak`` = each
     malicious row wrapped in one template, row ``k`` in template ``k % len(templates)``; ``benign``; ``borderline``
-    = contrast; ``benign_twin`` = the malicious rows' benign twins (plain requests in the malicious seeds' form)."""
+    = contrast, then (dev) ``borderline_dev``; ``benign_twin`` = the malicious rows' benign twins (plain requests in
+    the malicious seeds' form)."""
     out = [{"id": f"harmful-{r['index']:03d}", "prompt": r["instruction"], "kind": "harmful"}
            for r in rows["malicious"]]
     for k, r in enumerate(rows["malicious"]):
@@ -392,7 +403,19 @@ def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str]) -> list[
             for r in rows["contrast"]]
     out += [{"id": f"benign_twin-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign_twin"}
             for r in rows.get("benign_twins", ())]
+    out += [{"id": f"borderline_dev-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline"}
+            for r in rows.get("borderline_dev", ())]
     return out
+
+
+def eval_rows(part: str, limit: Optional[int] = None) -> dict[str, list[dict]]:
+    """The seed rows of evaluation split ``part`` per kind (each spread to ``limit``): the split kinds' rows, and for
+    dev the dev-only kinds (:data:`DEV_ONLY_KINDS`; their rows carry ``"index"``, their position in the file)."""
+    rows = {kind: spread(split(kind, part), limit) for kind in SPLIT_KINDS}
+    if part == "dev":
+        s = _load_seeds_cached()
+        rows.update({kind: spread([dict(r, index=i) for i, r in enumerate(s[kind])], limit) for kind in DEV_ONLY_KINDS})
+    return rows
 
 
 def wrapped_benign_prompts(part: str) -> list[dict]:
@@ -682,8 +705,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     benign_refusals = generic_refusals(refusals)
 
     train = {kind: spread(split(kind, "train"), limit) for kind in SPLIT_KINDS}
-    evals = {part: eval_prompts({kind: spread(split(kind, part), limit) for kind in SPLIT_KINDS},
-                                seeds["jailbreak_templates"]) for part in EVAL_SPLITS}
+    evals = {part: eval_prompts(eval_rows(part, limit), seeds["jailbreak_templates"]) for part in EVAL_SPLITS}
 
     run = _generator_runner(generate_fn, progress)
     ans = _Answers()

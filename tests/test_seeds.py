@@ -42,6 +42,7 @@ def seeds():
         "malicious": load("malicious.json"),
         "contrast": load("contrast.json"),
         "benign_twins": load("benign_twins.json"),
+        "borderline_dev": load("borderline_dev.json"),
         "templates": load("jailbreak_templates.json"),
         "refusals": load("refusals.json"),
         "openings": load("affirmative_openings.json"),
@@ -52,7 +53,7 @@ def seeds():
 def all_strings(seeds):
     """Every text in the seed files, tagged by file."""
     out = []
-    for kind in SPLIT_KINDS:
+    for kind in SPLIT_KINDS + ("borderline_dev",):
         out += [(kind, row["instruction"]) for row in seeds[kind]]
     for kind in ("templates", "refusals", "openings"):
         out += [(kind, s) for s in seeds[kind]]
@@ -66,6 +67,7 @@ def test_files_are_package_data():
         "malicious.json",
         "contrast.json",
         "benign_twins.json",
+        "borderline_dev.json",
         "jailbreak_templates.json",
         "refusals.json",
         "affirmative_openings.json",
@@ -80,6 +82,7 @@ def test_counts(seeds):
     assert len(seeds["malicious"]) >= 170
     assert len(seeds["contrast"]) >= 70
     assert len(seeds["benign_twins"]) == len(seeds["malicious"])
+    assert len(seeds["borderline_dev"]) == 150
     assert 8 <= len(seeds["templates"]) <= 12
     assert len(seeds["refusals"]) >= 40
     assert len(seeds["openings"]) >= 20
@@ -92,6 +95,9 @@ def test_row_shapes(seeds):
         assert set(row) == {"instruction", "category"}
     for row in seeds["contrast"]:
         assert set(row) == {"instruction", "trigger"}
+    for row in seeds["borderline_dev"]:
+        assert set(row) == {"instruction", "trigger", "shape"} and row["shape"] in ("question", "imperative")
+        assert row["trigger"].lower() in row["instruction"].lower(), row
     for i, row in enumerate(seeds["benign_twins"]):
         assert set(row) == {"instruction", "twin_of"} and row["twin_of"] == i
     for kind in ("templates", "refusals", "openings"):
@@ -225,8 +231,9 @@ def test_malicious_dev_and_test_balanced_over_categories(seeds):
 
 
 def test_no_near_duplicates_across_splits(seeds):
-    """No two seed instructions in different splits (over all three kinds) share >= 80% of their word set."""
-    rows = []
+    """No two seed instructions in different splits (over all kinds; the dev-only borderline rows are dev) share
+    >= 80% of their word set."""
+    rows = [("dev", "borderline_dev", r["instruction"]) for r in seeds["borderline_dev"]]
     for kind in SPLIT_KINDS:
         for part in SPLIT_PARTS:
             rows += [(part, kind, seeds[kind][i]["instruction"]) for i in seeds["splits"][kind][part]]

@@ -181,7 +181,7 @@ def test_full_build_counts_labels_and_layouts(tmp_path):
     # evaluation prompts: one file per split, from that split's rows only
     templates = seeds["jailbreak_templates"]
     assert summary["eval"] == {
-        "dev": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 17, "benign_twin": 36},
+        "dev": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 17 + 150, "benign_twin": 36},
         "test": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 18, "benign_twin": 36}}
     ids = set()
     for part in S.EVAL_SPLITS:
@@ -191,7 +191,8 @@ def test_full_build_counts_labels_and_layouts(tmp_path):
         mal, ben, con = (S.split(k, part) for k in ("malicious", "benign", "contrast"))
         assert [h["prompt"] for h in by_kind["harmful"]] == [r["instruction"] for r in mal]
         assert [h["prompt"] for h in by_kind["benign"]] == [r["instruction"] for r in ben]
-        assert [h["prompt"] for h in by_kind["borderline"]] == [r["instruction"] for r in con]
+        dev_only = [r["instruction"] for r in seeds["borderline_dev"]] if part == "dev" else []
+        assert [h["prompt"] for h in by_kind["borderline"]] == [r["instruction"] for r in con] + dev_only
         twins = S.split("benign_twins", part)
         assert [h["prompt"] for h in by_kind["benign_twin"]] == [r["instruction"] for r in twins]
         assert [h["prompt"] for h in by_kind["jailbreak"]] == [
@@ -217,8 +218,9 @@ def test_limit_spreads_rows(tmp_path):
     rows = layouts_agree(out)
     assert (len(rows["glad"]), len(rows["unwilling"]), len(rows["router"])) == (5, 5, 15)
     assert sum(r["label"] for r in rows["router"]) == 5
-    assert summary["eval"] == {p: {"harmful": 5, "jailbreak": 5, "benign": 5, "borderline": 5, "benign_twin": 5}
-                               for p in ("dev", "test")}
+    # dev's borderline: the contrast rows and the dev-only borderline rows, each spread to the limit
+    assert summary["eval"] == {p: {"harmful": 5, "jailbreak": 5, "benign": 5, "borderline": 5 * (1 + (p == "dev")),
+                                   "benign_twin": 5} for p in ("dev", "test")}
     mal_train = S.split("malicious", "train")
     cats = {r["category"] for r in mal_train if r["instruction"] in {g["instruction"] for g in rows["glad"]}}
     assert len(cats) == 5
@@ -335,8 +337,9 @@ def test_tiny_model_build(tiny, tmp_path):
         op = next(o for o in openings if r["affirmative"].startswith(o + " "))
         assert r["affirmative"][len(op) + 1:].split()[0].startswith("w")
     assert summary["settings"]["model"]["num_layers"] == cfg.num_layers
-    assert summary["eval"] == {p: {"harmful": 3, "jailbreak": 3, "benign": 3, "borderline": 3, "benign_twin": 3}
-                               for p in ("dev", "test")}
+    # dev's borderline: the contrast rows and the dev-only borderline rows, each spread to the limit
+    assert summary["eval"] == {p: {"harmful": 3, "jailbreak": 3, "benign": 3, "borderline": 3 * (1 + (p == "dev")),
+                                   "benign_twin": 3} for p in ("dev", "test")}
     # greedy: the same seed gives byte-identical files
     S.build_data(cfg, params, tok, tmp_path / "b", **kw)
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
