@@ -122,6 +122,8 @@ def test_demo_settings_live_in_configs():
     router = load_config("router", demo_settings())
     assert router["data"]["balance_labels"] is True
     assert router["train"]["router_trains"] == ["router", "glad", "unwilling"]  # MoGU v2 joint training
+    assert router["inputs"]["glad"] == "fresh"  # no glad stage: the router stage trains glad from zero
+    assert demo_settings()["demo"]["data"]["twins"] is True  # the malicious seeds' benign twins (issue 12)
     # typed values win over the file's per-stage sections, as command-line overrides do
     conf = load_config("router", demo_settings(), values={"train": {"epochs": 1}, "data": {"buckets": [32]}})
     assert conf["train"]["epochs"] == 1 and conf["data"]["buckets"] == [32]
