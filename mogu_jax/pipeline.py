@@ -75,7 +75,7 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     from mogu_jax import evaluate as E
     from mogu_jax import generate as G
     from mogu_jax.flops import Ledger
-    from mogu_jax.train_config import load_config
+    from mogu_jax.train_config import FRESH, load_config
     from mogu_jax.trainer import run_stage
 
     if eval_split not in synth.EVAL_SPLITS:
@@ -112,7 +112,6 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     timings["data"] = time.perf_counter() - t
 
     stage_dirs = {}
-    from mogu_jax.train_config import FRESH
     fresh = _fresh_branches(settings)
     for i, stage in enumerate(("glad", "unwilling", "router"), start=3):
         if stage in fresh:  # inputs.<branch>: fresh: the router stage trains that branch from zero

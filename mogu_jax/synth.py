@@ -197,8 +197,8 @@ def _check_seeds(s: dict) -> None:
 
 
 def load_seeds() -> dict:
-    """All seed files as ``{"benign", "malicious", "contrast", "benign_twins", "jailbreak_templates", "refusals",
-    "affirmative_openings", "splits"}`` (a fresh copy each call)."""
+    """All seed files as ``{"benign", "malicious", "contrast", "benign_twins", "borderline_dev",
+    "jailbreak_templates", "refusals", "affirmative_openings", "splits"}`` (a fresh copy each call)."""
     return copy.deepcopy(_load_seeds_cached())
 
 
