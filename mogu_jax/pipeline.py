@@ -158,8 +158,7 @@ def _fresh_branches(settings: dict) -> set:
     """The branches the router stage starts from zero (``inputs.<branch>: fresh``): their stages are skipped."""
     from mogu_jax.train_config import FRESH, load_config
 
-    inputs = load_config("router", settings)["inputs"]
-    return {part for part in ("glad", "unwilling") if inputs[part] == FRESH}
+    return {part for part, src in load_config("router", settings)["inputs"].items() if src == FRESH}
 
 
 def _fresh_dir(out: str, overwrite: bool) -> str:

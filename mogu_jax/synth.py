@@ -161,11 +161,13 @@ def _load_seeds_cached() -> dict:
 
 
 def _check_seeds(s: dict) -> None:
-    for kind in SPLIT_KINDS:
+    for kind in SPLIT_KINDS + DEV_ONLY_KINDS:
         rows = s[kind]
         if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("instruction"), str)
                                                  for r in rows):
             raise MoguError(f"seed file {SEED_FILES[kind]}: expected a list of objects with an 'instruction'")
+    for kind in SPLIT_KINDS:
+        rows = s[kind]
         sp = s["splits"].get(kind)
         if not isinstance(sp, dict) or not all(isinstance(sp.get(p), list) for p in SPLIT_PARTS):
             raise MoguError(f"seed file splits.json: no {'/'.join(SPLIT_PARTS)} lists for {kind!r}")
@@ -176,10 +178,6 @@ def _check_seeds(s: dict) -> None:
         if len(set(idx)) != len(idx):
             raise MoguError(f"seed file splits.json: {kind} has an index listed twice (train, dev and test must be "
                             "disjoint)")
-    for kind in DEV_ONLY_KINDS:
-        if not isinstance(s[kind], list) or not all(isinstance(r, dict) and isinstance(r.get("instruction"), str)
-                                                    for r in s[kind]):
-            raise MoguError(f"seed file {SEED_FILES[kind]}: expected a list of objects with an 'instruction'")
     for kind, of in TWIN_OF.items():
         if len(s[kind]) != len(s[of]) or any(r.get("twin_of") != i for i, r in enumerate(s[kind])):
             raise MoguError(f"seed file {SEED_FILES[kind]}: row i must be the twin of {SEED_FILES[of]} row i "

@@ -349,7 +349,7 @@ FRESH = "fresh"  # inputs.glad / inputs.unwilling: a new branch, trained only in
 
 def check_fresh_inputs(conf: dict) -> None:
     """A ``fresh`` branch is only meaningful when the router stage trains it (else it would stay zero)."""
-    for part in ("glad", "unwilling"):
+    for part in conf["inputs"]:
         if conf["inputs"][part] == FRESH and part not in conf["train"]["router_trains"]:
             raise MoguError(f"inputs.{part}: fresh (a new {part} branch) needs train.router_trains to include "
                             f"{part}; routers only would keep it at zero")

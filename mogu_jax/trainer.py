@@ -50,11 +50,17 @@ def maybe_init_distributed(dist: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- inputs
-def load_part(path: str, part: str, cfg):
-    """A glad / unwilling branch from a stage output folder, one of our MoGU checkpoints, or a PEFT folder."""
+def load_part(path: str, part: str, cfg, seed: int = 0):
+    """A glad / unwilling branch from a stage output folder, one of our MoGU checkpoints, or a PEFT folder; or,
+    for ``inputs.<part>: fresh``, a new adapter (PEFT init, B = 0: it adds nothing until trained; ``seed`` draws A)."""
     from mogu_jax.checkpoint import is_checkpoint, load_checkpoint
     from mogu_jax.convert.mogu_artifacts import read_peft_adapter
+    from mogu_jax.mogu import BRANCHES, init_branch
+    from mogu_jax.train_config import FRESH
 
+    if path == FRESH:
+        rng = jax.random.PRNGKey(seed + 1 + BRANCHES.index(part))
+        return jax.tree_util.tree_map(np.asarray, init_branch(cfg, rng))
     if os.path.isdir(os.path.join(path, "final", part)):
         path = os.path.join(path, "final", part)
     if os.path.isfile(os.path.join(path, "stage.json")):
@@ -155,18 +161,13 @@ def _load_model(conf: dict):
     T.check_router_layers(cfg)
     frozen = {"base": base}
     if stage == "router":
-        from mogu_jax.train_config import FRESH
-        for k, part in enumerate(("glad", "unwilling")):
+        from mogu_jax.mogu import BRANCHES
+        for part in BRANCHES:
             src = conf["inputs"][part]
             if not src:
                 raise MoguError(f"the router stage needs inputs.{part} (the {part} stage's output folder, a "
-                                f"MoGU checkpoint, a PEFT adapter folder, or {FRESH!r} with train.router_trains)")
-            if src == FRESH:  # a new adapter (B = 0), trained in this stage only (checked by load_config)
-                from mogu_jax.mogu import init_branch
-                frozen[part] = jax.tree_util.tree_map(
-                    np.asarray, init_branch(cfg, jax.random.PRNGKey(int(conf["train"]["seed"]) + 1 + k)))
-            else:
-                frozen[part] = load_part(src, part, cfg)
+                                "MoGU checkpoint, a PEFT adapter folder, or 'fresh' with train.router_trains)")
+            frozen[part] = load_part(src, part, cfg, seed=int(conf["train"]["seed"]))
     return cfg, frozen, tok
 
 
