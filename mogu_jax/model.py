@@ -438,7 +438,8 @@ def split_params(params: dict) -> tuple[dict, dict]:
 
 def mogu_inputs(cfg: ModelConfig, mode: str, parts: dict) -> dict:
     """The per-layer MoGU inputs of ``mode``, stacked over all L layers (routers gathered to the layers
-    that have one; ``routed`` marks those layers)."""
+    that have one; ``routed`` marks those layers: with routers in a subset of layers, the MoGU layers, the only
+    ones where a branch runs in any mode)."""
     if mode not in mogu_lib.MODES:
         raise MoguError(f"unknown mode {mode!r}; one of {', '.join(mogu_lib.MODES)}")
     need = {"base": (), "glad": ("glad",), "unwilling": ("unwilling",),
@@ -447,12 +448,12 @@ def mogu_inputs(cfg: ModelConfig, mode: str, parts: dict) -> dict:
     if missing:
         raise MoguError(f"mode {mode!r} needs the {', '.join(missing)} parameters, which these params lack")
     out = {n: parts[n] for n in need}
-    if mode == "routed":
-        ids = cfg.router_layer_ids
-        if not cfg.routers_everywhere:
-            index = np.zeros(cfg.num_layers, np.int32)
-            index[list(ids)] = np.arange(len(ids))
-            out["router"] = jax.tree_util.tree_map(lambda r: r[index], parts["router"])
+    ids = cfg.router_layer_ids
+    if mode == "routed" and not cfg.routers_everywhere:
+        index = np.zeros(cfg.num_layers, np.int32)
+        index[list(ids)] = np.arange(len(ids))
+        out["router"] = jax.tree_util.tree_map(lambda r: r[index], parts["router"])
+    if mode == "routed" or (mode != "base" and not cfg.routers_everywhere):
         routed = np.zeros(cfg.num_layers, bool)
         routed[list(ids)] = True
         out["routed"] = jnp.asarray(routed)
@@ -526,11 +527,9 @@ def _forward_frozen_below(cfg: ModelConfig, params: dict, tokens: Array, positio
     ``stop_gradient``. The same values as the single scan; the backward pass (and remat's recompute) covers
     only the upper ``L - k`` layers, where a single scan carrying per-layer trained inputs differentiates all."""
     k = cfg.frozen_layers
-    if mode == "routed" and min(cfg.router_layer_ids) < k:
-        raise MoguError(f"frozen_layers={k} would cut through the routers (lowest routed layer "
-                        f"{min(cfg.router_layer_ids)})")
-    if mode in ("glad", "unwilling"):
-        raise MoguError(f"frozen_layers={k} with mode {mode!r}: the {mode} branch sits in every layer")
+    if mode != "base" and min(cfg.router_layer_ids) < k:
+        raise MoguError(f"frozen_layers={k} would cut through the MoGU layers (the lowest is "
+                        f"{min(cfg.router_layer_ids)}; model.router_layers)")
     base, parts = split_params(params)
     mogu = mogu_inputs(cfg, mode, parts)
     b, t = tokens.shape
@@ -647,8 +646,9 @@ def forward_unrolled(cfg: ModelConfig, params: dict, tokens: Array, positions: O
     for i in range(start, cfg.num_layers):
         lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree_util.tree_map(lambda a: a[i], layers)
         kv = (cache[i]["k"], cache[i]["v"]) if cache is not None else None
-        if mode == "routed" and i not in routed_ids:
-            # a layer without a router is the base layer (mogu.project's `routed` mask), known statically here
+        if mode != "base" and i not in routed_ids:
+            # a layer without a router is the base layer in every mode (mogu.project's `routed` mask), known
+            # statically here
             x, (kv, (a, b_)) = plain.apply({"params": lp}, x, cos, sin, mask, bias, kv, cache_index, {})
         else:
             m = jax.tree_util.tree_map(lambda a: a[i], mogu)

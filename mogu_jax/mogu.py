@@ -182,14 +182,16 @@ def router_weights(cfg: ModelConfig, router: dict, x: Array) -> tuple[Array, Arr
 def project(cfg: ModelConfig, mode: str, x: Array, base_out: Array, glad=None, unwilling=None, router=None,
             routed=True):
     """The MoGU output projection for one layer. ``x``: attention output before o_proj [B,T,d];
-    ``base_out`` = W_o x (+ bias). Returns (out, a, b); a/b are [B,T] (zeros when not routed)."""
+    ``base_out`` = W_o x (+ bias). Returns (out, a, b); a/b are [B,T] (zeros when not routed). ``routed``:
+    whether this layer is one of the MoGU layers (``cfg.router_layer_ids``); in the others every mode is the
+    base layer: with MoGU v2's routers in a subset of layers the branches live in those layers too."""
     s = cfg.lora_alpha / cfg.lora_rank
     zeros = jnp.zeros(base_out.shape[:-1], jnp.float32)
     if mode == "base":
         return base_out, zeros, zeros
     if mode in BRANCHES:
         p = glad if mode == "glad" else unwilling
-        return base_out + s * branch_module(cfg).apply({"params": p}, x), zeros, zeros
+        return jnp.where(routed, base_out + s * branch_module(cfg).apply({"params": p}, x), base_out), zeros, zeros
     if mode != "routed":
         raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
     a, b = router_weights(cfg, router, x)

@@ -106,7 +106,7 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
             for half in ("affirm", "refusal"):
                 b = batch[half]
                 logits = forward(cfg, params, b["tokens"], kv_mask=b["attn_mask"], mode=mode,
-                                 logits_from=logits_from, shared_prefix=shared_prefix).logits
+                                 logits_from=logits_from, shared_prefix=shared_prefix, hidden=b.get("hidden")).logits
                 ces[half] = jnp.where(real, L.token_ce(logits, b["tokens"], b["loss_mask"], logits_from), 1.0)
             per = jnp.where(real, L.pair_loss(stage, ces["affirm"], ces["refusal"]), 0.0)
             stats = {"loss": jnp.sum(per * w), "ce_affirm": jnp.sum(ces["affirm"] * w),
@@ -158,14 +158,14 @@ def router_targets_from(tconf: dict, examples) -> int:
 
 
 def lowest_trained_layer(cfg: ModelConfig, stage: str, parts: Optional[tuple] = None) -> int:
-    """The lowest layer holding a parameter the stage's loss depends on: the glad and unwilling stages run one
-    branch, which sits in every layer (0). The router stage runs the routed model, in which a layer without a
-    router *is* the base layer (:func:`mogu_jax.model.forward`): with MoGU v2 routers in upper layers
-    everything below the lowest one runs forward only (``cfg.frozen_layers``), whether the branches are frozen
-    (the published v1 setting) or trained with the routers (``train.router_trains``: the branches' slices
-    below the lowest router get no gradient either way, as they take no part in the routed model)."""
-    del parts  # the same for every set of trained parts (see above)
-    return min(cfg.router_layer_ids) if stage == "router" else 0
+    """The lowest layer holding a parameter the stage's loss depends on: the lowest MoGU layer. With MoGU v2's
+    routers in a subset of layers (``model.router_layers``) a layer without a router is the base layer in every
+    mode (:func:`mogu_jax.model.forward`): the branches live in the router layers too, so every stage (a
+    branch stage, or the router stage with its branches frozen, as published, or trained with the routers,
+    ``train.router_trains``) runs the layers below the lowest one forward only (``cfg.frozen_layers``); their
+    slices of the branch trees keep their initial value (B = 0: no delta). 0 with routers in every layer."""
+    del stage, parts  # the same for every stage and set of trained parts (see above)
+    return min(cfg.router_layer_ids)
 
 
 class FrozenLayersCache:

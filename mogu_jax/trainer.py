@@ -182,6 +182,7 @@ def _load_data(conf: dict, tok, say: bool):
     loader = D.StageLoader(examples, int(tconf["batch_size"]), seed=int(tconf["seed"]),
                            shuffle=bool(dconf["shuffle"]), buckets=tuple(dconf["buckets"]),
                            group_batches=int(dconf["group_batches"]), balance_labels=bool(dconf["balance_labels"]),
+                           label_weights=dconf["label_weights"],
                            process_index=jax.process_index(), process_count=jax.process_count())
     if say:
         print(f"[{stage}] data: {D.format_summary(loader.summary())}")
@@ -223,8 +224,9 @@ class _Run:
         self.hidden = self._cache_frozen_layers(examples, frozen, say)
 
     def _cache_frozen_layers(self, examples, frozen: dict, say: bool):
-        """With nothing trained below layer k (router stage, routers from layer k up): their output per
-        example, once (``train.cache_frozen_layers``; one process; the lower layers then never run again)."""
+        """With nothing trained below layer k (MoGU v2: routers, and so branches, from layer k up): their output
+        per sequence, once (``train.cache_frozen_layers``; one process; the lower layers then never run again).
+        Pair stages cache both halves of every example."""
         from mogu_jax import flops as F
 
         k = T.lowest_trained_layer(self.cfg, self.stage, self.parts)
@@ -232,15 +234,18 @@ class _Run:
                 and jax.process_count() == 1):
             return None
         cfg = self.cfg.replace(frozen_layers=k)
-        seqs = [ex.tokens for ex in examples.examples]
-        cache = T.FrozenLayersCache(cfg, frozen, seqs, examples.pad_id)
-        self.loader.extra_inputs = lambda rows, length: {"hidden": cache.batch(rows, length)}
-        self.flops += cache.tokens * F.layer_flops(cfg, "base", max(len(s) for s in seqs), k)
+        caches = {}
+        for name, seqs in examples.sequences().items():
+            tokens = [ex.tokens for ex in seqs]
+            caches[name] = T.FrozenLayersCache(cfg, frozen, tokens, examples.pad_id)
+            self.flops += caches[name].tokens * F.layer_flops(cfg, "base", max(len(s) for s in tokens), k)
+        self.loader.extra_inputs = lambda name, rows, length: {"hidden": caches[name].batch(rows, length)}
         if say:
+            mib = sum(c.nbytes for c in caches.values()) / 2**20
             print(f"[{self.stage}] layers 0-{k - 1} hold nothing trained: their output is computed once per "
-                  f"example ({cache.nbytes / 2**20:.0f} MiB) and every update runs layers {k}-"
-                  f"{self.cfg.num_layers - 1} only (train.cache_frozen_layers)")
-        return cache
+                  f"sequence ({mib:.0f} MiB) and every update runs layers {k}-{self.cfg.num_layers - 1} only "
+                  "(train.cache_frozen_layers)")
+        return caches
 
     def restore(self) -> int:
         """Continue from the last checkpoint (state and data position); the update to start at."""

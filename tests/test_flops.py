@@ -62,7 +62,8 @@ def test_backward_stops_below_the_lowest_router(tiny4, remat):
     tokens = jnp.asarray(random_tokens(3, 12, seed=7))
     tokens = tokens.at[:, :4].set(tokens[0, :4])
     trainable = {"router": p["router"]}
-    assert T.lowest_trained_layer(cfg, "router") == 2 and T.lowest_trained_layer(cfg, "glad") == 0
+    assert T.lowest_trained_layer(cfg, "router") == 2 and T.lowest_trained_layer(cfg, "glad") == 2
+    assert T.lowest_trained_layer(cfg.replace(router_layers=()), "glad") == 0
     for prefix in ((), tuple(int(t) for t in tokens[0, :4])):
         results = {}
         for k in (0, 2):
@@ -112,10 +113,46 @@ def test_joint_router_stage_backward_also_stops_below_the_lowest_router(tiny4, r
 def test_frozen_layers_guard_rails(tiny4):
     cfg, p = tiny4
     tokens = jnp.asarray(random_tokens(2, 6))
-    with pytest.raises(MoguError, match="cut through the routers"):
+    with pytest.raises(MoguError, match="cut through the MoGU layers"):
         forward(cfg.replace(frozen_layers=3), p, tokens, mode="routed")
-    with pytest.raises(MoguError, match="every layer"):
-        forward(cfg.replace(frozen_layers=1), p, tokens, mode="glad")
+    with pytest.raises(MoguError, match="cut through the MoGU layers"):
+        forward(cfg.replace(frozen_layers=3), p, tokens, mode="glad")
+    with pytest.raises(MoguError, match="cut through the MoGU layers"):  # v1: the branch in every layer
+        forward(cfg.replace(frozen_layers=1, router_layers=()), p, tokens, mode="unwilling")
+
+
+@pytest.mark.parametrize("mode", ["glad", "unwilling"])
+def test_a_branch_lives_in_the_router_layers_and_its_stage_stops_there(tiny4, mode):
+    """With routers in layers 2-3 (MoGU v2) a branch mode runs its branch there only: the lower slices change
+    nothing (the base layers), so the branch stage cuts the stack at layer 2 (the same value and gradients, the
+    lower slices' gradient exactly zero, a smaller differentiated program); scan and unrolled agree."""
+    cfg, p = tiny4
+    tokens = jnp.asarray(random_tokens(3, 12, seed=4))
+    wild = dict(p, **{mode: jax.tree_util.tree_map(lambda x: x.at[:2].set(7.0), p[mode])})  # big lower slices
+    base_out = forward(cfg, p, tokens, mode="base").logits
+    for c in (cfg, cfg.replace(scan_layers=False)):
+        np.testing.assert_allclose(np.asarray(forward(c, wild, tokens, mode=mode).logits),
+                                   np.asarray(forward(cfg, p, tokens, mode=mode).logits), atol=1e-5)
+    assert float(jnp.abs(forward(cfg, p, tokens, mode=mode).logits - base_out).max()) > 1e-3
+    v1 = cfg.replace(router_layers=())  # the published v1 layout: the branch in every layer
+    assert float(jnp.abs(forward(v1, wild, tokens, mode=mode).logits - forward(v1, p, tokens, mode=mode).logits
+                         ).max()) > 1e-3
+    assert T.lowest_trained_layer(cfg, mode) == 2
+    results = {}
+    for k in (0, 2):
+        c = cfg.replace(frozen_layers=k)
+
+        def f(branch):
+            out = forward(c, dict(p, **{mode: branch}), tokens, mode=mode)
+            return jnp.mean(jnp.sin(out.logits))
+        value, grad = jax.value_and_grad(f)(p[mode])
+        results[k] = value, grad, matmul_flops(jax.make_jaxpr(jax.grad(f))(p[mode]).jaxpr)
+    (v0, g0, f0), (v2, g2, f2) = results[0], results[2]
+    np.testing.assert_allclose(float(v2), float(v0), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(g0)):
+        assert float(jnp.abs(b[:2]).max()) == 0.0 and float(jnp.abs(b[2:]).max()) > 0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6 * max(1.0, float(jnp.abs(b).max())))
+    assert f2 < 0.8 * f0, (f2, f0)
 
 
 @pytest.mark.parametrize("stage,remat,frozen,prefix", [
@@ -189,4 +226,25 @@ def test_router_stage_with_cached_lower_layers_trains_the_same(world, tmp_path):
         np.testing.assert_allclose(results[a][0], results[b][0], rtol=1e-5, err_msg=a)
         for x, y in zip(jax.tree_util.tree_leaves(results[a][1]), jax.tree_util.tree_leaves(results[b][1])):
             np.testing.assert_allclose(x, y, atol=1e-5, err_msg=a)
+    assert results["cached"][2] < results["plain"][2]
+
+
+def test_branch_stage_in_the_router_layers_caches_the_layers_below(world, tmp_path):
+    """A pair stage (unwilling) with model.router_layers=[1]: the branch trains in layer 1 only (layer 0's slice
+    keeps B = 0), both halves of every example take layer 0's output from a cache computed once, and the losses
+    and branch equal running layer 0 every step, for fewer FLOPs."""
+    from mogu_jax.trainer import run_stage
+    results = {}
+    for name, cached in (("cached", "true"), ("plain", "false")):
+        out = str(tmp_path / name)
+        res = run_stage(_conf(world, "unwilling", out, "train.max_steps=4", "optim.lr=1e-2", "train.epochs=2",
+                              "model.router_layers=[1]", f"train.cache_frozen_layers={cached}", "mesh.data=1"),
+                        progress=False)
+        assert res["done"]
+        results[name] = (_losses(out), _final(out, "unwilling", res["cfg"]), res["flops"])
+    np.testing.assert_allclose(results["cached"][0], results["plain"][0], rtol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(results["cached"][1]), jax.tree_util.tree_leaves(results["plain"][1])):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    branch = results["cached"][1]
+    assert float(np.abs(branch["B"][0]).max()) == 0.0 and float(np.abs(branch["B"][1]).max()) > 0
     assert results["cached"][2] < results["plain"][2]
