@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from mogu_jax.cli_inputs import (NON_NEGATIVE_INT, POSITIVE_INT, fit_prompts, layer_ids, number, path_arg,
-                                 read_prompts, routed_tokens)
+                                 read_prompts, routed_tokens, with_handoff_threshold)
+from mogu_jax.config import HANDOFFS
 from mogu_jax.errors import MoguError
 from mogu_jax.io_utils import check_output_file, write_file_atomic, write_jsonl_atomic
 
@@ -92,6 +93,12 @@ def _add_generate(sub):
     p.add_argument("--routed-tokens", type=routed_tokens, default=None,
                    help="routed decoding: the first M new tokens routed, then the base model ('all': every token); "
                         "default from the model config (5 as published; all for SmolLM2)")
+    p.add_argument("--handoff", default=None, choices=list(HANDOFFS),
+                   help="after the routed tokens: fixed (published: the base model continues every row) or router "
+                        "(a row whose routers leaned unwilling stays routed); default from the model config")
+    p.add_argument("--handoff-threshold", type=number(float, 0, 1), default=None,
+                   help="--handoff router: the mean unwilling weight a over the routed tokens that keeps a row routed "
+                        "(default from the model config, 0.2)")
     p.add_argument("--base-only", action="store_true", help="the plain base model, no branches or routers")
     p.add_argument("--router-trace", type=path_arg,
                    help="save per-token, per-layer router weights a and b of the routed tokens (.npz)")
@@ -125,6 +132,12 @@ def _add_eval(sub):
     p.add_argument("--out", type=path_arg, required=True, help="report folder")
     p.add_argument("--routed-tokens", type=routed_tokens, default=None,
                    help="M or 'all' (default from the model config)")
+    p.add_argument("--handoff", default=None, choices=list(HANDOFFS),
+                   help="after the routed tokens: fixed (published: the base model continues every row) or router "
+                        "(a row whose routers leaned unwilling stays routed); default from the model config")
+    p.add_argument("--handoff-threshold", type=number(float, 0, 1), default=None,
+                   help="--handoff router: the mean unwilling weight a over the routed tokens that keeps a row routed "
+                        "(default from the model config, 0.2)")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=96)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.add_argument("--template", default=None)
@@ -151,6 +164,8 @@ def _add_data(sub):
                    help="also give the router every N-th benign and malicious train row inside a jailbreak template")
     b.add_argument("--twins", action="store_true",
                    help="also give the router the benign twins of the malicious train rows (same form, harmless)")
+    b.add_argument("--borderline-train", action="store_true",
+                   help="also give the router the train-only safe prompts that merely sound alarming")
     b.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     b.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     b.add_argument("--overwrite", action="store_true")
@@ -264,6 +279,7 @@ def cmd_generate(args) -> int:
     if args.router_trace is not None:
         check_output_file(args.router_trace, args.overwrite, "--router-trace")
     cfg, params, tok = api.load(args.ckpt, dtype=args.dtype, param_dtype="auto", progress=True)
+    cfg = with_handoff_threshold(cfg, args.handoff_threshold)
     if tok is None:
         raise MoguError(f"{args.ckpt} has no tokenizer; text generation needs one")
     mode, routed = decoding_mode(cfg, params, args.mode, args.routed_tokens, args.base_only, args.max_new_tokens)
@@ -274,7 +290,7 @@ def cmd_generate(args) -> int:
     outs = generate_text(cfg, params, tok, [r["prompt"] for r in rows], template=args.template, system=args.system,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         progress=len(rows) > 1, mode=mode, routed_tokens=routed)
+                         progress=len(rows) > 1, mode=mode, routed_tokens=routed, handoff=args.handoff)
     if args.router_trace:
         write_router_trace(args.router_trace, rows, outs, cfg)
     if args.prompts is not None:
@@ -327,12 +343,13 @@ def cmd_eval(args) -> int:
     rows = eval_rows(args)
     check_output_dir(args.out, args.overwrite)
     cfg, params, tok = api.load(args.ckpt, dtype=args.dtype, param_dtype="auto")
+    cfg = with_handoff_threshold(cfg, args.handoff_threshold)
     if tok is None:
         raise MoguError(f"{args.ckpt} has no tokenizer; evaluation needs one")
     rows = fit_prompts(rows, tok, cfg.max_position_embeddings, args.max_new_tokens, args.template, None,
                        args.truncate)
     report = run_eval(cfg, params, tok, rows, args.out, template=args.template, routed_tokens=args.routed_tokens,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, overwrite=args.overwrite)
+                      handoff=args.handoff, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, overwrite=args.overwrite)
     print(E.format_table(report))
     print(f"report in {args.out}")
     return 0
@@ -349,6 +366,7 @@ def cmd_data(args) -> int:
                                batch_size=args.batch_size, limit=args.limit, seed=args.seed,
                                refusal_source=args.refusals, prime_malicious=not args.no_prime,
                                wrap_every=args.wrap_every, twins=args.twins,
+                               borderline_train=args.borderline_train,
                                overwrite=args.overwrite)
     print(json.dumps(summary, indent=2, default=str))
     return 0

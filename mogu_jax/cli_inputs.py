@@ -51,6 +51,11 @@ def path_arg(text: str) -> str:
     return text
 
 
+def with_handoff_threshold(cfg, threshold: Optional[float]):
+    """``cfg`` with ``--handoff-threshold`` when given (the router-gated handoff's gate)."""
+    return cfg if threshold is None else cfg.replace(handoff_threshold=float(threshold))
+
+
 def routed_tokens(text: str) -> str:
     """``--routed-tokens``: a count >= 0 or ``all`` (kept as text; ``cli.decoding_mode`` reads it)."""
     if text.strip().lower() != "all":

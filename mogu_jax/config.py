@@ -50,6 +50,10 @@ def as_dtype(name: str | Any):
         raise MoguError(f"unknown dtype {name!r}; use one of {sorted(set(_DTYPES))}") from None
 
 
+#: routed decoding after ``routed_tokens``: ``fixed`` (published) or ``router`` (ModelConfig.handoff)
+HANDOFFS = ("fixed", "router")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
@@ -90,6 +94,10 @@ class ModelConfig:
     # routed decoding: how many new tokens the routed model produces before the base model takes over
     # (5 as published for safety-aligned bases; -1 = every token, for bases with no refusal of their own)
     routed_tokens: int = 5
+    # after those tokens: "fixed" (published: every row continues with the base model) or "router" (a row whose
+    # routers leaned unwilling over them stays routed to its end; mogu_jax.generate.RouterGatedHandoff)
+    handoff: str = "fixed"  # one of HANDOFFS
+    handoff_threshold: float = 0.2  # "router": the mean a over the routed tokens that keeps a row routed
     # numerics / execution (not part of the checkpoint; chosen at load time)
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype for matmuls; accumulation is always fp32

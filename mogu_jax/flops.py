@@ -56,9 +56,10 @@ def head_flops(cfg: ModelConfig) -> int:
 def layer_flops(cfg: ModelConfig, mode: str, keys: int, layers: Optional[int] = None,
                 every_layer: bool = False) -> int:
     """Forward FLOPs of one token through ``layers`` layers (default all), MoGU parts where the mode has them
-    (``every_layer``: a scanned stack runs them in every layer and masks those without a router)."""
+    (in the MoGU layers, ``cfg.router_layer_ids``, for every mode; ``every_layer``: a scanned stack runs them in
+    every layer and masks the others)."""
     n = cfg.num_layers if layers is None else layers
-    routed = n if (mode != "routed" or every_layer) else min(len(cfg.router_layer_ids), n)
+    routed = n if every_layer else min(len(cfg.router_layer_ids), n)
     return n * (projection_flops(cfg) + attention_flops(cfg, keys)) + mogu_flops(cfg, mode) * routed
 
 
@@ -80,7 +81,7 @@ def train_step_flops(cfg: ModelConfig, stage: str, batch: int, length: int, pref
     hi = cfg.num_layers - lo
     scanned = cfg.scan_layers
     fwd_lo = 0 if lower_cached else tokens * layer_flops(cfg, "base", length, lo)
-    if mode == "routed" and not scanned:
+    if not scanned:  # unrolled: the MoGU parts only in the MoGU layers
         routed_hi = sum(1 for i in cfg.router_layer_ids if i >= lo)
     else:
         routed_hi = hi
@@ -94,20 +95,22 @@ def train_step_flops(cfg: ModelConfig, stage: str, batch: int, length: int, pref
 
 
 def generation_flops(cfg: ModelConfig, mode: str, batch: int, prompt: int, cache: int, steps: int,
-                     routed_steps: Optional[int] = None) -> int:
+                     routed_steps: Optional[int] = None, shared: int = 0) -> int:
     """One :func:`mogu_jax.generate.generate` call as computed: ``batch`` rows (the batch bucket) prefilled
-    over ``prompt`` positions (the prompt bucket, causal scores over all of them, the LM head on the last),
-    then ``steps`` decode steps of one token per row, each attending over the whole ``cache`` (masked). With
-    MoGU's handoff (``routed_steps``), the routed model runs the prefill and the first decode steps and the
-    base model runs alongside throughout (it takes over after ``routed_steps`` tokens)."""
+    over ``prompt`` positions (the prompt bucket, causal scores over all of them, the LM head on the last; the
+    first ``shared`` positions, the tokens every prompt starts with, once for the whole batch), then ``steps``
+    decode steps of one token per row, each attending over the whole ``cache`` (masked). With MoGU's handoff
+    (``routed_steps``), the routed model runs the prefill and the first decode steps and the base model runs
+    alongside throughout (it takes over after ``routed_steps`` tokens)."""
     handoff = mode == "routed" and routed_steps is not None
     unrolled = dict(every_layer=False)
-    prefill = batch * prompt * layer_flops(cfg, mode, prompt, **unrolled) + batch * head_flops(cfg)
+    positions = batch * (prompt - shared) + shared
+    prefill = positions * layer_flops(cfg, mode, prompt, **unrolled) + batch * head_flops(cfg)
     decode_mode = layer_flops(cfg, mode, cache, **unrolled) + head_flops(cfg)
     if not handoff:
         return int(prefill + batch * max(steps - 1, 0) * decode_mode)
     base_step = layer_flops(cfg, "base", cache) + head_flops(cfg)
-    prefill += batch * prompt * layer_flops(cfg, "base", prompt)
+    prefill += positions * layer_flops(cfg, "base", prompt)
     routed = min(max(routed_steps - 1, 0), max(steps - 1, 0))
     return int(prefill + batch * (routed * (decode_mode + base_step) + (max(steps - 1, 0) - routed) * base_step))
 

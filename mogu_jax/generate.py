@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mogu_jax import model as model_lib
-from mogu_jax.config import ModelConfig
+from mogu_jax.config import HANDOFFS, ModelConfig
 from mogu_jax.errors import MoguError
 
 Array = Any
@@ -56,6 +56,9 @@ MIN_PROMPT_BUCKET = 16
 MIN_NEW_BUCKET = 16
 MIN_BATCH_BUCKET = 1
 MIN_EOS_BUCKET = 4
+# generate_text prefills the tokens all its prompts start with (a chat template's system prompt) once per batch
+# when there are at least this many
+MIN_SHARED_PREFIX = 8
 
 # Number of traces (= compilations) of each compiled function; tests read it to check for recompiles.
 COMPILE_COUNTS: collections.Counter = collections.Counter()
@@ -111,16 +114,21 @@ class DecodeModel:
     def init_cache(self, batch: int, max_len: int):
         return model_lib.init_cache(self.cfg, batch, max_len)
 
-    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0):
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0, live=None):
         """-> (logits, cache, extras): ``extras`` is a per-step pytree of [B, ...] arrays (router weights) or
         None. ``step``: index of the token this call produces (0 in the prefill); ``aux``: the traced
-        number of routed tokens (used by :class:`RoutedHandoff`)."""
+        number of routed tokens (used by :class:`RoutedHandoff`); ``live`` [B]: the rows still generating (used by
+        :class:`RouterGatedHandoff`)."""
         out = self.fn(params, tokens, positions, kv_mask, cache, cache_index)
         return (out[0], out[1], None) if len(out) == 2 else out
 
     def extras_shape(self, batch: int):
         """Shapes of the per-step extras (for the buffers), or None."""
         return None
+
+    def with_shared_head(self, head, cache):
+        """``cache`` (B rows) holding ``head``, the cache of one row run over the prompts' shared tokens."""
+        return jax.tree_util.tree_map(lambda h, c: jnp.broadcast_to(h, c.shape).astype(c.dtype), head, cache)
 
 
 def _router_extras(cfg: ModelConfig, out) -> dict:
@@ -135,7 +143,7 @@ class ScanBase(DecodeModel):
         super().__init__(cfg)
         self.mode = mode
 
-    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0):
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0, live=None):
         out = model_lib.forward(self.cfg, params, tokens, positions, kv_mask, cache, cache_index, last_only=True,
                                 mode=self.mode)
         return out.logits, out.cache, (_router_extras(self.cfg, out) if self.mode == "routed" else None)
@@ -172,7 +180,7 @@ class UnrolledBase(DecodeModel):
     def init_cache(self, batch: int, max_len: int):
         return model_lib.init_cache_unrolled(self.cfg, batch, max_len)
 
-    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0):
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0, live=None):
         out = model_lib.forward_unrolled(self.cfg, params, tokens, positions, kv_mask, cache, cache_index,
                                          last_only=True, mode=self.mode)
         return out.logits, out.cache, (_router_extras(self.cfg, out) if self.mode == "routed" else None)
@@ -204,7 +212,7 @@ class RoutedHandoff(DecodeModel):
     def extras_shape(self, batch: int):
         return self.routed.extras_shape(batch)
 
-    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0):
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0, live=None):
         base_params = model_lib.split_params(params)[0]
         args = (tokens, positions, kv_mask)
 
@@ -220,6 +228,53 @@ class RoutedHandoff(DecodeModel):
             return logits, {"routed": c["routed"], "base": bc}, zeros
 
         return jax.lax.cond(step < aux, both, base_only, cache)
+
+
+
+
+class RouterGatedHandoff(RoutedHandoff):
+    """Routed decoding with a router-gated handoff (``handoff: router``; ours, not in the MoGU papers): the first
+    ``aux`` new tokens are routed for every row, as in the published handoff; then a row whose routers leaned to
+    the unwilling branch over those tokens (mean ``a`` over them and the router layers >= ``threshold``, default
+    ``cfg.handoff_threshold``) stays routed to its end, and every other
+    row continues with the base model. For a base with no refusal of its own (SmolLM2) the refusal started by the
+    routed tokens then finishes, while the answers the routers read as benign are the base model's own after
+    ``aux`` tokens. Both models run while a live row is still routed, then the base model alone; the cache
+    counts those steps (``both_steps``) for the FLOP count."""
+
+    def init_cache(self, batch: int, max_len: int):
+        return {**super().init_cache(batch, max_len), "a_sum": jnp.zeros((batch,), jnp.float32),
+                "both_steps": jnp.zeros((), jnp.int32)}
+
+    def __init__(self, cfg: ModelConfig, threshold: Optional[float] = None):
+        super().__init__(cfg)
+        self.threshold = float(cfg.handoff_threshold if threshold is None else threshold)
+
+    def with_shared_head(self, head, cache):
+        kv = super().with_shared_head({k: head[k] for k in ("routed", "base")}, {k: cache[k] for k in ("routed", "base")})
+        return {**cache, **kv}  # the gate's sums start from zero: the shared tokens produce no new token
+
+    def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0, live=None):
+        base_params = model_lib.split_params(params)[0]
+        args = (tokens, positions, kv_mask)
+        live = jnp.ones(tokens.shape[:1], bool) if live is None else live
+        keep = (aux > 0) & (cache["a_sum"] >= self.threshold * jnp.maximum(aux, 1))
+
+        def both(c):
+            logits, rc, extras = self.routed(params, *args, c["routed"], cache_index)
+            base_logits, bc, _ = self.base(base_params, *args, c["base"], cache_index)
+            routed_now = (step < aux) | keep
+            logits = jnp.where(routed_now[:, None, None], logits, base_logits)
+            a_sum = c["a_sum"] + jnp.where(step < aux, jnp.mean(extras["a"], axis=-1), 0.0)
+            return logits, {"routed": rc, "base": bc, "a_sum": a_sum, "both_steps": c["both_steps"] + 1}, extras
+
+        def base_only(c):
+            logits, bc, _ = self.base(base_params, *args, c["base"], cache_index)
+            shapes = self.extras_shape(tokens.shape[0])
+            zeros = {k: jnp.zeros(v, jnp.float32) for k, v in shapes.items()}
+            return logits, {**c, "base": bc}, zeros
+
+        return jax.lax.cond((step < aux) | jnp.any(keep & live), both, base_only, cache)
 
 
 @jax.jit
@@ -293,7 +348,7 @@ class _Compiled:
 
     def __init__(self, dm: DecodeModel):
         self.dm = dm
-        self.prefill = jax.jit(self._prefill, donate_argnums=(3,), static_argnames=("n_new",))
+        self.prefill = jax.jit(self._prefill, donate_argnums=(3,), static_argnames=("n_new", "shared"))
         self.decode = jax.jit(self._decode, donate_argnums=(1,),
                               static_argnames=("n_new", "with_logits", "progress"))
         self._last = None  # (leaves of the params, prepared params): prepare once per params
@@ -308,15 +363,24 @@ class _Compiled:
         self._last = (leaves, prepared)
         return prepared
 
-    def _prefill(self, params, tokens, mask, cache, seed, temperature, top_p, eos_ids, pad_id, live, aux, *, n_new):
+    def _prefill(self, params, tokens, mask, cache, seed, temperature, top_p, eos_ids, pad_id, live, aux, *, n_new,
+                 shared=0):
         """tokens/mask [B, P] (left-padded), cache with P + n_new slots -> (first token [B], done [B],
-        its logits [B, V], cache). ``live`` [B] is False for the rows that only pad the batch bucket."""
+        its logits [B, V], cache). ``live`` [B] is False for the rows that only pad the batch bucket.
+        ``shared``: the first ``shared`` columns are the same tokens in every row (a chat template's system
+        prompt; the rows' own tokens are left-padded after them): they run once, as one row, and the rows
+        continue from their broadcast cache (causal attention: the prefix never sees the rows)."""
         COMPILE_COUNTS["prefill"] += 1
-        b, _ = tokens.shape
+        b, p = tokens.shape
         positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
         # Causality over cache slots hides the slots after the prompt, so they may count as valid here.
         kv_mask = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_new), bool)], axis=1)
-        logits, cache, extras = self.dm(params, tokens, positions, kv_mask, cache, 0, step=0, aux=aux)
+        if shared:
+            _, head, _ = self.dm(params, tokens[:1, :shared], positions[:1, :shared], kv_mask[:1],
+                                 self.dm.init_cache(1, p + n_new), 0, step=0, aux=aux)
+            cache = self.dm.with_shared_head(head, cache)
+        logits, cache, extras = self.dm(params, tokens[:, shared:], positions[:, shared:], kv_mask, cache, shared,
+                                        step=0, aux=aux, live=live)
         last = logits[:, -1].astype(jnp.float32)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
         tok = sample_logits(last, key, temperature, top_p)
@@ -356,7 +420,7 @@ class _Compiled:
             i, cache, prev, out, done, logit_buf, ex_buf = state
             positions = (start + i - 1)[:, None]
             logits, cache, extras = self.dm(params, prev[:, None], positions, kv_mask, cache, p + i - 1, step=i,
-                                            aux=aux)
+                                            aux=aux, live=~done)
             if ex_buf is not None:
                 ex_buf = jax.tree_util.tree_map(
                     lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], i, axis=1), ex_buf, extras)
@@ -381,8 +445,8 @@ _COMPILED: dict = {}
 
 
 @functools.lru_cache(maxsize=None)
-def handoff_forward(cfg: ModelConfig) -> DecodeModel:
-    return RoutedHandoff(cfg)
+def handoff_forward(cfg: ModelConfig, handoff: str = "fixed") -> DecodeModel:
+    return RouterGatedHandoff(cfg) if handoff == "router" else RoutedHandoff(cfg)
 
 
 def _compiled(cfg: ModelConfig, forward, mode: str = "base") -> _Compiled:
@@ -429,7 +493,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_ids=None, pad_id=None,
              progress: bool = False, forward: Optional[Forward] = None,
              return_logits: bool = False, mode: str = "base",
-             routed_tokens: Optional[int] = None, min_batch: int = MIN_BATCH_BUCKET) -> GenerationOutput:
+             routed_tokens: Optional[int] = None, min_batch: int = MIN_BATCH_BUCKET,
+             shared_prefix: int = 0, handoff: Optional[str] = None) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids), as one batch.
 
     Greedy when ``temperature == 0``, else temperature + top-p sampling from ``seed``. Each row stops at
@@ -439,10 +504,15 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     ``mode``: the MoGU mode every token is decoded in (``params`` must hold the parts it needs).
     ``routed_tokens`` (with ``mode="routed"``): MoGU's handoff — only the first ``routed_tokens`` new tokens
     are routed, then the plain base model continues (None or >= max_new_tokens: every token routed).
+    ``handoff`` (default ``cfg.handoff``): ``fixed`` (published: every row hands off) or ``router`` (a row whose
+    routers leaned unwilling over the routed tokens stays routed: :class:`RouterGatedHandoff`).
     In routed mode the output carries the router weights of the routed tokens (``router``).
     ``min_batch``: the batch shape of a caller generating many batches (:func:`generate_text`): a short last
     batch is padded to it, so it takes the others' shape, hence their compilation. Without it (1) the batch is
     padded to a power of two.
+    ``shared_prefix``: every prompt starts with the same first ``shared_prefix`` tokens (and has more after
+    them; :func:`common_prefix`): they are prefilled once for the batch instead of once per row (the same
+    tokens; the logits equal to rounding).
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -464,28 +534,37 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
     eos = resolve_eos(cfg, eos_ids)
     pad = resolve_pad(cfg, pad_id, eos)
+    s = int(shared_prefix)
+    if s and not 0 < s <= common_prefix(prompts):
+        raise MoguError(f"shared_prefix={s}: the prompts share their first {common_prefix(prompts)} tokens "
+                        "(and each needs one token after the shared ones)")
     n_rows = len(prompts)
     b = max(n_rows, min_batch) if min_batch > MIN_BATCH_BUCKET else bucket(n_rows, MIN_BATCH_BUCKET)
-    p = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
+    p = s + bucket(max(len(x) for x in prompts) - s, MIN_PROMPT_BUCKET)
     n = bucket(max_new_tokens, MIN_NEW_BUCKET)
     e = bucket(len(eos), MIN_EOS_BUCKET)
 
     tokens = np.full((b, p), pad if 0 <= pad < cfg.vocab_size else 0, np.int32)
     mask = np.zeros((b, p), bool)
+    tokens[:, :s] = prompts[0][:s]  # the shared tokens first, each row's own tokens left-padded after them
+    mask[:, :s] = True
     for r, x in enumerate(prompts):
-        tokens[r, p - len(x):] = x
-        mask[r, p - len(x):] = True
+        tokens[r, p - len(x) + s:] = x[s:]
+        mask[r, p - len(x) + s:] = True
     live = np.arange(b) < n_rows
     eos_arr = np.full((e,), -1, np.int32)
     eos_arr[: len(eos)] = eos
 
     if forward is None:
         model_lib.mogu_inputs(cfg, mode, model_lib.split_params(params)[1])  # clear error for missing parts
-    handoff = mode == "routed" and routed_tokens is not None and routed_tokens < max_new_tokens
     if routed_tokens is not None and routed_tokens < 0:
         raise MoguError(f"routed_tokens must be >= 0, got {routed_tokens}")
+    gate = cfg.handoff if handoff is None else handoff
+    if gate not in HANDOFFS:
+        raise MoguError(f"handoff must be one of {', '.join(HANDOFFS)}, got {gate!r}")
+    handoff = mode == "routed" and routed_tokens is not None and routed_tokens < max_new_tokens
     if handoff and forward is None:
-        forward = handoff_forward(cfg)
+        forward = handoff_forward(cfg, gate)
     n_routed = (routed_tokens if handoff else max_new_tokens) if mode == "routed" else 0
     comp = _compiled(cfg, forward, mode)
     run_params = comp.prepared(params)
@@ -497,7 +576,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
     aux = np.asarray(n_routed, np.int32)
     tok0, done0, last0, extras0, cache = comp.prefill(run_params, tokens, mask, cache, seed_a, temp_a, top_p_a,
-                                                      eos_arr, pad_a, live, aux, n_new=n)
+                                                      eos_arr, pad_a, live, aux, n_new=n, shared=s)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -512,6 +591,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
                                                         with_logits=return_logits, progress=progress)
         out = np.asarray(out)
         steps = int(steps)
+        routed_steps = n_routed if handoff else None
+        if isinstance(cache, dict) and "both_steps" in cache:  # router-gated: both models ran this many steps
+            routed_steps = int(cache["both_steps"])  # the prefill and the decode steps that ran both models
         del cache
     finally:
         if bar is not None:
@@ -520,7 +602,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
             _PROGRESS_BAR[0] = None
 
     from mogu_jax.flops import generation_flops
-    FLOPS_DONE[0] += generation_flops(cfg, mode, b, p, p + n, steps, n_routed if handoff else None)
+    FLOPS_DONE[0] += generation_flops(cfg, mode, b, p, p + n, steps, routed_steps, s)
     eos_set = set(eos)
     rows, finished = [], []
     for r in range(n_rows):
@@ -542,6 +624,18 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
 
 # ------------------------------------------------------------------------------------ from text
+def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``prompts`` share, leaving each at least one token of its own (the most a
+    :func:`generate` call can take as ``shared_prefix``)."""
+    if not prompts:
+        return 0
+    first, limit = prompts[0], min(len(x) for x in prompts) - 1
+    n = 0
+    while n < limit and all(x[n] == first[n] for x in prompts):
+        n += 1
+    return n
+
+
 def even_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
     """``order`` cut into the fewest batches of at most ``batch_size`` rows, as even as possible: 129 rows at 32
     are 5 batches of 26 (or 25), not 4 x 32 + 1, which would cost a fifth batch of 32 rows for one prompt
@@ -553,20 +647,28 @@ def even_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i: i + size] for i in range(0, len(order), size)]
 
 
-def call_buckets(batches: Sequence[Sequence[int]]) -> dict:
+def call_buckets(batches: Sequence[Sequence[int]], prompts: Optional[Sequence[Sequence[int]]] = None) -> dict:
     """The :func:`generate` batch shape that gives every batch of one call (:func:`even_batches`) the same
     shape: a short last batch costs a padding row or so instead of a compilation (~10 s on 2 CPU cores for
     SmolLM2). Prompt-length buckets stay per batch: padding every prompt to the longest one would cost prefill
-    and cache in proportion to the longest prompt, without bound."""
+    and cache in proportion to the longest prompt, without bound. With the call's ``prompts`` (token ids), also
+    the ``shared_prefix`` of the whole call (one value: one compilation per prompt bucket): the tokens they all
+    start with, when at least :data:`MIN_SHARED_PREFIX`."""
     if not batches:
         return {}
-    return {"min_batch": max(len(b) for b in batches)}
+    out = {"min_batch": max(len(b) for b in batches)}
+    if prompts is not None:
+        shared = common_prefix(prompts) if len(prompts) > 1 else 0
+        out["shared_prefix"] = shared if shared >= MIN_SHARED_PREFIX else 0
+    return out
 
 
 def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[str], template: Optional[str] = None,
                   system: Optional[str] = None, batch_size: int = 8, progress: bool = False, **kw) -> list[dict]:
     """Responses to instructions: format each prompt (:func:`mogu_jax.templates.format_prompt`), encode it,
-    generate in batches of ``batch_size`` (prompts of similar length batched together), decode.
+    generate in batches of ``batch_size`` (prompts of similar length batched together), decode. The tokens every
+    prompt starts with (e.g. the template's system prompt) are prefilled once per batch
+    (:func:`generate`'s ``shared_prefix``; pass ``shared_prefix=0`` to run them per row).
 
     Returns, in input order, ``{"response": str, "tokens": int, "finished": bool}`` (``tokens`` counts the
     generated tokens, EOS included; ``finished``: the model emitted an EOS; in routed mode also ``router``:
@@ -589,7 +691,7 @@ def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[st
 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = even_batches(order, batch_size)
-    kw.update(call_buckets(batches))
+    kw = {**call_buckets(batches, encoded), **kw}
     results: list[Optional[dict]] = [None] * len(encoded)
     it = batches
     if progress:

@@ -43,6 +43,17 @@ def test_eval_writes_report(ckpts, tmp_path, capsys):
     assert set(report["metrics"]["mogu"]) == {"harmful", "jailbreak", "benign", "borderline"}
     assert len(report["router"]["layer_a"]["harmful"]) == 2  # per layer, per kind
     assert os.path.isfile(out / "refusal_rates.png") and os.path.isfile(out / "router_layers.png")
+    assert report["settings"]["handoff"] == "fixed" and report["settings"]["handoff_threshold"] is None
+    # the router-gated handoff and its threshold, from the command line
+    out2 = tmp_path / "gated"
+    assert main(["eval", str(ckpts / "mogu"), "--prompts", str(prompts), "--out", str(out2), "--max-new-tokens", "8",
+                 "--routed-tokens", "3", "--handoff", "router", "--handoff-threshold", "0.3"]) == 0
+    settings = json.load(open(out2 / "report.json"))["settings"]
+    assert settings["handoff"] == "router" and settings["handoff_threshold"] == 0.3
+    cli_fails(capsys, ["eval", str(ckpts / "mogu"), "--prompts", str(prompts), "--out", str(tmp_path / "x"),
+                       "--handoff", "sometimes"], "--handoff")
+    cli_fails(capsys, ["eval", str(ckpts / "mogu"), "--prompts", str(prompts), "--out", str(tmp_path / "x"),
+                       "--handoff", "router", "--handoff-threshold", "2"], "--handoff-threshold")
 
 
 def test_eval_bad_input(ckpts, tmp_path, capsys):

@@ -235,6 +235,10 @@ def test_even_batches_pad_at_most_one_row_per_batch():
     assert sizes(117, 32) == [30, 30, 30, 27]
     assert sizes(64, 32) == [32, 32] and sizes(5, 8) == [5] and sizes(0, 8) == []
     assert G.call_buckets(G.even_batches(range(129), 32)) == {"min_batch": 26}
+    # with the call's prompts: the tokens they all start with, prefilled once per batch from 8 shared tokens on
+    assert G.call_buckets([[0, 1]], [[1] * 9 + [2], [1] * 9 + [3, 4]]) == {"min_batch": 2, "shared_prefix": 9}
+    assert G.call_buckets([[0, 1]], [[1] * 7 + [2], [1] * 7 + [3]]) == {"min_batch": 2, "shared_prefix": 0}
+    assert G.call_buckets([[0]], [[1] * 20]) == {"min_batch": 1, "shared_prefix": 0}  # one prompt: nothing shared
     assert [i for b in G.even_batches(range(50), 7) for i in b] == list(range(50))  # order kept, nothing lost
 
 
@@ -259,3 +263,94 @@ def test_generate_text_compiles_once_per_prompt_bucket(tiny, word_tokenizer):
         ids = T.encode_prompt(tok, T.format_prompt(tok, ins, "falcon"))
         want = G.generate(cfg, params, [ids], max_new_tokens=4, eos_ids=()).tokens[0]
         assert r["response"] == tok.decode(want, skip_special_tokens=True)
+
+
+def test_shared_prefix_prefilled_once_gives_the_same_generation(tiny):
+    """Prompts that start with the same 10 tokens (a system prompt): with shared_prefix they are prefilled once
+    as one row and the rows continue from the broadcast cache. Tokens, logits and (routed, with the handoff)
+    router weights equal the per-row prefill, for the unrolled, scan and routed decode models, at fewer FLOPs;
+    a shared_prefix the prompts do not share is refused."""
+    from mogu_jax import mogu as mogu_lib
+
+    cfg, params, _ = tiny
+    head = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    prompts = [head + p for p in PROMPTS]
+    mogu = mogu_lib.init_mogu(cfg, 0, params)
+    key = jax.random.PRNGKey(1)
+    for name in ("glad", "unwilling"):
+        mogu[name]["B"] = 0.1 * jax.random.normal(key, mogu[name]["B"].shape)
+    mogu["router"] = jax.tree_util.tree_map(lambda x: x + 0.3 * jax.random.normal(key, x.shape), mogu["router"])
+    cases = [(params, {}), (params, {"forward": G.scan_forward(cfg)}),
+             (mogu, {"mode": "routed", "routed_tokens": 3}), (mogu, {"mode": "unwilling"})]
+    assert G.common_prefix(prompts) == 10 and G.common_prefix([head, head + [1]]) == 9
+    for p, kw in cases:
+        runs = {}
+        for s in (0, 10):
+            before = G.FLOPS_DONE[0]
+            runs[s] = G.generate(cfg, p, prompts, max_new_tokens=8, eos_ids=(), return_logits=True,
+                                 shared_prefix=s, **kw), G.FLOPS_DONE[0] - before
+        (a, fa), (b, fb) = runs[0], runs[10]
+        assert a.tokens == b.tokens, kw
+        for x, y in zip(a.logits, b.logits):
+            np.testing.assert_allclose(x, y, atol=1e-4)
+        if a.router is not None:
+            for x, y in zip(a.router, b.router):
+                np.testing.assert_allclose(x["a"], y["a"], atol=1e-5)
+        assert fb < fa
+    with pytest.raises(MoguError, match="share their first 10 tokens"):
+        G.generate(cfg, params, prompts, max_new_tokens=2, shared_prefix=11)
+
+
+def test_generate_text_prefills_the_system_prompt_once(tiny, word_tokenizer):
+    """generate_text finds the tokens every prompt starts with (here a template's system prompt) and prefills
+    them once per batch: the same answers as per-row prefill (shared_prefix=0), fewer FLOPs."""
+    cfg, params, _ = tiny
+    instructions = ["hello world", "tell me a joke", "hi", "hello hello world world"]
+    system = "hello world " * 6
+    runs = {}
+    for kw in ({}, {"shared_prefix": 0}):
+        before = G.FLOPS_DONE[0]
+        res = G.generate_text(cfg, params, word_tokenizer, instructions, template="vicuna", system=system,
+                              batch_size=4, max_new_tokens=5, eos_ids=(), **kw)
+        runs[bool(kw)] = [r["response"] for r in res], G.FLOPS_DONE[0] - before
+    encoded = [T.encode_prompt(word_tokenizer, T.format_prompt(word_tokenizer, i, "vicuna", system))
+               for i in instructions]
+    assert G.common_prefix(encoded) >= G.MIN_SHARED_PREFIX
+    assert runs[False][0] == runs[True][0] and runs[False][1] < runs[True][1]
+
+
+def test_router_gated_handoff_keeps_unwilling_rows_routed(tiny):
+    """handoff "router": after m routed tokens a row whose mean unwilling weight a over them reaches the gate stays
+    routed (its tokens equal routing every token), every other row continues with the base model (its tokens equal
+    the published fixed handoff); with a shared prefix too; FLOPs between the two; a bad handoff is refused."""
+    from mogu_jax import mogu as mogu_lib
+
+    cfg, params, _ = tiny
+    mogu = mogu_lib.init_mogu(cfg, 0, params)
+    key = jax.random.PRNGKey(2)
+    for name in ("glad", "unwilling"):
+        mogu[name]["B"] = 0.3 * jax.random.normal(key, mogu[name]["B"].shape)
+    mogu["router"] = jax.tree_util.tree_map(lambda x: x + 1.0 * jax.random.normal(key, x.shape), mogu["router"])
+    head = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    prompts = [head + p for p in PROMPTS] + [head + [40, 41, 42], head + [90] * 5]
+    m, n = 3, 12
+    routed = G.generate(cfg, mogu, prompts, max_new_tokens=n, eos_ids=(), mode="routed")
+    fixed = G.generate(cfg, mogu, prompts, max_new_tokens=n, eos_ids=(), mode="routed", routed_tokens=m)
+    mean_a = np.asarray([r["a"][:m].mean() for r in routed.router])
+    gate = float(np.median(mean_a))
+    keep = mean_a >= gate
+    assert keep.any() and not keep.all()
+    assert [a[:m] for a in routed.tokens] == [a[:m] for a in fixed.tokens]
+    assert any(a != b for a, b in zip(routed.tokens, fixed.tokens))
+    for shared in (0, 10):
+        before = G.FLOPS_DONE[0]
+        gated = G.generate(cfg, mogu, prompts, max_new_tokens=n, eos_ids=(), mode="routed", routed_tokens=m,
+                           forward=G.RouterGatedHandoff(cfg, threshold=gate), shared_prefix=shared)
+        flops = G.FLOPS_DONE[0] - before
+        for r, k in enumerate(keep):
+            assert gated.tokens[r] == (routed if k else fixed).tokens[r], (r, k, shared)
+    before = G.FLOPS_DONE[0]
+    G.generate(cfg, mogu, prompts, max_new_tokens=n, eos_ids=(), mode="routed", routed_tokens=m, shared_prefix=10)
+    assert flops > G.FLOPS_DONE[0] - before  # both models ran past the m tokens for the kept rows
+    with pytest.raises(MoguError, match="handoff must be one of"):
+        G.generate(cfg, mogu, prompts, max_new_tokens=4, mode="routed", routed_tokens=2, handoff="sometimes")

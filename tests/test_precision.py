@@ -129,3 +129,21 @@ def test_demo_settings_live_in_configs():
     assert conf["train"]["epochs"] == 1 and conf["data"]["buckets"] == [32]
     with pytest.raises(MoguError, match="unknown config key 'train.epoch'"):
         load_config("glad", demo_settings(), values={"train": {"epoch": 1}})
+
+
+@pytest.mark.parametrize("key,value,match", [("handoff", "sometimes", "demo.eval.handoff must be one of"),
+                                             ("handoff_threshold", 1.5, "demo.eval.handoff_threshold"),
+                                             ("routed_tokens", -3, "demo.eval.routed_tokens")])
+def test_demo_refuses_bad_decoding_settings_before_any_work(tmp_path, key, value, match):
+    """demo.eval's routed decoding (the MoGU checkpoint's routed_tokens, handoff and threshold) is checked before
+    the demo imports or trains anything."""
+    import yaml
+
+    from mogu_jax.pipeline import demo_settings, run_demo
+    settings = demo_settings()
+    settings["demo"]["eval"][key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    with pytest.raises(MoguError, match=match):
+        run_demo(str(tmp_path / "out"), config=str(path))
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")  # nothing was produced
