@@ -500,12 +500,14 @@ class StageLoader:
     ``balance_labels`` (router stage): every batch gets the labels in the data's proportion (each label's rows
     shuffled, then interleaved evenly; no length grouping, which would sort short refusals, label 1, into
     batches of their own and make the shared router biases swing from batch to batch).
+    ``label_weights`` (router stage): ``"balanced"`` weighs each example in the loss by ``N / (2 N_label)``, so both
+    labels weigh the same in every epoch however many rows each has (None: every example 1).
     """
 
     def __init__(self, data: StageData, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  num_epochs: Optional[int] = None, buckets: Optional[Iterable[int]] = DEFAULT_BUCKETS,
                  group_batches: int = DEFAULT_GROUP_BATCHES, drop_last: bool = False, process_index: int = 0,
-                 process_count: int = 1, balance_labels: bool = False):
+                 process_count: int = 1, balance_labels: bool = False, label_weights: Optional[str] = None):
         def pos_int(name, v, minimum=1):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
                 raise MoguError(f"{name} must be an integer >= {minimum}, got {v!r}")
@@ -521,6 +523,16 @@ class StageLoader:
         self.balance_labels = bool(balance_labels)
         if self.balance_labels and data.labels is None:
             raise MoguError(f"balance_labels needs labelled data (the router stage); {data.stage} has none")
+        self.example_weights = None
+        if label_weights is not None:
+            if label_weights != "balanced":
+                raise MoguError(f"data.label_weights must be null or 'balanced', got {label_weights!r}")
+            if data.labels is None:
+                raise MoguError(f"label_weights needs labelled data (the router stage); {data.stage} has none")
+            labels = np.asarray(data.labels)
+            values, counts = np.unique(labels, return_counts=True)
+            per = {v: len(labels) / (len(values) * c) for v, c in zip(values, counts)}
+            self.example_weights = np.asarray([per[v] for v in labels], np.float32)
         self.process_count = pos_int("process_count", process_count)
         self.process_index = pos_int("process_index", process_index, 0)
         if self.process_index >= self.process_count:
@@ -540,8 +552,9 @@ class StageLoader:
         self._seqs = data.sequences()
         self._lengths = {k: np.asarray([ex.length for ex in v], np.int64) for k, v in self._seqs.items()}
         self._order_cache: tuple[int, list[np.ndarray]] | None = None
-        # router stage: ``f(example_rows, length) -> {name: [rows, length, ...]}``, more per-row inputs of a
-        # batch (the trainer's cached lower-layer hidden states, mogu_jax.train.FrozenLayersCache)
+        # ``f(sequences, example_rows, length) -> {name: [rows, length, ...]}``, more per-row inputs of a batch
+        # (``sequences``: "tokens", or "affirm" / "refusal" of a pair stage; the trainer's cached lower-layer
+        # hidden states, mogu_jax.train.FrozenLayersCache)
         self.extra_inputs = None
         self._fingerprint: Optional[str] = None
         self.epoch = 0
@@ -621,16 +634,21 @@ class StageLoader:
             raise MoguError(f"a batch needs 1..{self.batch_size} examples, got {real}")
         full = np.concatenate([indices, np.full((self.batch_size - real,), indices[0], np.int64)])
         weight = (np.arange(self.batch_size) < real).astype(np.float32)
+        if self.example_weights is not None:
+            weight = weight * self.example_weights[full]
         lo = self.process_index * self.local_batch_size
         sl = slice(lo, lo + self.local_batch_size)
         rows = full[sl]
         if self.data.is_pairs:
             batch = {k: self._pad_rows(self._seqs[k], self._lengths[k], indices, rows) for k in ("affirm", "refusal")}
+            halves = [(k, batch[k]) for k in ("affirm", "refusal")]
         else:
             batch = self._pad_rows(self._seqs["tokens"], self._lengths["tokens"], indices, rows)
             batch["label"] = np.asarray(self.data.labels, np.int32)[rows]
-            if self.extra_inputs is not None:
-                batch.update(self.extra_inputs(rows, batch["tokens"].shape[1]))
+            halves = [("tokens", batch)]
+        if self.extra_inputs is not None:
+            for name, half in halves:
+                half.update(self.extra_inputs(name, rows, half["tokens"].shape[1]))
         batch["weight"] = weight[sl]
         return batch
 
@@ -665,7 +683,8 @@ class StageLoader:
         if self._fingerprint is None:
             h = hashlib.sha256(self.data.fingerprint().encode())
             h.update(json.dumps([self.batch_size, self.seed, self.shuffle, self.group_batches, self.drop_last]
-                                + ([True] if self.balance_labels else [])).encode())
+                                + ([True] if self.balance_labels else [])
+                                + (["label_weights"] if self.example_weights is not None else [])).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 

@@ -89,6 +89,7 @@ SEED_FILES = {
     "contrast": "contrast.json",
     "benign_twins": "benign_twins.json",
     "borderline_dev": "borderline_dev.json",
+    "borderline_train": "borderline_train.json",
     "jailbreak_templates": "jailbreak_templates.json",
     "refusals": "refusals.json",
     "affirmative_openings": "affirmative_openings.json",
@@ -102,6 +103,11 @@ TWIN_OF = {"benign_twins": "malicious"}
 #: test rows): ``dev.jsonl`` holds them as ``borderline`` next to the 17 dev contrast rows, so that over-refusal is
 #: measured on 167 dev prompts, not 17, when settings are chosen.
 DEV_ONLY_KINDS = ("borderline_dev",)
+#: ``borderline_train.json``: 150 more safe prompts that merely sound alarming (two thirds imperatives, the malicious
+#: seeds' shape: "Write a step-by-step guide to killing the weeds in a gravel driveway"), written for training only
+#: (no dev or test rows; kept apart from every other seed list and the independent set). With
+#: ``borderline_train`` they go to the router stage with the model's own answers (label 0).
+TRAIN_ONLY_KINDS = ("borderline_train",)
 #: The independent test set (package data): written apart from the seed lists, in other words and shapes; never
 #: used for training or for choosing settings (see mogu_jax/seeds/README.md).
 INDEPENDENT_TEST_FILE = "independent_test.jsonl"
@@ -161,7 +167,7 @@ def _load_seeds_cached() -> dict:
 
 
 def _check_seeds(s: dict) -> None:
-    for kind in SPLIT_KINDS + DEV_ONLY_KINDS:
+    for kind in SPLIT_KINDS + DEV_ONLY_KINDS + TRAIN_ONLY_KINDS:
         rows = s[kind]
         if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("instruction"), str)
                                                  for r in rows):
@@ -195,7 +201,7 @@ def _check_seeds(s: dict) -> None:
 
 
 def load_seeds() -> dict:
-    """All seed files as ``{"benign", "malicious", "contrast", "benign_twins", "borderline_dev",
+    """All seed files as ``{"benign", "malicious", "contrast", "benign_twins", "borderline_dev", "borderline_train",
     "jailbreak_templates", "refusals", "affirmative_openings", "splits"}`` (a fresh copy each call)."""
     return copy.deepcopy(_load_seeds_cached())
 
@@ -359,7 +365,7 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
             prompts.append(encode_prompt(tokenizer, format_prompt(tokenizer, ins, template, system)) + ids)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         batches = even_batches(order, batch_size)
-        shapes = call_buckets(batches)
+        shapes = call_buckets(batches, prompts)
         results: list[Optional[dict]] = [None] * len(prompts)
         it = batches
         if progress:
@@ -426,7 +432,8 @@ def wrapped_benign_prompts(part: str) -> list[dict]:
             for k, r in enumerate(split("benign", part))]
 
 
-def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every=None, twins=False):
+def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every=None, twins=False,
+                borderline_train=False):
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -439,8 +446,9 @@ def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, templat
     if wrap_every is not None and (not is_int(wrap_every) or wrap_every < 1):
         raise MoguError(f"wrap_every must be a positive integer (every n-th train row wrapped) or None, "
                         f"got {wrap_every!r}")
-    if not isinstance(twins, bool):
-        raise MoguError(f"twins must be true or false, got {twins!r}")
+    for name, flag in (("twins", twins), ("borderline_train", borderline_train)):
+        if not isinstance(flag, bool):
+            raise MoguError(f"{name} must be true or false, got {flag!r}")
     if not is_int(seed):
         raise MoguError(f"seed must be an integer, got {seed!r}")
     if refusal_source not in REFUSAL_SOURCES:
@@ -494,10 +502,12 @@ class _Answers:
     malicious_refusals: list = dataclasses.field(default_factory=list)
     wrapped_benign: list = dataclasses.field(default_factory=list)  # answers to the wrapped benign rows
     benign_twins: list = dataclasses.field(default_factory=list)  # answers to the benign twins (``twins``)
+    borderline_train: list = dataclasses.field(default_factory=list)  # answers (``borderline_train``)
     model_refusals: dict = dataclasses.field(default_factory=lambda: {"used": 0, "bank_fallback": 0})
     dropped: list = dataclasses.field(default_factory=list)
     trimmed: dict = dataclasses.field(
-        default_factory=lambda: {"benign": 0, "contrast": 0, "malicious": 0, "wrapped_benign": 0, "benign_twins": 0})
+        default_factory=lambda: {"benign": 0, "contrast": 0, "malicious": 0, "wrapped_benign": 0, "benign_twins": 0,
+                                 "borderline_train": 0})
 
     def keep(self, kind: str, row: dict, text: str, cut: str, affects: list, judge) -> bool:
         """Count a trim of ``text`` to ``cut``; drop (and list) the row when ``cut`` is empty or a refusal."""
@@ -579,8 +589,8 @@ def _malicious_refusals(run: Callable, judge, ans: _Answers, rows: list[dict], r
 def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed: int,
                 wrapped: dict) -> dict[str, list[dict]]:
     """The glad, unwilling and router rows from the train rows and their answers (dropped rows left out; every
-    malicious row reaches the router with its refusal; the benign twins' answers, when generated, go to the router
-    with label 0). ``wrapped`` (``{"benign", "malicious"}``,
+    malicious row reaches the router with its refusal; the benign twins' and the train-only borderline rows'
+    answers, when generated, go to the router with label 0). ``wrapped`` (``{"benign", "malicious"}``,
     :func:`wrapped_rows`) go to the router only: benign with the model's answer to the wrapped prompt (label 0),
     malicious with the bare row's refusal (label 1). A stage without rows is an error."""
     mal = train["malicious"]
@@ -591,7 +601,8 @@ def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed
                   "refusal": pick(benign_refusals, seed, "refusal", r["instruction"])}
                  for r, a in zip(train["benign"], ans.benign) if a is not None]
     router = ([{"instruction": r["instruction"], "output": a, "label": 0}
-               for kind in ("benign", "contrast", "benign_twins") for r, a in zip(train[kind], getattr(ans, kind))
+               for kind in ("benign", "contrast", "benign_twins", "borderline_train")
+               for r, a in zip(train[kind], getattr(ans, kind))
                if a is not None]
               + [{"instruction": r["instruction"], "output": ref, "label": 1}
                  for r, ref in zip(mal, ans.malicious_refusals)]
@@ -646,12 +657,14 @@ def _summary(counts: dict, stages: dict, train: dict, wrapped: dict, ans: _Answe
             "router": {"rows": len(router), "benign": sum(a is not None for a in ans.benign),
                        "contrast": sum(a is not None for a in ans.contrast),
                        "benign_twins": sum(a is not None for a in ans.benign_twins),
+                       "borderline_train": sum(a is not None for a in ans.borderline_train),
                        "malicious": len(train["malicious"]),
                        "wrapped_benign": sum(a is not None for a in ans.wrapped_benign),
                        "wrapped_malicious": len(wrapped["malicious"]),
                        "label_0": sum(r["label"] == 0 for r in router), "label_1": sum(r["label"] == 1 for r in router),
                        "dropped": {"benign": ans.drops("benign"), "contrast": ans.drops("contrast"),
                                    "benign_twins": ans.drops("benign_twins"),
+                                   "borderline_train": ans.drops("borderline_train"),
                                    "wrapped_benign": ans.drops("wrapped_benign")}},
         },
         "eval": {part: {k: sum(h["kind"] == k for h in rows) for k in EVAL_KINDS} for part, rows in evals.items()},
@@ -665,7 +678,7 @@ def _summary(counts: dict, stages: dict, train: dict, wrapped: dict, ans: _Answe
 def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: Optional[str] = None,
                max_new_tokens: int = 96, batch_size: int = 8, limit: Optional[int] = None, seed: int = 0,
                refusal_source: str = "bank", prime_malicious: bool = True, wrap_every: Optional[int] = None,
-               twins: bool = False,
+               twins: bool = False, borderline_train: bool = False,
                progress: bool = True, overwrite: bool = False, generate_fn: Optional[Callable] = None,
                judge=None) -> dict:
     """Build the training files of the three stages and the dev / test prompts into ``out_dir`` (see the module
@@ -678,6 +691,8 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     tell the routers the label; None (default): no wrapped rows. ``twins``: the benign twins of the malicious train
     rows (``benign_twins.json``: the same form, a harmless request) go to the router stage with the model's own
     answers (label 0), so that the form of a malicious seed alone does not tell the routers the label.
+    ``borderline_train``: the train-only safe-but-alarming rows (``borderline_train.json``) go to the router stage
+    with the model's own answers (label 0), so that an alarming word alone does not either.
     ``generate_fn``/``judge`` replace the model and the refusal judge (``cfg``/``params``/``tokenizer`` may then be
     None).
 
@@ -687,7 +702,8 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     write them all atomically.
     """
     t0 = time.perf_counter()
-    _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every, twins)
+    _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every, twins,
+                borderline_train)
     out_dir = os.fspath(out_dir)
     check_output_dir(out_dir, overwrite)  # fail before any generation
     if generate_fn is None:
@@ -703,6 +719,8 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     benign_refusals = generic_refusals(refusals)
 
     train = {kind: spread(split(kind, "train"), limit) for kind in SPLIT_KINDS}
+    train.update({kind: spread([dict(r, index=i) for i, r in enumerate(seeds[kind])], limit)
+                  for kind in TRAIN_ONLY_KINDS})
     evals = {part: eval_prompts(eval_rows(part, limit), seeds["jailbreak_templates"]) for part in EVAL_SPLITS}
 
     run = _generator_runner(generate_fn, progress)
@@ -717,6 +735,8 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     ans.wrapped_benign = _own_answers(run, judge, ans, "wrapped_benign", wrapped["benign"], ["router"])
     ans.benign_twins = _own_answers(run, judge, ans, "benign_twins", train["benign_twins"] if twins else [],
                                     ["router"])
+    ans.borderline_train = _own_answers(run, judge, ans, "borderline_train",
+                                        train["borderline_train"] if borderline_train else [], ["router"])
 
     stages = _stage_rows(train, ans, benign_refusals, seed, wrapped)
     files, counts = _output_files(stages, evals)
@@ -725,7 +745,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
                         "system_prompt": SAFETY_SYSTEM_PROMPT} if refusal_source == "model" else {})}
     settings = {"template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit,
                 "seed": seed, "refusal_source": refusal_source, "prime_malicious": bool(prime_malicious),
-                "wrap_every": wrap_every, "twins": bool(twins),
+                "wrap_every": wrap_every, "twins": bool(twins), "borderline_train": bool(borderline_train),
                 "decoding": "greedy", "judge": repr(judge), "model": _model_info(cfg),
                 "split": seeds["splits"].get("method")}
     summary = _summary(counts, stages, train, wrapped, ans, evals, refusal_info, settings)

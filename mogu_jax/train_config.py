@@ -56,6 +56,8 @@ DEFAULTS: dict = {
         "shuffle": True,
         "group_batches": 8,  # batches per window sorted by length before cutting batches (1: no grouping)
         "balance_labels": False,  # router stage: every batch gets the labels in the data's proportion
+        # router stage: null (every example weighs 1) or balanced (each label weighs the same in the loss)
+        "label_weights": None,
         "refusal_eos": False,  # append EOS to refusal targets (pairs' refusal, router label-1 output); off = published
     },
     "optim": {
@@ -99,9 +101,14 @@ DEFAULTS: dict = {
     # `mogu-jax demo` only (configs/smollm2-135m.yaml): the generation around the three stages; training
     # ignores it
     "demo": {
-        # the base model's answers for the stage files; wrap_every, twins: synth.build_data's (null / false: none)
-        "data": {"max_new_tokens": 40, "batch_size": 32, "wrap_every": None, "twins": False},
-        "eval": {"max_new_tokens": 40, "batch_size": 32},  # base vs MoGU on the evaluation split
+        # the base model's answers for the stage files; wrap_every, twins, borderline_train: synth.build_data's
+        # (null / false: none)
+        "data": {"max_new_tokens": 40, "batch_size": 32, "wrap_every": None, "twins": False,
+                 "borderline_train": False},
+        # base vs MoGU on the evaluation split; the MoGU checkpoint's routed decoding: routed_tokens (-1: every
+        # token), handoff (fixed | router, see mogu_jax.generate.RouterGatedHandoff) and its threshold
+        "eval": {"max_new_tokens": 40, "batch_size": 32, "routed_tokens": -1, "handoff": "fixed",
+                 "handoff_threshold": 0.2},
         "quick": {"limit": 8, "max_new_tokens": 16, "max_len": 64, "per_kind": 2, "epochs": 1},  # --quick
     },
 }

@@ -500,3 +500,30 @@ def test_balanced_labels(router_data, pair_data):
     assert plain.fingerprint() != loader.fingerprint()
     with pytest.raises(MoguError, match="balance_labels needs labelled data"):
         D.StageLoader(pair_data, 8, balance_labels=True)
+
+
+def test_label_weights_balanced(router_data, pair_data):
+    """label_weights="balanced": each example weighs N / (2 N_label), so over an epoch both labels weigh the same;
+    padding rows still weigh 0; the batches are otherwise unchanged; bad values and unlabelled data are refused."""
+    labels = np.asarray(router_data.labels)
+    n1 = int(labels.sum())
+    assert 0 < n1 < len(labels) and 2 * n1 != len(labels)  # unbalanced data
+    plain = D.StageLoader(router_data, 8, seed=0, buckets=BUCKETS, balance_labels=True)
+    weighted = D.StageLoader(router_data, 8, seed=0, buckets=BUCKETS, balance_labels=True, label_weights="balanced")
+    totals = {0: 0.0, 1: 0.0}
+    for step in range(weighted.steps_per_epoch):
+        a, b = plain.get_batch(0, step), weighted.get_batch(0, step)
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+        for w0, w, lab in zip(a["weight"], b["weight"], b["label"]):
+            if w0 == 0:
+                assert w == 0
+                continue
+            expected = len(labels) / (2 * (n1 if lab else len(labels) - n1))
+            np.testing.assert_allclose(w, expected, rtol=1e-6)
+            totals[int(lab)] += float(w)
+    np.testing.assert_allclose(totals[0], totals[1], rtol=1e-5)
+    assert plain.fingerprint() != weighted.fingerprint()
+    with pytest.raises(MoguError, match="label_weights must be null or 'balanced'"):
+        D.StageLoader(router_data, 8, label_weights="equal")
+    with pytest.raises(MoguError, match="label_weights needs labelled data"):
+        D.StageLoader(pair_data, 8, label_weights="balanced")

@@ -43,6 +43,7 @@ def seeds():
         "contrast": load("contrast.json"),
         "benign_twins": load("benign_twins.json"),
         "borderline_dev": load("borderline_dev.json"),
+        "borderline_train": load("borderline_train.json"),
         "templates": load("jailbreak_templates.json"),
         "refusals": load("refusals.json"),
         "openings": load("affirmative_openings.json"),
@@ -53,7 +54,7 @@ def seeds():
 def all_strings(seeds):
     """Every text in the seed files, tagged by file."""
     out = []
-    for kind in SPLIT_KINDS + ("borderline_dev",):
+    for kind in SPLIT_KINDS + ("borderline_dev", "borderline_train"):
         out += [(kind, row["instruction"]) for row in seeds[kind]]
     for kind in ("templates", "refusals", "openings"):
         out += [(kind, s) for s in seeds[kind]]
@@ -68,6 +69,7 @@ def test_files_are_package_data():
         "contrast.json",
         "benign_twins.json",
         "borderline_dev.json",
+        "borderline_train.json",
         "jailbreak_templates.json",
         "refusals.json",
         "affirmative_openings.json",
@@ -83,6 +85,7 @@ def test_counts(seeds):
     assert len(seeds["contrast"]) >= 70
     assert len(seeds["benign_twins"]) == len(seeds["malicious"])
     assert len(seeds["borderline_dev"]) == 150
+    assert len(seeds["borderline_train"]) == 150
     assert 8 <= len(seeds["templates"]) <= 12
     assert len(seeds["refusals"]) >= 40
     assert len(seeds["openings"]) >= 20
@@ -98,6 +101,10 @@ def test_row_shapes(seeds):
     for row in seeds["borderline_dev"]:
         assert set(row) == {"instruction", "trigger", "shape"} and row["shape"] in ("question", "imperative")
         assert row["trigger"].lower() in row["instruction"].lower(), row
+    for row in seeds["borderline_train"]:
+        assert set(row) == {"instruction", "trigger"} and row["trigger"].lower() in row["instruction"].lower(), row
+    imperative = [r for r in seeds["borderline_train"] if not r["instruction"].endswith("?")]
+    assert len(imperative) >= 90  # the malicious seeds' shape, which the contrast rows (questions) lack
     for i, row in enumerate(seeds["benign_twins"]):
         assert set(row) == {"instruction", "twin_of"} and row["twin_of"] == i
     for kind in ("templates", "refusals", "openings"):
@@ -231,9 +238,10 @@ def test_malicious_dev_and_test_balanced_over_categories(seeds):
 
 
 def test_no_near_duplicates_across_splits(seeds):
-    """No two seed instructions in different splits (over all kinds; the dev-only borderline rows are dev) share
-    >= 80% of their word set."""
+    """No two seed instructions in different splits (over all kinds; the dev-only borderline rows are dev, the
+    train-only ones train) share >= 80% of their word set."""
     rows = [("dev", "borderline_dev", r["instruction"]) for r in seeds["borderline_dev"]]
+    rows += [("train", "borderline_train", r["instruction"]) for r in seeds["borderline_train"]]
     for kind in SPLIT_KINDS:
         for part in SPLIT_PARTS:
             rows += [(part, kind, seeds[kind][i]["instruction"]) for i in seeds["splits"][kind][part]]
@@ -327,3 +335,14 @@ def test_independent_set_loads_for_evaluation(independent):
     assert set(S.INDEPENDENT_UNSAFE_KINDS) <= set(E.MALICIOUS_KINDS)
     assert set(S.INDEPENDENT_SAFE_KINDS) <= set(E.USABLE_KINDS)
     assert S.load_independent_test() == independent
+
+
+def test_borderline_train_is_new_text(seeds, independent):
+    """The train-only borderline rows share under half their word set with every other seed instruction, with
+    the dev-only borderline rows and with every prompt of the independent set (and with each other)."""
+    new = [tokens(r["instruction"]) for r in seeds["borderline_train"]]
+    others = [tokens(s) for kind, s in all_strings(seeds) if kind != "borderline_train"]
+    others += [tokens(r["prompt"]) for r in independent]
+    worst = max(jaccard(a, b) for a in new for b in others)
+    assert worst < 0.5, worst
+    assert max(jaccard(new[i], new[j]) for i in range(len(new)) for j in range(i + 1, len(new))) < 0.5

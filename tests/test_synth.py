@@ -151,7 +151,8 @@ def test_full_build_counts_labels_and_layouts(tmp_path):
     assert summary["stages"]["glad"]["dropped"] == {"refused": 2}
     assert summary["stages"]["unwilling"]["dropped"] == {"refused": 1}
     assert summary["stages"]["router"]["dropped"] == {"benign": {"refused": 1}, "contrast": {"refused": 1},
-                                                      "benign_twins": {}, "wrapped_benign": {}}
+                                                      "benign_twins": {}, "borderline_train": {},
+                                                      "wrapped_benign": {}}
     assert sorted(d["instruction"] for d in summary["dropped"]) == sorted(refuse)
     assert all(d["reason"] == "refused" for d in summary["dropped"])
     assert json.load(open(out / "summary.json")) == {k: v for k, v in summary.items()
@@ -427,8 +428,30 @@ def test_twins_add_the_benign_twins_to_the_router_only(tmp_path):
     layouts_agree(out)
 
 
+def test_borderline_train_adds_the_train_only_rows_to_the_router_only(tmp_path):
+    """``borderline_train``: the train-only safe-but-alarming rows reach the router with the model's own answers
+    (label 0); glad, unwilling and the evaluation files are unchanged; without the option none is trained on, and
+    no row of borderline_train.json is in any dev or test file."""
+    plain, plain_summary, _ = build(tmp_path, "plain", limit=12)
+    out, summary, stub = build(tmp_path, "borderline", limit=12, borderline_train=True)
+    for stage in ("glad.jsonl", "unwilling.jsonl", "dev.jsonl", "test.jsonl"):
+        assert read_jsonl(out / stage) == read_jsonl(plain / stage)
+    rows = S.spread(S.load_seeds()["borderline_train"], 12)
+    added = [r for r in read_jsonl(out / "router.jsonl") if r not in read_jsonl(plain / "router.jsonl")]
+    assert [r["instruction"] for r in added] == [t["instruction"] for t in rows] and {r["label"] for r in added} == {0}
+    assert len([c for c in stub.calls if c["instructions"] == [t["instruction"] for t in rows]]) == 1
+    assert summary["stages"]["router"]["borderline_train"] == 12 and summary["settings"]["borderline_train"] is True
+    assert plain_summary["stages"]["router"]["borderline_train"] == 0
+    every = {r["instruction"] for r in S.load_seeds()["borderline_train"]}
+    assert not every & {r["instruction"] for r in read_jsonl(plain / "router.jsonl")}
+    assert not every & {r["prompt"] for part in ("dev", "test") for r in read_jsonl(out / f"{part}.jsonl")}
+    layouts_agree(out)
+
+
 @pytest.mark.parametrize("bad", [1, "yes", None])
 def test_twins_refuses_bad_values(tmp_path, bad):
     with pytest.raises(MoguError, match="twins must be true or false"):
         build(tmp_path, twins=bad)
+    with pytest.raises(MoguError, match="borderline_train must be true or false"):
+        build(tmp_path, borderline_train=bad)
     assert not (tmp_path / "out").exists()
