@@ -93,12 +93,7 @@ def _add_generate(sub):
     p.add_argument("--routed-tokens", type=routed_tokens, default=None,
                    help="routed decoding: the first M new tokens routed, then the base model ('all': every token); "
                         "default from the model config (5 as published; all for SmolLM2)")
-    p.add_argument("--handoff", default=None, choices=list(HANDOFFS),
-                   help="after the routed tokens: fixed (published: the base model continues every row) or router "
-                        "(a row whose routers leaned unwilling stays routed); default from the model config")
-    p.add_argument("--handoff-threshold", type=number(float, 0, 1), default=None,
-                   help="--handoff router: the mean unwilling weight a over the routed tokens that keeps a row routed "
-                        "(default from the model config, 0.2)")
+    _add_handoff(p)
     p.add_argument("--base-only", action="store_true", help="the plain base model, no branches or routers")
     p.add_argument("--router-trace", type=path_arg,
                    help="save per-token, per-layer router weights a and b of the routed tokens (.npz)")
@@ -132,12 +127,7 @@ def _add_eval(sub):
     p.add_argument("--out", type=path_arg, required=True, help="report folder")
     p.add_argument("--routed-tokens", type=routed_tokens, default=None,
                    help="M or 'all' (default from the model config)")
-    p.add_argument("--handoff", default=None, choices=list(HANDOFFS),
-                   help="after the routed tokens: fixed (published: the base model continues every row) or router "
-                        "(a row whose routers leaned unwilling stays routed); default from the model config")
-    p.add_argument("--handoff-threshold", type=number(float, 0, 1), default=None,
-                   help="--handoff router: the mean unwilling weight a over the routed tokens that keeps a row routed "
-                        "(default from the model config, 0.2)")
+    _add_handoff(p)
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=96)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.add_argument("--template", default=None)
@@ -181,6 +171,15 @@ def _add_demo(sub):
     p.add_argument("--eval-split", choices=["dev", "test"], default="test",
                    help="the seed split evaluated at the end: test (reported, default) or dev (for choosing settings)")
     p.add_argument("--overwrite", action="store_true")
+
+
+def _add_handoff(p):
+    p.add_argument("--handoff", default=None, choices=list(HANDOFFS),
+                   help="after the routed tokens: fixed (published: the base model continues every row) or router "
+                        "(a row whose routers leaned unwilling stays routed); default from the model config")
+    p.add_argument("--handoff-threshold", type=number(float, 0, 1), default=None,
+                   help="--handoff router: the mean unwilling weight a over the routed tokens that keeps a row routed "
+                        "(default from the model config, 0.2)")
 
 
 def _add_truncate(p):

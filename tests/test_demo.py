@@ -31,6 +31,12 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "MoGU checkpoint" in printed and "PyTorch artifacts" in printed
     report = json.load(open(os.path.join(out, "report", "report.json")))
     assert set(report["metrics"]) == {"base", "mogu"}
+    # the MoGU checkpoint decodes as the demo evaluated it: 5 routed tokens, then the router-gated handoff
+    from mogu_jax.checkpoint import load_checkpoint
+    cfg, _, _ = load_checkpoint(os.path.join(out, "mogu"))
+    assert (cfg.routed_tokens, cfg.handoff, cfg.handoff_threshold) == (5, "router", 0.2)
+    assert cfg.router_layer_ids == tuple(range(18, 30))
+    assert report["settings"]["handoff"] == "router" and report["settings"]["routed_tokens"] == 5
     assert report["router"] is not None
     for name in ("report.md", "refusal_rates.png", "router_layers.png", "responses.jsonl"):
         assert os.path.getsize(os.path.join(out, "report", name)) > 0

@@ -123,6 +123,9 @@ def test_demo_settings_live_in_configs():
     assert router["data"]["balance_labels"] is True
     assert router["train"]["router_trains"] == ["router", "glad", "unwilling"]  # MoGU v2 joint training
     assert router["inputs"]["glad"] == "fresh"  # no glad stage: the router stage trains glad from zero
+    for stage in ("unwilling", "router"):  # routers, and so the branches, in layers 18-29 (MoGU v2)
+        assert load_config(stage, demo_settings())["model"]["router_layers"] == list(range(18, 30))
+    assert demo_settings()["demo"]["eval"]["handoff"] == "router"  # the router-gated handoff after 5 tokens
     assert demo_settings()["demo"]["data"]["twins"] is True  # the malicious seeds' benign twins (issue 12)
     # typed values win over the file's per-stage sections, as command-line overrides do
     conf = load_config("router", demo_settings(), values={"train": {"epochs": 1}, "data": {"buckets": [32]}})
