@@ -51,8 +51,10 @@ from mogu_jax.errors import MoguError
 Array = Any
 Forward = Callable[..., tuple]
 
-# Bucket minima: a prompt bucket of at least 16 tokens, at least 16 new tokens, batch a power of two.
-MIN_PROMPT_BUCKET = 16
+# Bucket minima: a prompt bucket of at least 64 tokens (each bucket is a compilation, ~7 s for SmolLM2 on 2 CPU
+# cores, ~20 s with the router-gated handoff: more than the prefill of short prompts padded to 64 costs), at least
+# 16 new tokens, batch a power of two.
+MIN_PROMPT_BUCKET = 64
 MIN_NEW_BUCKET = 16
 MIN_BATCH_BUCKET = 1
 MIN_EOS_BUCKET = 4
@@ -540,7 +542,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
                         "(and each needs one token after the shared ones)")
     n_rows = len(prompts)
     b = max(n_rows, min_batch) if min_batch > MIN_BATCH_BUCKET else bucket(n_rows, MIN_BATCH_BUCKET)
-    p = s + bucket(max(len(x) for x in prompts) - s, MIN_PROMPT_BUCKET)
+    p = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)  # the shared tokens fill the first s slots
     n = bucket(max_new_tokens, MIN_NEW_BUCKET)
     e = bucket(len(eos), MIN_EOS_BUCKET)
 
@@ -647,16 +649,19 @@ def even_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i: i + size] for i in range(0, len(order), size)]
 
 
-def call_buckets(batches: Sequence[Sequence[int]], prompts: Optional[Sequence[Sequence[int]]] = None) -> dict:
+def call_buckets(batches: Sequence[Sequence[int]], prompts: Optional[Sequence[Sequence[int]]] = None,
+                 batch_size: Optional[int] = None) -> dict:
     """The :func:`generate` batch shape that gives every batch of one call (:func:`even_batches`) the same
     shape: a short last batch costs a padding row or so instead of a compilation (~10 s on 2 CPU cores for
-    SmolLM2). Prompt-length buckets stay per batch: padding every prompt to the longest one would cost prefill
+    SmolLM2). With the caller's ``batch_size``, a call of at least that many rows takes that shape, so the calls of
+    one job (the stage files' lists, the evaluation) share their compilations. Prompt-length buckets stay per batch: padding every prompt to the longest one would cost prefill
     and cache in proportion to the longest prompt, without bound. With the call's ``prompts`` (token ids), also
     the ``shared_prefix`` of the whole call (one value: one compilation per prompt bucket): the tokens they all
     start with, when at least :data:`MIN_SHARED_PREFIX`."""
     if not batches:
         return {}
-    out = {"min_batch": max(len(b) for b in batches)}
+    rows = sum(len(b) for b in batches)
+    out = {"min_batch": batch_size if batch_size and rows >= batch_size else max(len(b) for b in batches)}
     if prompts is not None:
         shared = common_prefix(prompts) if len(prompts) > 1 else 0
         out["shared_prefix"] = shared if shared >= MIN_SHARED_PREFIX else 0
@@ -691,7 +696,7 @@ def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[st
 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = even_batches(order, batch_size)
-    kw = {**call_buckets(batches, encoded), **kw}
+    kw = {**call_buckets(batches, encoded, batch_size), **kw}
     results: list[Optional[dict]] = [None] * len(encoded)
     it = batches
     if progress:

@@ -365,7 +365,7 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
             prompts.append(encode_prompt(tokenizer, format_prompt(tokenizer, ins, template, system)) + ids)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         batches = even_batches(order, batch_size)
-        shapes = call_buckets(batches, prompts)
+        shapes = call_buckets(batches, prompts, batch_size)
         results: list[Optional[dict]] = [None] * len(prompts)
         it = batches
         if progress:

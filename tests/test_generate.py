@@ -132,9 +132,10 @@ def test_no_recompilation_within_buckets(tiny):
     before = G.compile_count()
     G.generate(cfg, params, [[4] * 7], max_new_tokens=9, temperature=0.3)
     assert G.compile_count() == before
-    G.generate(cfg, params, [[4] * 17], max_new_tokens=9)  # a longer prompt bucket compiles both again
+    G.generate(cfg, params, [[4] * 65], max_new_tokens=9)  # a longer prompt bucket compiles both again
     assert G.compile_count() == before + 2
     assert G.bucket(3, 16) == 16 and G.bucket(17, 16) == 32 and G.bucket(3, 1) == 4
+    assert G.MIN_PROMPT_BUCKET == 64  # prompts up to 64 tokens share one compilation
 
 
 def test_sampling(tiny):
@@ -235,6 +236,9 @@ def test_even_batches_pad_at_most_one_row_per_batch():
     assert sizes(117, 32) == [30, 30, 30, 27]
     assert sizes(64, 32) == [32, 32] and sizes(5, 8) == [5] and sizes(0, 8) == []
     assert G.call_buckets(G.even_batches(range(129), 32)) == {"min_batch": 26}
+    # with the caller's batch size, every call of at least that many rows takes it (calls share compilations)
+    assert G.call_buckets(G.even_batches(range(129), 32), batch_size=32) == {"min_batch": 32}
+    assert G.call_buckets(G.even_batches(range(5), 32), batch_size=32) == {"min_batch": 5}
     # with the call's prompts: the tokens they all start with, prefilled once per batch from 8 shared tokens on
     assert G.call_buckets([[0, 1]], [[1] * 9 + [2], [1] * 9 + [3, 4]]) == {"min_batch": 2, "shared_prefix": 9}
     assert G.call_buckets([[0, 1]], [[1] * 7 + [2], [1] * 7 + [3]]) == {"min_batch": 2, "shared_prefix": 0}
@@ -248,14 +252,14 @@ def test_generate_text_compiles_once_per_prompt_bucket(tiny, word_tokenizer):
     The answers equal one-by-one generation."""
     cfg, params, _ = tiny
     tok = word_tokenizer
-    long = " ".join(["hello world"] * 8)
+    long = " ".join(["hello world"] * 32)
     G.clear_caches()
     before = G.compile_count()
     short = ["hi", "tell me a joke", "hello", "hi hi", "hello world", "me"]
     res = G.generate_text(cfg, params, tok, short, template="falcon", batch_size=4, max_new_tokens=4,
                           eos_ids=(), progress=False)
     assert G.compile_count() == before + 2  # prefill + decode, for both batches of 3 rows
-    both = short[:4] + [long, long + " hi"]  # batches: 3 short prompts (bucket 16); 1 short + 2 long (bucket 32)
+    both = short[:4] + [long, long + " hi"]  # batches: 3 short prompts (bucket 64); 1 short + 2 long (bucket 128)
     res2 = G.generate_text(cfg, params, tok, both, template="falcon", batch_size=4, max_new_tokens=4,
                            eos_ids=(), progress=False)
     assert G.compile_count() == before + 4
