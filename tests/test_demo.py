@@ -22,9 +22,10 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     timings = json.load(open(os.path.join(out, "timings.json")))
     assert timings["dtype"] == "float32"
     flops = timings["flops"]  # the analytic compute of every phase, printed as one line too
-    # no glad stage: the router stage trains the glad branch from zero (inputs.glad: fresh)
-    assert set(flops) == {"data", "unwilling", "router", "eval"} and min(flops.values()) > 0
-    assert "no glad stage" in printed and not os.path.exists(os.path.join(out, "glad"))
+    # no branch stages: the router stage trains both branches from zero (inputs.glad / inputs.unwilling: fresh)
+    assert set(flops) == {"data", "router", "eval"} and min(flops.values()) > 0
+    for stage in ("glad", "unwilling"):
+        assert f"no {stage} stage" in printed and not os.path.exists(os.path.join(out, stage))
     assert f"compute {sum(flops.values()) / 1e12:.2f} TFLOP" in printed
     for kind in ("harmful", "jailbreak", "benign", "borderline", "benign_twin"):
         assert kind in printed
@@ -40,9 +41,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert report["router"] is not None
     for name in ("report.md", "refusal_rates.png", "router_layers.png", "responses.jsonl"):
         assert os.path.getsize(os.path.join(out, "report", name)) > 0
-    for stage in ("unwilling", "router"):
-        assert os.path.isfile(os.path.join(out, stage, "DONE"))
-        assert os.path.getsize(os.path.join(out, stage, "metrics.jsonl")) > 0
+    assert os.path.isfile(os.path.join(out, "router", "DONE"))
+    assert os.path.getsize(os.path.join(out, "router", "metrics.jsonl")) > 0
     assert sorted(os.listdir(os.path.join(out, "router", "final"))) == ["glad", "router", "unwilling"]
     # the exported PyTorch artifacts carry the published names
     sd = torch.load(os.path.join(out, "pytorch", "router.pth"), weights_only=True)

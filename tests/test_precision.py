@@ -122,7 +122,8 @@ def test_demo_settings_live_in_configs():
     router = load_config("router", demo_settings())
     assert router["data"]["balance_labels"] is True
     assert router["train"]["router_trains"] == ["router", "glad", "unwilling"]  # MoGU v2 joint training
-    assert router["inputs"]["glad"] == "fresh"  # no glad stage: the router stage trains glad from zero
+    # no branch stages: the router stage trains both branches from zero
+    assert router["inputs"]["glad"] == "fresh" and router["inputs"]["unwilling"] == "fresh"
     for stage in ("unwilling", "router"):  # routers, and so the branches, in layers 18-29 (MoGU v2)
         assert load_config(stage, demo_settings())["model"]["router_layers"] == list(range(18, 30))
     assert demo_settings()["demo"]["eval"]["handoff"] == "router"  # the router-gated handoff after 5 tokens
