@@ -238,23 +238,24 @@ class RouterGatedHandoff(RoutedHandoff):
     """Routed decoding with a router-gated handoff (``handoff: router``; ours, not in the MoGU papers): the first
     ``aux`` new tokens are routed for every row, as in the published handoff; then a row whose routers leaned to
     the unwilling branch over those tokens (mean ``a`` over them and the router layers >= ``threshold``, default
-    ``cfg.handoff_threshold``) stays routed to its end, and every other
-    row continues with the base model. For a base with no refusal of its own (SmolLM2) the refusal started by the
-    routed tokens then finishes, while the answers the routers read as benign are the base model's own after
-    ``aux`` tokens. Both models run while a live row is still routed, then the base model alone; the cache
-    counts those steps (``both_steps``) for the FLOP count."""
-
-    def init_cache(self, batch: int, max_len: int):
-        return {**super().init_cache(batch, max_len), "a_sum": jnp.zeros((batch,), jnp.float32),
-                "both_steps": jnp.zeros((), jnp.int32)}
+    ``cfg.handoff_threshold``) stays routed to its end, and every other row continues with the base model. For a
+    base with no refusal of its own (SmolLM2) the refusal started by the routed tokens then finishes, while the
+    answers the routers read as benign are the base model's own after ``aux`` tokens. Both models run while a live
+    row is still routed, then the base model alone; the cache counts those steps (``both_steps``) for the FLOP
+    count."""
 
     def __init__(self, cfg: ModelConfig, threshold: Optional[float] = None):
         super().__init__(cfg)
         self.threshold = float(cfg.handoff_threshold if threshold is None else threshold)
 
+    def init_cache(self, batch: int, max_len: int):
+        return {**super().init_cache(batch, max_len), "a_sum": jnp.zeros((batch,), jnp.float32),
+                "both_steps": jnp.zeros((), jnp.int32)}
+
     def with_shared_head(self, head, cache):
-        kv = super().with_shared_head({k: head[k] for k in ("routed", "base")}, {k: cache[k] for k in ("routed", "base")})
-        return {**cache, **kv}  # the gate's sums start from zero: the shared tokens produce no new token
+        kv = ("routed", "base")
+        merged = super().with_shared_head({k: head[k] for k in kv}, {k: cache[k] for k in kv})
+        return {**cache, **merged}  # the gate's sums start from zero: the shared tokens produce no new token
 
     def __call__(self, params, tokens, positions, kv_mask, cache, cache_index, step=0, aux=0, live=None):
         base_params = model_lib.split_params(params)[0]

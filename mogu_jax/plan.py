@@ -161,11 +161,14 @@ def model_config(conf: dict) -> ModelConfig:
     if pdtype is not None and is_auto(pdtype):
         pdtype = "bfloat16" if dtype == "bfloat16" else None
     pdtype = pdtype or arch.get("torch_dtype") or arch.get("dtype") or "float32"
-    return cfg.replace(dtype=dtype, param_dtype=str(pdtype), remat=bool(m["remat"]),
-                       remat_policy=str(m["remat_policy"]), lora_rank=int(m["lora_rank"]),
-                       lora_alpha=float(m["lora_alpha"]), router_hidden=int(m["router_hidden"]),
-                       router_layers=tuple(m["router_layers"] or ()), scan_layers=bool(m["scan_layers"]),
-                       attention=str(m["attention"]))
+    cfg = cfg.replace(dtype=dtype, param_dtype=str(pdtype), remat=bool(m["remat"]),
+                      remat_policy=str(m["remat_policy"]), lora_rank=int(m["lora_rank"]),
+                      lora_alpha=float(m["lora_alpha"]), router_hidden=int(m["router_hidden"]),
+                      router_layers=tuple(m["router_layers"] or ()), scan_layers=bool(m["scan_layers"]),
+                      attention=str(m["attention"]))
+    from mogu_jax.train import check_router_layers
+    check_router_layers(cfg)  # one clear line for a layer the architecture does not have
+    return cfg
 
 
 def _sds(tree, dtype=None):

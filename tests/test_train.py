@@ -1,6 +1,7 @@
 """The three training stages: losses against a per-example PyTorch loop, meshes, frozen weights,
 optimizer state, exact resume after SIGKILL, two processes, learning, and bad input."""
 
+import contextlib
 import json
 import os
 import signal
@@ -639,6 +640,10 @@ def test_every_config_preset_loads_and_plans():
             PL.model_config(conf)
             if HAS_TPU_COMPILER and stage == "glad":
                 conf["model"]["architecture"] = dict(conf["model"]["architecture"], num_hidden_layers=1)
+                with pytest.raises(MoguError, match="does not exist") if conf["model"]["router_layers"] else \
+                        contextlib.nullcontext():
+                    PL.model_config(conf)  # routers (and branches) in layers a 1-layer model lacks: one clear error
+                conf["model"]["router_layers"] = None
                 low = PL.lower_stage(conf, PL.parse_topology("v5p:2x2x2"))
                 assert low.mesh.shape["fsdp"] == 8 and low.lowered is not None, path
     for path in meshes:
