@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from mogu_jax.cli_inputs import (NON_NEGATIVE_INT, POSITIVE_INT, fit_prompts, layer_ids, number, path_arg,
-                                 read_prompts, routed_tokens, with_handoff_threshold)
+                                 read_prompts, routed_tokens, with_handoff)
 from mogu_jax.config import HANDOFFS
 from mogu_jax.errors import MoguError
 from mogu_jax.io_utils import check_output_file, write_file_atomic, write_jsonl_atomic
@@ -278,7 +278,7 @@ def cmd_generate(args) -> int:
     if args.router_trace is not None:
         check_output_file(args.router_trace, args.overwrite, "--router-trace")
     cfg, params, tok = api.load(args.ckpt, dtype=args.dtype, param_dtype="auto", progress=True)
-    cfg = with_handoff_threshold(cfg, args.handoff_threshold)
+    cfg = with_handoff(cfg, args.handoff, args.handoff_threshold)
     if tok is None:
         raise MoguError(f"{args.ckpt} has no tokenizer; text generation needs one")
     mode, routed = decoding_mode(cfg, params, args.mode, args.routed_tokens, args.base_only, args.max_new_tokens)
@@ -289,7 +289,7 @@ def cmd_generate(args) -> int:
     outs = generate_text(cfg, params, tok, [r["prompt"] for r in rows], template=args.template, system=args.system,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         progress=len(rows) > 1, mode=mode, routed_tokens=routed, handoff=args.handoff)
+                         progress=len(rows) > 1, mode=mode, routed_tokens=routed)
     if args.router_trace:
         write_router_trace(args.router_trace, rows, outs, cfg)
     if args.prompts is not None:
@@ -342,13 +342,13 @@ def cmd_eval(args) -> int:
     rows = eval_rows(args)
     check_output_dir(args.out, args.overwrite)
     cfg, params, tok = api.load(args.ckpt, dtype=args.dtype, param_dtype="auto")
-    cfg = with_handoff_threshold(cfg, args.handoff_threshold)
+    cfg = with_handoff(cfg, args.handoff, args.handoff_threshold)
     if tok is None:
         raise MoguError(f"{args.ckpt} has no tokenizer; evaluation needs one")
     rows = fit_prompts(rows, tok, cfg.max_position_embeddings, args.max_new_tokens, args.template, None,
                        args.truncate)
     report = run_eval(cfg, params, tok, rows, args.out, template=args.template, routed_tokens=args.routed_tokens,
-                      handoff=args.handoff, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, overwrite=args.overwrite)
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, overwrite=args.overwrite)
     print(E.format_table(report))
     print(f"report in {args.out}")
     return 0

@@ -51,8 +51,10 @@ def path_arg(text: str) -> str:
     return text
 
 
-def with_handoff_threshold(cfg, threshold: Optional[float]):
-    """``cfg`` with ``--handoff-threshold`` when given (the router-gated handoff's gate)."""
+def with_handoff(cfg, handoff: Optional[str], threshold: Optional[float]):
+    """``cfg`` with ``--handoff`` and ``--handoff-threshold`` where given (routed decoding after the routed tokens)."""
+    if handoff is not None:
+        cfg = cfg.replace(handoff=handoff)
     return cfg if threshold is None else cfg.replace(handoff_threshold=float(threshold))
 
 

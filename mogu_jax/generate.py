@@ -448,8 +448,9 @@ _COMPILED: dict = {}
 
 
 @functools.lru_cache(maxsize=None)
-def handoff_forward(cfg: ModelConfig, handoff: str = "fixed") -> DecodeModel:
-    return RouterGatedHandoff(cfg) if handoff == "router" else RoutedHandoff(cfg)
+def handoff_forward(cfg: ModelConfig) -> DecodeModel:
+    """The handoff decode model ``cfg.handoff`` names (one stable object per config)."""
+    return RouterGatedHandoff(cfg) if cfg.handoff == "router" else RoutedHandoff(cfg)
 
 
 def _compiled(cfg: ModelConfig, forward, mode: str = "base") -> _Compiled:
@@ -497,7 +498,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
              progress: bool = False, forward: Optional[Forward] = None,
              return_logits: bool = False, mode: str = "base",
              routed_tokens: Optional[int] = None, min_batch: int = MIN_BATCH_BUCKET,
-             shared_prefix: int = 0, handoff: Optional[str] = None) -> GenerationOutput:
+             shared_prefix: int = 0) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids), as one batch.
 
     Greedy when ``temperature == 0``, else temperature + top-p sampling from ``seed``. Each row stops at
@@ -507,8 +508,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     ``mode``: the MoGU mode every token is decoded in (``params`` must hold the parts it needs).
     ``routed_tokens`` (with ``mode="routed"``): MoGU's handoff — only the first ``routed_tokens`` new tokens
     are routed, then the plain base model continues (None or >= max_new_tokens: every token routed).
-    ``handoff`` (default ``cfg.handoff``): ``fixed`` (published: every row hands off) or ``router`` (a row whose
-    routers leaned unwilling over the routed tokens stays routed: :class:`RouterGatedHandoff`).
+    ``cfg.handoff`` says how: ``fixed`` (published: every row hands off) or ``router`` (a row whose routers
+    leaned unwilling over the routed tokens stays routed: :class:`RouterGatedHandoff`).
     In routed mode the output carries the router weights of the routed tokens (``router``).
     ``min_batch``: the batch shape of a caller generating many batches (:func:`generate_text`): a short last
     batch is padded to it, so it takes the others' shape, hence their compilation. Without it (1) the batch is
@@ -562,12 +563,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
         model_lib.mogu_inputs(cfg, mode, model_lib.split_params(params)[1])  # clear error for missing parts
     if routed_tokens is not None and routed_tokens < 0:
         raise MoguError(f"routed_tokens must be >= 0, got {routed_tokens}")
-    gate = cfg.handoff if handoff is None else handoff
-    if gate not in HANDOFFS:
-        raise MoguError(f"handoff must be one of {', '.join(HANDOFFS)}, got {gate!r}")
+    if cfg.handoff not in HANDOFFS:
+        raise MoguError(f"handoff must be one of {', '.join(HANDOFFS)}, got {cfg.handoff!r}")
     handoff = mode == "routed" and routed_tokens is not None and routed_tokens < max_new_tokens
     if handoff and forward is None:
-        forward = handoff_forward(cfg, gate)
+        forward = handoff_forward(cfg)
     n_routed = (routed_tokens if handoff else max_new_tokens) if mode == "routed" else 0
     comp = _compiled(cfg, forward, mode)
     run_params = comp.prepared(params)
@@ -655,8 +655,9 @@ def call_buckets(batches: Sequence[Sequence[int]], prompts: Optional[Sequence[Se
     """The :func:`generate` batch shape that gives every batch of one call (:func:`even_batches`) the same
     shape: a short last batch costs a padding row or so instead of a compilation (~10 s on 2 CPU cores for
     SmolLM2). With the caller's ``batch_size``, a call of at least that many rows takes that shape, so the calls of
-    one job (the stage files' lists, the evaluation) share their compilations. Prompt-length buckets stay per batch: padding every prompt to the longest one would cost prefill
-    and cache in proportion to the longest prompt, without bound. With the call's ``prompts`` (token ids), also
+    one job (the stage files' lists, the evaluation) share their compilations. Prompt-length buckets stay per
+    batch: padding every prompt to the longest one would cost prefill and cache in proportion to the longest
+    prompt, without bound. With the call's ``prompts`` (token ids), also
     the ``shared_prefix`` of the whole call (one value: one compilation per prompt bucket): the tokens they all
     start with, when at least :data:`MIN_SHARED_PREFIX`."""
     if not batches:

@@ -15,12 +15,11 @@ from mogu_jax.errors import MoguError
 
 
 # -------------------------------------------------------------------------------------- evaluation
-def run_eval(cfg, params, tok, rows: list[dict], out_dir: str, *, template=None, routed_tokens=None, handoff=None,
+def run_eval(cfg, params, tok, rows: list[dict], out_dir: str, *, template=None, routed_tokens=None,
              max_new_tokens: int = 96, batch_size: int = 16, overwrite: bool = False, progress: bool = True,
              judge=None) -> dict:
     """Generate with the base model and with MoGU (routed decoding, handoff after ``routed_tokens``; None:
-    the config's default; ``handoff``: ``fixed`` or ``router``, None: the config's) side by side, judge, and write
-    the report. Returns the report."""
+    the config's default; then ``cfg.handoff``) side by side, judge, and write the report. Returns the report."""
     from mogu_jax import evaluate as E
     from mogu_jax.generate import decoding_mode, generate_text
     from mogu_jax.io_utils import check_output_dir
@@ -32,7 +31,7 @@ def run_eval(cfg, params, tok, rows: list[dict], out_dir: str, *, template=None,
     prompts = [r["prompt"] for r in rows]
     common = dict(template=template, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     base = generate_text(cfg, params, tok, prompts, mode="base", **common)
-    mogu = generate_text(cfg, params, tok, prompts, mode="routed", routed_tokens=m, handoff=handoff, **common)
+    mogu = generate_text(cfg, params, tok, prompts, mode="routed", routed_tokens=m, **common)
     responses = {"base": [o["response"] for o in base], "mogu": [o["response"] for o in mogu]}
     n_layers = len(cfg.router_layer_ids)
     layer_a = np.stack([o["router"]["a"].mean(axis=0) if len(o["router"]["a"]) else np.full(n_layers, np.nan)
@@ -45,8 +44,8 @@ def run_eval(cfg, params, tok, rows: list[dict], out_dir: str, *, template=None,
     router = {"layer_a": layer_a.tolist(), "layer_b": layer_b.tolist()}
     report = E.evaluate_responses(rows, responses, router=router, judge=judge)
     report["settings"] = {"routed_tokens": "all" if m is None else m,
-                          "handoff": None if m is None else (handoff or cfg.handoff),
-                          "handoff_threshold": cfg.handoff_threshold if (handoff or cfg.handoff) == "router" else None,
+                          "handoff": None if m is None else cfg.handoff,
+                          "handoff_threshold": cfg.handoff_threshold if cfg.handoff == "router" else None,
                           "max_new_tokens": max_new_tokens,
                           "template": template, "rows_without_routed_tokens": int((~ok).sum())}
     E.write_report(report, rows, responses, out_dir, router=router, overwrite=overwrite)
@@ -141,7 +140,7 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
 
     t = step(f"6/6 evaluate base vs MoGU on the {eval_split} split, export the PyTorch artifacts")
     mogu_ckpt = os.path.join(out, "mogu")
-    _assemble(base_ckpt, stage_dirs, mogu_ckpt, **decoding)
+    _assemble(base_ckpt, stage_dirs, mogu_ckpt, decoding)
     export = os.path.join(out, "pytorch")
     api.convert_jax_to_mogu(mogu_ckpt, export)
     cfg, params, tok = api.load(mogu_ckpt, dtype=dtype, param_dtype=weights)
@@ -217,11 +216,9 @@ def _decoding(settings: dict) -> dict:
     return {"routed_tokens": m, "handoff": how, "handoff_threshold": float(gate)}
 
 
-def _assemble(base_ckpt: str, stage_dirs: dict, out_dir: str, routed_tokens: int = -1, handoff: str = "fixed",
-              handoff_threshold: float = 0.2) -> None:
-    """Our MoGU checkpoint from the base checkpoint and the three stages' trained parts, decoding with
-    ``routed_tokens`` and ``handoff`` (the demo's default: every token routed, as SmolLM2 has no refusal behaviour
-    of its own to hand off to)."""
+def _assemble(base_ckpt: str, stage_dirs: dict, out_dir: str, decoding: dict) -> None:
+    """Our MoGU checkpoint from the base checkpoint and the three stages' trained parts, decoding as ``decoding``
+    (:func:`_decoding`) says."""
     import jax
 
     from mogu_jax.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
@@ -230,8 +227,7 @@ def _assemble(base_ckpt: str, stage_dirs: dict, out_dir: str, routed_tokens: int
 
     cfg, base, meta = load_checkpoint(base_ckpt)
     stage_cfg = json.load(open(os.path.join(stage_dirs["router"], "final", "router", "stage.json")))["model_config"]
-    cfg = ModelConfig.from_dict(stage_cfg).replace(routed_tokens=routed_tokens, handoff=handoff,
-                                                   handoff_threshold=handoff_threshold, dtype="float32", remat=False)
+    cfg = ModelConfig.from_dict(stage_cfg).replace(**decoding, dtype="float32", remat=False)
     parts = {p: restore_part(_final_part(stage_dirs, p), cfg, p) for p in ("glad", "unwilling", "router")}
     parts = jax.tree_util.tree_map(np.asarray, parts)
     save_checkpoint(out_dir, cfg, {"base": base, **parts}, meta["hf_config"], tokenizer=load_tokenizer(base_ckpt),

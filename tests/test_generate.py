@@ -357,4 +357,4 @@ def test_router_gated_handoff_keeps_unwilling_rows_routed(tiny):
     G.generate(cfg, mogu, prompts, max_new_tokens=n, eos_ids=(), mode="routed", routed_tokens=m, shared_prefix=10)
     assert flops > G.FLOPS_DONE[0] - before  # both models ran past the m tokens for the kept rows
     with pytest.raises(MoguError, match="handoff must be one of"):
-        G.generate(cfg, mogu, prompts, max_new_tokens=4, mode="routed", routed_tokens=2, handoff="sometimes")
+        G.generate(cfg.replace(handoff="sometimes"), mogu, prompts, max_new_tokens=4, mode="routed", routed_tokens=2)

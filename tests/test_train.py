@@ -546,7 +546,7 @@ def test_joint_router_stage_exports_branches_and_demo_assembles_them(world, bran
         out = str(tmp_path / name)
         res = run_stage(_router_conf(world, branches, out, "train.max_steps=3", *extra), progress=False)
         assert res["done"]
-        _assemble(base_ckpt, {"router": out, **branches}, str(tmp_path / f"mogu_{name}"))
+        _assemble(base_ckpt, {"router": out, **branches}, str(tmp_path / f"mogu_{name}"), {"routed_tokens": -1})
         runs[name] = (out, res, load_checkpoint(str(tmp_path / f"mogu_{name}"))[1])
     out, res, mogu = runs["default"]
     assert sorted(os.listdir(os.path.join(out, "final"))) == ["router"]
