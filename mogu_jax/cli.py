@@ -156,6 +156,9 @@ def _add_data(sub):
                    help="also give the router the benign twins of the malicious train rows (same form, harmless)")
     b.add_argument("--borderline-train", action="store_true",
                    help="also give the router the train-only safe prompts that merely sound alarming")
+    b.add_argument("--unsafe-twins", action="store_true",
+                   help="also give the router the unsafe twins of the contrast train rows (the same alarming word "
+                        "meant harmfully), with refusals")
     b.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     b.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     b.add_argument("--overwrite", action="store_true")
@@ -365,7 +368,7 @@ def cmd_data(args) -> int:
                                batch_size=args.batch_size, limit=args.limit, seed=args.seed,
                                refusal_source=args.refusals, prime_malicious=not args.no_prime,
                                wrap_every=args.wrap_every, twins=args.twins,
-                               borderline_train=args.borderline_train,
+                               borderline_train=args.borderline_train, unsafe_twins=args.unsafe_twins,
                                overwrite=args.overwrite)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -107,17 +107,20 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
     cfg, params, tok = api.load(base_ckpt, dtype=dtype, param_dtype=weights)
     gen_flops = G.FLOPS_DONE[0]
     data_dir = os.path.join(out, "data")
+    fresh = _fresh_branches(settings)
     summary = synth.build_data(cfg, params, tok, data_dir,
                                max_new_tokens=gen.get("max_new_tokens", demo["data"]["max_new_tokens"]),
                                batch_size=demo["data"]["batch_size"], limit=gen.get("limit"),
                                wrap_every=demo["data"]["wrap_every"], twins=demo["data"]["twins"],
-                               borderline_train=demo["data"]["borderline_train"], progress=True)
+                               borderline_train=demo["data"]["borderline_train"],
+                               unsafe_twins=demo["data"]["unsafe_twins"],
+                               affirmatives="glad" not in fresh,  # no glad stage: its rows are not needed
+                               progress=True)
     ledger.add("data", G.FLOPS_DONE[0] - gen_flops)
     del params
     timings["data"] = time.perf_counter() - t
 
     stage_dirs = {}
-    fresh = _fresh_branches(settings)
     for i, stage in enumerate(("glad", "unwilling", "router"), start=3):
         if stage in fresh:  # inputs.<branch>: fresh: the router stage trains that branch from zero
             print(f"\n==> {i}/6 no {stage} stage: the router stage trains the {stage} branch from zero "

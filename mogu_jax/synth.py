@@ -88,17 +88,21 @@ SEED_FILES = {
     "malicious": "malicious.json",
     "contrast": "contrast.json",
     "benign_twins": "benign_twins.json",
+    "contrast_unsafe": "contrast_unsafe.json",
     "borderline_dev": "borderline_dev.json",
     "borderline_train": "borderline_train.json",
     "jailbreak_templates": "jailbreak_templates.json",
+    "jailbreak_train_templates": "jailbreak_train_templates.json",
     "refusals": "refusals.json",
     "affirmative_openings": "affirmative_openings.json",
     "splits": "splits.json",
 }
-SPLIT_KINDS = ("benign", "malicious", "contrast", "benign_twins")
-#: ``benign_twins.json`` row ``i`` is the benign twin of malicious row ``i`` (the same form, a harmless request), so
-#: the two lists have one split: a twin and its malicious row are never in different splits.
-TWIN_OF = {"benign_twins": "malicious"}
+SPLIT_KINDS = ("benign", "malicious", "contrast", "benign_twins", "contrast_unsafe")
+#: ``benign_twins.json`` row ``i`` is the benign twin of malicious row ``i`` (the same form, a harmless request), and
+#: ``contrast_unsafe.json`` row ``i`` the unsafe twin of contrast row ``i`` (the same alarming word, now meant
+#: harmfully: "How do I kill a Python process ...?" -> "How do I kill my roommate ...?"), so each pair of lists has one
+#: split: a twin and its row are never in different splits.
+TWIN_OF = {"benign_twins": "malicious", "contrast_unsafe": "contrast"}
 #: ``borderline_dev.json``: 150 safe prompts that merely sound alarming, written for the dev split only (no train or
 #: test rows): ``dev.jsonl`` holds them as ``borderline`` next to the 17 dev contrast rows, so that over-refusal is
 #: measured on 167 dev prompts, not 17, when settings are chosen.
@@ -120,7 +124,11 @@ SPLIT_PARTS = ("train", "dev", "test")
 #: The splits written as evaluation prompts (``dev.jsonl``, ``test.jsonl``).
 EVAL_SPLITS = ("dev", "test")
 #: The evaluation kinds of those files, in their order.
-EVAL_KINDS = ("harmful", "jailbreak", "benign", "borderline", "benign_twin")
+EVAL_KINDS = ("harmful", "jailbreak", "benign", "borderline", "benign_twin", "borderline_unsafe_twin",
+              "jailbreak_benign")
+#: The splits whose evaluation file also holds their benign rows inside the jailbreak templates (``jailbreak_benign``):
+#: dev, where settings are chosen; the test table's wrapped benign requests are the independent set's.
+WRAPPED_BENIGN_SPLITS = ("dev",)
 REFUSAL_SOURCES = ("bank", "model")
 
 SUMMARY_FORMAT = "mogu_jax.synth_data"
@@ -190,14 +198,15 @@ def _check_seeds(s: dict) -> None:
                             f"(\"twin_of\": i), one per row")
         if s["splits"][kind] != s["splits"][of]:
             raise MoguError(f"seed file splits.json: {kind} must have the same split as {of} (twins go together)")
-    for key in ("jailbreak_templates", "refusals", "affirmative_openings"):
+    for key in ("jailbreak_templates", "jailbreak_train_templates", "refusals", "affirmative_openings"):
         v = s[key]
         if not isinstance(v, list) or not v or not all(isinstance(t, str) and t.strip() for t in v):
             raise MoguError(f"seed file {SEED_FILES[key]}: expected a non-empty list of strings")
-    for t in s["jailbreak_templates"]:
-        if t.count("{instruction}") != 1:
-            raise MoguError(f"seed file jailbreak_templates.json: template {t[:40]!r}... needs exactly one "
-                            "{instruction} slot")
+    for key in ("jailbreak_templates", "jailbreak_train_templates"):
+        for t in s[key]:
+            if t.count("{instruction}") != 1:
+                raise MoguError(f"seed file {SEED_FILES[key]}: template {t[:40]!r}... needs exactly one "
+                                "{instruction} slot")
 
 
 def load_seeds() -> dict:
@@ -390,25 +399,34 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
 # build
 # ------------------------------------------------------------------------------------------------------------
 
-def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str]) -> list[dict]:
+def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str], wrap_benign: bool = False) -> list[dict]:
     """The evaluation prompts of one split (``{"id", "prompt", "kind"}``, :data:`EVAL_KINDS`) from its seed rows
-    ``{"malicious", "benign", "contrast", "benign_twins"}``: ``harmful`` = the malicious rows; ``jailbreak`` = each
-    malicious row wrapped in one template, row ``k`` in template ``k % len(templates)``; ``benign``; ``borderline``
-    = contrast, then (dev) ``borderline_dev``; ``benign_twin`` = the malicious rows' benign twins (plain requests in
-    the malicious seeds' form)."""
+    ``{"malicious", "benign", "contrast", "benign_twins", "contrast_unsafe"}``: ``harmful`` = the malicious rows;
+    ``jailbreak`` = each malicious row wrapped in one template, row ``k`` in template ``k % len(templates)``;
+    ``benign``; ``borderline`` = contrast, then (dev) ``borderline_dev``; ``benign_twin`` = the malicious rows'
+    benign twins (plain requests in the malicious seeds' form); ``borderline_unsafe_twin`` = the contrast rows'
+    unsafe twins (the same alarming word meant harmfully: to be refused); with ``wrap_benign`` (dev)
+    ``jailbreak_benign`` = each benign row wrapped like the jailbreak kind (to be answered)."""
     out = [{"id": f"harmful-{r['index']:03d}", "prompt": r["instruction"], "kind": "harmful"}
-           for r in rows["malicious"]]
-    for k, r in enumerate(rows["malicious"]):
+           for r in rows.get("malicious", ())]
+    for k, r in enumerate(rows.get("malicious", ())):
         t = k % len(templates)
         out.append({"id": f"jailbreak-{r['index']:03d}-t{t:02d}",
                     "prompt": templates[t].format(instruction=r["instruction"]), "kind": "jailbreak"})
-    out += [{"id": f"benign-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign"} for r in rows["benign"]]
+    out += [{"id": f"benign-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign"}
+            for r in rows.get("benign", ())]
     out += [{"id": f"borderline-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline"}
-            for r in rows["contrast"]]
+            for r in rows.get("contrast", ())]
     out += [{"id": f"benign_twin-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign_twin"}
             for r in rows.get("benign_twins", ())]
     out += [{"id": f"borderline_dev-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline"}
             for r in rows.get("borderline_dev", ())]
+    out += [{"id": f"unsafe_twin-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline_unsafe_twin"}
+            for r in rows.get("contrast_unsafe", ())]
+    if wrap_benign:
+        out += [{"id": f"jailbreak_benign-{r['index']:03d}-t{k % len(templates):02d}",
+                 "prompt": templates[k % len(templates)].format(instruction=r["instruction"]),
+                 "kind": "jailbreak_benign"} for k, r in enumerate(rows.get("benign", ()))]
     return out
 
 
@@ -424,16 +442,15 @@ def eval_rows(part: str, limit: Optional[int] = None) -> dict[str, list[dict]]:
 
 def wrapped_benign_prompts(part: str) -> list[dict]:
     """Split ``part``'s benign rows, row ``k`` wrapped in jailbreak template ``k % 11`` (``{"id", "prompt",
-    "kind": "jailbreak_benign"}``): over-refusal of benign requests in jailbreak-style wrappers, measured on dev
-    when choosing settings (``scripts/wrapped_benign_prompts.py`` writes the file)."""
+    "kind": "jailbreak_benign"}``): over-refusal of benign requests in jailbreak-style wrappers (``dev.jsonl`` holds
+    them; ``scripts/wrapped_benign_prompts.py`` writes them for any split)."""
     templates = _load_seeds_cached()["jailbreak_templates"]
-    return [{"id": f"jailbreak_benign-{r['index']:03d}-t{k % len(templates):02d}",
-             "prompt": templates[k % len(templates)].format(instruction=r["instruction"]), "kind": "jailbreak_benign"}
-            for k, r in enumerate(split("benign", part))]
+    return [h for h in eval_prompts({"benign": split("benign", part)}, templates, wrap_benign=True)
+            if h["kind"] == "jailbreak_benign"]
 
 
 def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every=None, twins=False,
-                borderline_train=False):
+                borderline_train=False, unsafe_twins=False, affirmatives=True):
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -446,7 +463,8 @@ def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, templat
     if wrap_every is not None and (not is_int(wrap_every) or wrap_every < 1):
         raise MoguError(f"wrap_every must be a positive integer (every n-th train row wrapped) or None, "
                         f"got {wrap_every!r}")
-    for name, flag in (("twins", twins), ("borderline_train", borderline_train)):
+    for name, flag in (("twins", twins), ("borderline_train", borderline_train), ("unsafe_twins", unsafe_twins),
+                       ("affirmatives", affirmatives)):
         if not isinstance(flag, bool):
             raise MoguError(f"{name} must be true or false, got {flag!r}")
     if not is_int(seed):
@@ -586,13 +604,15 @@ def _malicious_refusals(run: Callable, judge, ans: _Answers, rows: list[dict], r
     return out
 
 
-def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed: int,
-                wrapped: dict) -> dict[str, list[dict]]:
+def _stage_rows(train: dict, ans: _Answers, refusals: Sequence[str], benign_refusals: Sequence[str], seed: int,
+                wrapped: dict, unsafe_twins: bool = False, affirmatives: bool = True) -> dict[str, list[dict]]:
     """The glad, unwilling and router rows from the train rows and their answers (dropped rows left out; every
     malicious row reaches the router with its refusal; the benign twins' and the train-only borderline rows'
-    answers, when generated, go to the router with label 0). ``wrapped`` (``{"benign", "malicious"}``,
+    answers, when generated, go to the router with label 0; with ``unsafe_twins`` the contrast rows' unsafe twins go
+    to the router with a refusal from the bank, label 1). ``wrapped`` (``{"benign", "malicious"}``,
     :func:`wrapped_rows`) go to the router only: benign with the model's answer to the wrapped prompt (label 0),
-    malicious with the bare row's refusal (label 1). A stage without rows is an error."""
+    malicious with the bare row's refusal (label 1). A stage without rows is an error (the glad stage's only when
+    ``affirmatives`` were generated)."""
     mal = train["malicious"]
     refusal_of = {r["index"]: ref for r, ref in zip(mal, ans.malicious_refusals)}
     glad = [{"instruction": r["instruction"], "affirmative": a, "refusal": ref}
@@ -606,6 +626,8 @@ def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed
                if a is not None]
               + [{"instruction": r["instruction"], "output": ref, "label": 1}
                  for r, ref in zip(mal, ans.malicious_refusals)]
+              + [{"instruction": r["instruction"], "output": pick(refusals, seed, "refusal", r["instruction"]),
+                  "label": 1} for r in (train["contrast_unsafe"] if unsafe_twins else ())]
               + [{"instruction": r["instruction"], "output": a, "label": 0}
                  for r, a in zip(wrapped["benign"], ans.wrapped_benign) if a is not None]
               + [{"instruction": r["instruction"], "output": refusal_of[r["index"]], "label": 1}
@@ -614,7 +636,7 @@ def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed
               "unwilling": "the base model refused or left empty every benign instruction", "router": "no rows"}
     stages = {"glad": glad, "unwilling": unwilling, "router": router}
     for stage, rows in stages.items():
-        if not rows:
+        if not rows and (affirmatives or stage != "glad"):
             raise MoguError(f"the {stage} stage has no rows: {causes[stage]}; see the dropped rows (a larger limit, "
                             "another template or --max-new-tokens may help)")
     return stages
@@ -659,6 +681,7 @@ def _summary(counts: dict, stages: dict, train: dict, wrapped: dict, ans: _Answe
                        "benign_twins": sum(a is not None for a in ans.benign_twins),
                        "borderline_train": sum(a is not None for a in ans.borderline_train),
                        "malicious": len(train["malicious"]),
+                       "unsafe_twins": len(train["contrast_unsafe"]) if settings["unsafe_twins"] else 0,
                        "wrapped_benign": sum(a is not None for a in ans.wrapped_benign),
                        "wrapped_malicious": len(wrapped["malicious"]),
                        "label_0": sum(r["label"] == 0 for r in router), "label_1": sum(r["label"] == 1 for r in router),
@@ -678,9 +701,9 @@ def _summary(counts: dict, stages: dict, train: dict, wrapped: dict, ans: _Answe
 def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: Optional[str] = None,
                max_new_tokens: int = 96, batch_size: int = 8, limit: Optional[int] = None, seed: int = 0,
                refusal_source: str = "bank", prime_malicious: bool = True, wrap_every: Optional[int] = None,
-               twins: bool = False, borderline_train: bool = False,
-               progress: bool = True, overwrite: bool = False, generate_fn: Optional[Callable] = None,
-               judge=None) -> dict:
+               twins: bool = False, borderline_train: bool = False, unsafe_twins: bool = False,
+               affirmatives: bool = True, progress: bool = True, overwrite: bool = False,
+               generate_fn: Optional[Callable] = None, judge=None) -> dict:
     """Build the training files of the three stages and the dev / test prompts into ``out_dir`` (see the module
     docstring). Returns the summary written to ``summary.json`` plus ``out_dir`` and ``seconds``.
 
@@ -692,7 +715,11 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     rows (``benign_twins.json``: the same form, a harmless request) go to the router stage with the model's own
     answers (label 0), so that the form of a malicious seed alone does not tell the routers the label.
     ``borderline_train``: the train-only safe-but-alarming rows (``borderline_train.json``) go to the router stage
-    with the model's own answers (label 0), so that an alarming word alone does not either.
+    with the model's own answers (label 0), so that an alarming word alone does not either. ``unsafe_twins``: the
+    contrast train rows' unsafe twins (``contrast_unsafe.json``: the same alarming word meant harmfully) go to the
+    router stage with a refusal (label 1), so that the routers learn the intent, not the word or the question form.
+    ``affirmatives=False``: no glad-stage rows (the malicious rows' primed answers are not generated; for a run
+    without a glad stage, such as the demo's).
     ``generate_fn``/``judge`` replace the model and the refusal judge (``cfg``/``params``/``tokenizer`` may then be
     None).
 
@@ -703,7 +730,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     """
     t0 = time.perf_counter()
     _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every, twins,
-                borderline_train)
+                borderline_train, unsafe_twins, affirmatives)
     out_dir = os.fspath(out_dir)
     check_output_dir(out_dir, overwrite)  # fail before any generation
     if generate_fn is None:
@@ -721,16 +748,19 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     train = {kind: spread(split(kind, "train"), limit) for kind in SPLIT_KINDS}
     train.update({kind: spread([dict(r, index=i) for i, r in enumerate(seeds[kind])], limit)
                   for kind in TRAIN_ONLY_KINDS})
-    evals = {part: eval_prompts(eval_rows(part, limit), seeds["jailbreak_templates"]) for part in EVAL_SPLITS}
+    evals = {part: eval_prompts(eval_rows(part, limit), seeds["jailbreak_templates"],
+                                wrap_benign=part in WRAPPED_BENIGN_SPLITS) for part in EVAL_SPLITS}
 
     run = _generator_runner(generate_fn, progress)
     ans = _Answers()
     ans.benign = _own_answers(run, judge, ans, "benign", train["benign"], ["unwilling", "router"])
     ans.contrast = _own_answers(run, judge, ans, "contrast", train["contrast"], ["router"])
-    ans.malicious = _malicious_affirmatives(run, judge, ans, train["malicious"], seeds["affirmative_openings"], seed,
-                                            prime_malicious)
+    ans.malicious = (_malicious_affirmatives(run, judge, ans, train["malicious"], seeds["affirmative_openings"],
+                                             seed, prime_malicious)
+                     if affirmatives else [None] * len(train["malicious"]))
     ans.malicious_refusals = _malicious_refusals(run, judge, ans, train["malicious"], refusals, seed, refusal_source)
-    wrapped = {kind: wrapped_rows(train[kind], seeds["jailbreak_templates"], wrap_every)
+    # the train-only wrappers: the jailbreak kinds of dev and test keep wrappers the routers never saw
+    wrapped = {kind: wrapped_rows(train[kind], seeds["jailbreak_train_templates"], wrap_every)
                for kind in ("benign", "malicious")}
     ans.wrapped_benign = _own_answers(run, judge, ans, "wrapped_benign", wrapped["benign"], ["router"])
     ans.benign_twins = _own_answers(run, judge, ans, "benign_twins", train["benign_twins"] if twins else [],
@@ -738,7 +768,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     ans.borderline_train = _own_answers(run, judge, ans, "borderline_train",
                                         train["borderline_train"] if borderline_train else [], ["router"])
 
-    stages = _stage_rows(train, ans, benign_refusals, seed, wrapped)
+    stages = _stage_rows(train, ans, refusals, benign_refusals, seed, wrapped, unsafe_twins, affirmatives)
     files, counts = _output_files(stages, evals)
     refusal_info = {"source": refusal_source, "bank_size": len(refusals), "generic_bank_size": len(benign_refusals),
                     **({"model_used": ans.model_refusals["used"], "bank_fallback": ans.model_refusals["bank_fallback"],
@@ -746,6 +776,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     settings = {"template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit,
                 "seed": seed, "refusal_source": refusal_source, "prime_malicious": bool(prime_malicious),
                 "wrap_every": wrap_every, "twins": bool(twins), "borderline_train": bool(borderline_train),
+                "unsafe_twins": unsafe_twins, "affirmatives": affirmatives,
                 "decoding": "greedy", "judge": repr(judge), "model": _model_info(cfg),
                 "split": seeds["splits"].get("method")}
     summary = _summary(counts, stages, train, wrapped, ans, evals, refusal_info, settings)

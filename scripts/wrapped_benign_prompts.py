@@ -1,5 +1,6 @@
 """Write a split's benign seed rows inside the seed jailbreak templates as an evaluation prompts file (kind
-``jailbreak_benign``: should be answered), for choosing settings on dev (README, the demo's levers table).
+``jailbreak_benign``: should be answered). ``dev.jsonl`` of ``mogu-jax data build`` already holds the dev rows;
+this writes them for any split, e.g. to evaluate an older run's checkpoint on them.
 
     python scripts/wrapped_benign_prompts.py --split dev --out runs/dev_jb_benign.jsonl
     mogu-jax eval RUN/mogu --prompts runs/dev_jb_benign.jsonl --out runs/report-dev-jb-benign

@@ -23,7 +23,7 @@ CATEGORIES = {
     "misinformation",
 }
 REFUSAL_KEYWORDS = ("I'm sorry", "I can't", "I cannot", "I won't", "I am unable")
-SPLIT_KINDS = ("benign", "malicious", "contrast", "benign_twins")
+SPLIT_KINDS = ("benign", "malicious", "contrast", "benign_twins", "contrast_unsafe")
 
 
 def load(name):
@@ -42,9 +42,11 @@ def seeds():
         "malicious": load("malicious.json"),
         "contrast": load("contrast.json"),
         "benign_twins": load("benign_twins.json"),
+        "contrast_unsafe": load("contrast_unsafe.json"),
         "borderline_dev": load("borderline_dev.json"),
         "borderline_train": load("borderline_train.json"),
         "templates": load("jailbreak_templates.json"),
+        "train_templates": load("jailbreak_train_templates.json"),
         "refusals": load("refusals.json"),
         "openings": load("affirmative_openings.json"),
         "splits": load("splits.json"),
@@ -56,7 +58,7 @@ def all_strings(seeds):
     out = []
     for kind in SPLIT_KINDS + ("borderline_dev", "borderline_train"):
         out += [(kind, row["instruction"]) for row in seeds[kind]]
-    for kind in ("templates", "refusals", "openings"):
+    for kind in ("templates", "train_templates", "refusals", "openings"):
         out += [(kind, s) for s in seeds[kind]]
     return out
 
@@ -68,9 +70,11 @@ def test_files_are_package_data():
         "malicious.json",
         "contrast.json",
         "benign_twins.json",
+        "contrast_unsafe.json",
         "borderline_dev.json",
         "borderline_train.json",
         "jailbreak_templates.json",
+        "jailbreak_train_templates.json",
         "refusals.json",
         "affirmative_openings.json",
         "splits.json",
@@ -84,6 +88,7 @@ def test_counts(seeds):
     assert len(seeds["malicious"]) >= 170
     assert len(seeds["contrast"]) >= 70
     assert len(seeds["benign_twins"]) == len(seeds["malicious"])
+    assert len(seeds["contrast_unsafe"]) == len(seeds["contrast"])
     assert len(seeds["borderline_dev"]) == 150
     assert len(seeds["borderline_train"]) == 150
     assert 8 <= len(seeds["templates"]) <= 12
@@ -107,6 +112,9 @@ def test_row_shapes(seeds):
     assert len(imperative) >= 90  # the malicious seeds' shape, which the contrast rows (questions) lack
     for i, row in enumerate(seeds["benign_twins"]):
         assert set(row) == {"instruction", "twin_of"} and row["twin_of"] == i
+    for i, (row, safe) in enumerate(zip(seeds["contrast_unsafe"], seeds["contrast"])):
+        assert set(row) == {"instruction", "trigger", "twin_of"} and row["twin_of"] == i
+        assert row["trigger"] == safe["trigger"] and row["trigger"].lower() in row["instruction"].lower(), row
     for kind in ("templates", "refusals", "openings"):
         assert all(isinstance(s, str) for s in seeds[kind])
 
@@ -156,7 +164,10 @@ def test_contrast_rows_contain_trigger(seeds):
 
 
 def test_templates_have_one_slot(seeds):
-    for t in seeds["templates"]:
+    assert len(seeds["train_templates"]) >= 10
+    # the train-only wrappers are not the dev / test ones reworded
+    assert max(jaccard(tokens(a), tokens(b)) for a in seeds["train_templates"] for b in seeds["templates"]) < 0.5
+    for t in seeds["templates"] + seeds["train_templates"]:
         assert t.count("{instruction}") == 1, t
         # no other format fields
         assert re.sub(r"\{instruction\}", "", t).count("{") == 0, t
@@ -180,7 +191,7 @@ def test_refusals_distinct_from_openings(seeds):
 SPLIT_PARTS = ("train", "dev", "test")
 #: rows per split part: dev = the former held-out rows (i % 5 == 4), test = i % 5 == 2, train = the rest
 SPLIT_SIZES = {"benign": (117, 39, 39), "malicious": (108, 36, 36), "contrast": (53, 17, 18),
-               "benign_twins": (108, 36, 36)}
+               "benign_twins": (108, 36, 36), "contrast_unsafe": (53, 17, 18)}
 
 
 def tokens(s):
@@ -204,18 +215,19 @@ def test_splits_disjoint_covering_fixed(seeds):
         assert splits[kind]["test"] == [i for i in range(n) if i % 5 == 2]
 
 
-def test_benign_twins_share_their_malicious_rows_split(seeds):
-    """A twin and its malicious row are in the same split, so a dev or test malicious row's form never reaches
-    training through its twin; and the loader refuses a splits file that parts them."""
+@pytest.mark.parametrize("twins,of", [("benign_twins", "malicious"), ("contrast_unsafe", "contrast")])
+def test_twins_share_their_rows_split(seeds, twins, of):
+    """A twin and its row are in the same split, so a dev or test row's form (a malicious row's) or alarming word
+    (a contrast row's) never reaches training through its twin; and the loader refuses a splits file that parts
+    them."""
     from mogu_jax import synth as S
-    assert seeds["splits"]["benign_twins"] == seeds["splits"]["malicious"]
+    assert seeds["splits"][twins] == seeds["splits"][of]
     for part in SPLIT_PARTS:
-        twins, mal = S.split("benign_twins", part), S.split("malicious", part)
-        assert [t["twin_of"] for t in twins] == [m["index"] for m in mal]
+        assert [t["twin_of"] for t in S.split(twins, part)] == [m["index"] for m in S.split(of, part)]
     broken = S.load_seeds()
-    broken["splits"]["benign_twins"]["dev"], broken["splits"]["benign_twins"]["test"] = (
-        broken["splits"]["benign_twins"]["test"], broken["splits"]["benign_twins"]["dev"])
-    with pytest.raises(S.MoguError, match="same split as malicious"):
+    broken["splits"][twins]["dev"], broken["splits"][twins]["test"] = (
+        broken["splits"][twins]["test"], broken["splits"][twins]["dev"])
+    with pytest.raises(S.MoguError, match=f"same split as {of}"):
         S._check_seeds(broken)
 
 
@@ -309,7 +321,7 @@ def test_independent_set_is_kept_out_of_every_seed_file(independent, seeds):
     for the prompt and for the request inside a wrapper; the seed-built files (stage data, dev, test) only hold seed
     text, so they are kept clean too."""
     seed_texts = [s for _, s in all_strings(seeds)]
-    seed_texts += [t.replace("{instruction}", "") for t in seeds["templates"]]
+    seed_texts += [t.replace("{instruction}", "") for t in seeds["templates"] + seeds["train_templates"]]
     seed_toks = [tokens(s) for s in seed_texts]
     seed_norms = {norm(s) for s in seed_texts}
     close = []
@@ -322,7 +334,8 @@ def test_independent_set_is_kept_out_of_every_seed_file(independent, seeds):
     for r in independent:
         if "request" in r:
             w = tokens(r["prompt"].replace(r["request"], ""))
-            close += [(r["id"], t[:40]) for t in seeds["templates"] if jaccard(w, tokens(t)) >= 0.5]
+            close += [(r["id"], t[:40]) for t in seeds["templates"] + seeds["train_templates"]
+                      if jaccard(w, tokens(t)) >= 0.5]
     assert not close, close[:5]
 
 
@@ -337,12 +350,15 @@ def test_independent_set_loads_for_evaluation(independent):
     assert S.load_independent_test() == independent
 
 
-def test_borderline_train_is_new_text(seeds, independent):
-    """The train-only borderline rows share under half their word set with every other seed instruction, with
-    the dev-only borderline rows and with every prompt of the independent set (and with each other)."""
-    new = [tokens(r["instruction"]) for r in seeds["borderline_train"]]
-    others = [tokens(s) for kind, s in all_strings(seeds) if kind != "borderline_train"]
+@pytest.mark.parametrize("kind", ["borderline_train", "contrast_unsafe"])
+def test_new_rows_are_new_text(seeds, independent, kind):
+    """The train-only borderline rows and the contrast rows' unsafe twins share under half their word set with every
+    other seed instruction (an unsafe twin's own contrast row aside: it keeps that row's alarming word), with the
+    dev-only borderline rows and with every prompt of the independent set (and with each other)."""
+    new = [tokens(r["instruction"]) for r in seeds[kind]]
+    others = [tokens(s) for k, s in all_strings(seeds) if k != kind]
     others += [tokens(r["prompt"]) for r in independent]
-    worst = max(jaccard(a, b) for a in new for b in others)
+    own = [tokens(seeds["contrast"][r["twin_of"]]["instruction"]) if "twin_of" in r else None for r in seeds[kind]]
+    worst = max(jaccard(a, b) for a, mine in zip(new, own) for b in others if b != mine)
     assert worst < 0.5, worst
     assert max(jaccard(new[i], new[j]) for i in range(len(new)) for j in range(i + 1, len(new))) < 0.5

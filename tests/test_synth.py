@@ -182,8 +182,10 @@ def test_full_build_counts_labels_and_layouts(tmp_path):
     # evaluation prompts: one file per split, from that split's rows only
     templates = seeds["jailbreak_templates"]
     assert summary["eval"] == {
-        "dev": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 17 + 150, "benign_twin": 36},
-        "test": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 18, "benign_twin": 36}}
+        "dev": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 17 + 150, "benign_twin": 36,
+                "borderline_unsafe_twin": 17, "jailbreak_benign": 39},
+        "test": {"harmful": 36, "jailbreak": 36, "benign": 39, "borderline": 18, "benign_twin": 36,
+                 "borderline_unsafe_twin": 18, "jailbreak_benign": 0}}
     ids = set()
     for part in S.EVAL_SPLITS:
         prompts = E.load_prompts(out / f"{part}.jsonl")
@@ -198,6 +200,14 @@ def test_full_build_counts_labels_and_layouts(tmp_path):
         assert [h["prompt"] for h in by_kind["benign_twin"]] == [r["instruction"] for r in twins]
         assert [h["prompt"] for h in by_kind["jailbreak"]] == [
             templates[k % len(templates)].format(instruction=r["instruction"]) for k, r in enumerate(mal)]
+        unsafe = S.split("contrast_unsafe", part)
+        assert [h["prompt"] for h in by_kind["borderline_unsafe_twin"]] == [r["instruction"] for r in unsafe]
+        assert [r["twin_of"] for r in unsafe] == [r["index"] for r in con]
+        # dev also holds its benign rows in the jailbreak templates (to be answered); test leaves that kind to the
+        # independent set
+        assert [h["prompt"] for h in by_kind["jailbreak_benign"]] == ([
+            templates[k % len(templates)].format(instruction=r["instruction"]) for k, r in enumerate(ben)]
+            if part == "dev" else [])
         ids |= {h["id"] for h in prompts}
     assert len(ids) == summary["files"]["dev.jsonl"] + summary["files"]["test.jsonl"]  # ids unique over both
 
@@ -221,7 +231,8 @@ def test_limit_spreads_rows(tmp_path):
     assert sum(r["label"] for r in rows["router"]) == 5
     # dev's borderline: the contrast rows and the dev-only borderline rows, each spread to the limit
     assert summary["eval"] == {p: {"harmful": 5, "jailbreak": 5, "benign": 5, "borderline": 5 * (1 + (p == "dev")),
-                                   "benign_twin": 5} for p in ("dev", "test")}
+                                   "benign_twin": 5, "borderline_unsafe_twin": 5, "jailbreak_benign": 5 * (p == "dev")}
+                               for p in ("dev", "test")}
     mal_train = S.split("malicious", "train")
     cats = {r["category"] for r in mal_train if r["instruction"] in {g["instruction"] for g in rows["glad"]}}
     assert len(cats) == 5
@@ -340,7 +351,8 @@ def test_tiny_model_build(tiny, tmp_path):
     assert summary["settings"]["model"]["num_layers"] == cfg.num_layers
     # dev's borderline: the contrast rows and the dev-only borderline rows, each spread to the limit
     assert summary["eval"] == {p: {"harmful": 3, "jailbreak": 3, "benign": 3, "borderline": 3 * (1 + (p == "dev")),
-                                   "benign_twin": 3} for p in ("dev", "test")}
+                                   "benign_twin": 3, "borderline_unsafe_twin": 3, "jailbreak_benign": 3 * (p == "dev")}
+                               for p in ("dev", "test")}
     # greedy: the same seed gives byte-identical files
     S.build_data(cfg, params, tok, tmp_path / "b", **kw)
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
@@ -348,10 +360,12 @@ def test_tiny_model_build(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------------- wrapped rows
 def test_wrap_every_adds_wrapped_rows_of_both_labels_to_the_router_only(tmp_path):
-    """``wrap_every``: every n-th benign and malicious train row reaches the router inside a jailbreak template,
-    benign with the model's own answer to the wrapped prompt (label 0), malicious with the bare row's refusal
-    (label 1); glad and unwilling are unchanged, and without the option nothing is wrapped."""
-    templates = S.load_seeds()["jailbreak_templates"]
+    """``wrap_every``: every n-th benign and malicious train row reaches the router inside one of the train-only
+    jailbreak wrappers (not the dev / test jailbreak templates), benign with the model's own answer to the wrapped
+    prompt (label 0), malicious with the bare row's refusal (label 1); glad and unwilling are unchanged, and without
+    the option nothing is wrapped."""
+    templates = S.load_seeds()["jailbreak_train_templates"]
+    assert not set(templates) & set(S.load_seeds()["jailbreak_templates"])
     plain, plain_summary, _ = build(tmp_path, "plain", limit=12)
     out, summary, stub = build(tmp_path, "wrapped", limit=12, wrap_every=3)
     for stage in ("glad.jsonl", "unwilling.jsonl"):
@@ -399,6 +413,39 @@ def test_wrapped_benign_prompts_load_as_an_evaluation_kind(tmp_path):
     loaded = E.load_prompts(str(path))
     assert [r["prompt"] for r in loaded] == [r["prompt"] for r in rows]
     assert {r["kind"] for r in loaded} == {"jailbreak_benign"}
+
+
+def test_unsafe_twins_reach_the_router_with_refusals(tmp_path):
+    """``unsafe_twins``: the contrast train rows' unsafe twins reach the router with a bank refusal (label 1), none
+    is generated; the other files are unchanged; without the option none is trained on."""
+    plain, plain_summary, _ = build(tmp_path, "plain", limit=12)
+    out, summary, stub = build(tmp_path, "unsafe", limit=12, unsafe_twins=True)
+    for name in ("glad.jsonl", "unwilling.jsonl", "dev.jsonl", "test.jsonl"):
+        assert read_jsonl(out / name) == read_jsonl(plain / name)
+    unsafe = S.spread(S.split("contrast_unsafe", "train"), 12)
+    assert [u["twin_of"] for u in unsafe] == [c["index"] for c in S.spread(S.split("contrast", "train"), 12)]
+    added = [r for r in read_jsonl(out / "router.jsonl") if r not in read_jsonl(plain / "router.jsonl")]
+    assert [r["instruction"] for r in added] == [u["instruction"] for u in unsafe]
+    assert {r["label"] for r in added} == {1} and all(r["output"] in S.load_seeds()["refusals"] for r in added)
+    assert not {u["instruction"] for u in unsafe} & {i for c in stub.calls for i in c["instructions"]}
+    assert summary["stages"]["router"]["unsafe_twins"] == len(unsafe) and summary["settings"]["unsafe_twins"]
+    assert plain_summary["stages"]["router"]["unsafe_twins"] == 0
+    layouts_agree(out)
+    with pytest.raises(MoguError, match="unsafe_twins must be true or false"):
+        build(tmp_path, "bad", unsafe_twins="yes")
+
+
+def test_no_affirmatives_skips_the_glad_rows_only(tmp_path):
+    """``affirmatives=False`` (a run without a glad stage): the malicious rows' primed answers are not generated
+    and the glad files are empty; the unwilling and router files are the same."""
+    plain, _, plain_stub = build(tmp_path, "plain", limit=12)
+    out, summary, stub = build(tmp_path, "noglad", limit=12, affirmatives=False)
+    assert not any(c["openings"] for c in stub.calls) and any(c["openings"] for c in plain_stub.calls)
+    assert len(stub.calls) == len(plain_stub.calls) - 1
+    assert read_jsonl(out / "glad.jsonl") == [] and summary["stages"]["glad"]["rows"] == 0
+    for name in ("unwilling.jsonl", "router.jsonl", "dev.jsonl", "test.jsonl"):
+        assert read_jsonl(out / name) == read_jsonl(plain / name)
+    assert summary["settings"]["affirmatives"] is False
 
 
 def test_twins_add_the_benign_twins_to_the_router_only(tmp_path):
