@@ -27,17 +27,17 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     for stage in ("glad", "unwilling"):
         assert f"no {stage} stage" in printed and not os.path.exists(os.path.join(out, stage))
     assert f"compute {sum(flops.values()) / 1e12:.2f} TFLOP" in printed
-    for kind in ("harmful", "jailbreak", "benign", "borderline", "benign_twin"):
+    for kind in ("harmful", "jailbreak", "benign", "borderline", "benign_twin", "borderline_unsafe_twin"):
         assert kind in printed
     assert "MoGU checkpoint" in printed and "PyTorch artifacts" in printed
     report = json.load(open(os.path.join(out, "report", "report.json")))
     assert set(report["metrics"]) == {"base", "mogu"}
-    # the MoGU checkpoint decodes as the demo evaluated it: 5 routed tokens, then the router-gated handoff
+    # the MoGU checkpoint decodes as the demo evaluated it: 2 routed tokens, then the router-gated handoff
     from mogu_jax.checkpoint import load_checkpoint
     cfg, _, _ = load_checkpoint(os.path.join(out, "mogu"))
-    assert (cfg.routed_tokens, cfg.handoff, cfg.handoff_threshold) == (5, "router", 0.2)
+    assert (cfg.routed_tokens, cfg.handoff, cfg.handoff_threshold) == (2, "router", 0.2)
     assert cfg.router_layer_ids == tuple(range(18, 30))
-    assert report["settings"]["handoff"] == "router" and report["settings"]["routed_tokens"] == 5
+    assert report["settings"]["handoff"] == "router" and report["settings"]["routed_tokens"] == 2
     assert report["router"] is not None
     for name in ("report.md", "refusal_rates.png", "router_layers.png", "responses.jsonl"):
         assert os.path.getsize(os.path.join(out, "report", name)) > 0
@@ -48,9 +48,14 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     sd = torch.load(os.path.join(out, "pytorch", "router.pth"), weights_only=True)
     assert any(k.startswith("model.routers.") and k.endswith(".alpha_.linear_0.weight") for k in sd)
     assert os.path.isfile(os.path.join(out, "pytorch", "glad", "adapter_config.json"))
-    # the data were built in both layouts and load back through the training loaders
+    # the data were built in both layouts and load back through the training loaders; without a glad stage the
+    # malicious rows' primed answers were not generated (the glad files are empty), and the router got the
+    # unsafe twins (label 1) and the train-only borderline rows (label 0)
     from mogu_jax.data import load_stage_data
     d = os.path.join(out, "data")
+    summary = json.load(open(os.path.join(d, "summary.json")))
+    assert summary["stages"]["glad"]["rows"] == 0 and summary["settings"]["affirmatives"] is False
+    assert summary["stages"]["router"]["unsafe_twins"] > 0 and summary["stages"]["router"]["borderline_train"] > 0
     assert load_stage_data("router", os.path.join(d, "data_normal.json"), os.path.join(d, "data_label.json")) == \
         load_stage_data("router", os.path.join(d, "router.jsonl"))
     # a second demo into the same folder is refused without --overwrite

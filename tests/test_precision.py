@@ -126,8 +126,11 @@ def test_demo_settings_live_in_configs():
     assert router["inputs"]["glad"] == "fresh" and router["inputs"]["unwilling"] == "fresh"
     for stage in ("unwilling", "router"):  # routers, and so the branches, in layers 18-29 (MoGU v2)
         assert load_config(stage, demo_settings())["model"]["router_layers"] == list(range(18, 30))
-    assert demo_settings()["demo"]["eval"]["handoff"] == "router"  # the router-gated handoff after 5 tokens
-    assert demo_settings()["demo"]["data"]["twins"] is True  # the malicious seeds' benign twins (issue 12)
+    assert demo_settings()["demo"]["eval"]["handoff"] == "router"  # the router-gated handoff after 2 tokens
+    assert demo_settings()["demo"]["eval"]["routed_tokens"] == 2
+    # data for intent (issue 12): the malicious seeds' benign twins, the contrast rows' unsafe twins and the
+    # train-only safe-but-alarming rows
+    assert all(demo_settings()["demo"]["data"][k] is True for k in ("twins", "unsafe_twins", "borderline_train"))
     # typed values win over the file's per-stage sections, as command-line overrides do
     conf = load_config("router", demo_settings(), values={"train": {"epochs": 1}, "data": {"buckets": [32]}})
     assert conf["train"]["epochs"] == 1 and conf["data"]["buckets"] == [32]
