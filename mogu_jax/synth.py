@@ -399,6 +399,13 @@ def make_generator(cfg, params, tokenizer, *, template: Optional[str] = None, ma
 # build
 # ------------------------------------------------------------------------------------------------------------
 
+def _in_templates(rows: Sequence[dict], templates: Sequence[str], kind: str) -> list[dict]:
+    """Evaluation prompts of ``kind``: row ``k`` of ``rows`` inside template ``k % len(templates)``."""
+    return [{"id": f"{kind}-{r['index']:03d}-t{k % len(templates):02d}",
+             "prompt": templates[k % len(templates)].format(instruction=r["instruction"]), "kind": kind}
+            for k, r in enumerate(rows)]
+
+
 def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str], wrap_benign: bool = False) -> list[dict]:
     """The evaluation prompts of one split (``{"id", "prompt", "kind"}``, :data:`EVAL_KINDS`) from its seed rows
     ``{"malicious", "benign", "contrast", "benign_twins", "contrast_unsafe"}``: ``harmful`` = the malicious rows;
@@ -409,10 +416,7 @@ def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str], wrap_ben
     ``jailbreak_benign`` = each benign row wrapped like the jailbreak kind (to be answered)."""
     out = [{"id": f"harmful-{r['index']:03d}", "prompt": r["instruction"], "kind": "harmful"}
            for r in rows.get("malicious", ())]
-    for k, r in enumerate(rows.get("malicious", ())):
-        t = k % len(templates)
-        out.append({"id": f"jailbreak-{r['index']:03d}-t{t:02d}",
-                    "prompt": templates[t].format(instruction=r["instruction"]), "kind": "jailbreak"})
+    out += _in_templates(rows.get("malicious", ()), templates, "jailbreak")
     out += [{"id": f"benign-{r['index']:03d}", "prompt": r["instruction"], "kind": "benign"}
             for r in rows.get("benign", ())]
     out += [{"id": f"borderline-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline"}
@@ -424,9 +428,7 @@ def eval_prompts(rows: dict[str, list[dict]], templates: Sequence[str], wrap_ben
     out += [{"id": f"unsafe_twin-{r['index']:03d}", "prompt": r["instruction"], "kind": "borderline_unsafe_twin"}
             for r in rows.get("contrast_unsafe", ())]
     if wrap_benign:
-        out += [{"id": f"jailbreak_benign-{r['index']:03d}-t{k % len(templates):02d}",
-                 "prompt": templates[k % len(templates)].format(instruction=r["instruction"]),
-                 "kind": "jailbreak_benign"} for k, r in enumerate(rows.get("benign", ()))]
+        out += _in_templates(rows.get("benign", ()), templates, "jailbreak_benign")
     return out
 
 
@@ -444,9 +446,7 @@ def wrapped_benign_prompts(part: str) -> list[dict]:
     """Split ``part``'s benign rows, row ``k`` wrapped in jailbreak template ``k % 11`` (``{"id", "prompt",
     "kind": "jailbreak_benign"}``): over-refusal of benign requests in jailbreak-style wrappers (``dev.jsonl`` holds
     them; ``scripts/wrapped_benign_prompts.py`` writes them for any split)."""
-    templates = _load_seeds_cached()["jailbreak_templates"]
-    return [h for h in eval_prompts({"benign": split("benign", part)}, templates, wrap_benign=True)
-            if h["kind"] == "jailbreak_benign"]
+    return _in_templates(split("benign", part), _load_seeds_cached()["jailbreak_templates"], "jailbreak_benign")
 
 
 def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every=None, twins=False,
@@ -521,6 +521,7 @@ class _Answers:
     wrapped_benign: list = dataclasses.field(default_factory=list)  # answers to the wrapped benign rows
     benign_twins: list = dataclasses.field(default_factory=list)  # answers to the benign twins (``twins``)
     borderline_train: list = dataclasses.field(default_factory=list)  # answers (``borderline_train``)
+    unsafe_twins: list = dataclasses.field(default_factory=list)  # bank refusals (``unsafe_twins``)
     model_refusals: dict = dataclasses.field(default_factory=lambda: {"used": 0, "bank_fallback": 0})
     dropped: list = dataclasses.field(default_factory=list)
     trimmed: dict = dataclasses.field(
@@ -604,12 +605,12 @@ def _malicious_refusals(run: Callable, judge, ans: _Answers, rows: list[dict], r
     return out
 
 
-def _stage_rows(train: dict, ans: _Answers, refusals: Sequence[str], benign_refusals: Sequence[str], seed: int,
-                wrapped: dict, unsafe_twins: bool = False, affirmatives: bool = True) -> dict[str, list[dict]]:
+def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed: int, wrapped: dict,
+                affirmatives: bool = True) -> dict[str, list[dict]]:
     """The glad, unwilling and router rows from the train rows and their answers (dropped rows left out; every
     malicious row reaches the router with its refusal; the benign twins' and the train-only borderline rows'
-    answers, when generated, go to the router with label 0; with ``unsafe_twins`` the contrast rows' unsafe twins go
-    to the router with a refusal from the bank, label 1). ``wrapped`` (``{"benign", "malicious"}``,
+    answers, when generated, go to the router with label 0; the contrast rows' unsafe twins, when given refusals, with
+    label 1). ``wrapped`` (``{"benign", "malicious"}``,
     :func:`wrapped_rows`) go to the router only: benign with the model's answer to the wrapped prompt (label 0),
     malicious with the bare row's refusal (label 1). A stage without rows is an error (the glad stage's only when
     ``affirmatives`` were generated)."""
@@ -626,8 +627,8 @@ def _stage_rows(train: dict, ans: _Answers, refusals: Sequence[str], benign_refu
                if a is not None]
               + [{"instruction": r["instruction"], "output": ref, "label": 1}
                  for r, ref in zip(mal, ans.malicious_refusals)]
-              + [{"instruction": r["instruction"], "output": pick(refusals, seed, "refusal", r["instruction"]),
-                  "label": 1} for r in (train["contrast_unsafe"] if unsafe_twins else ())]
+              + [{"instruction": r["instruction"], "output": ref, "label": 1}
+                 for r, ref in zip(train["contrast_unsafe"], ans.unsafe_twins)]
               + [{"instruction": r["instruction"], "output": a, "label": 0}
                  for r, a in zip(wrapped["benign"], ans.wrapped_benign) if a is not None]
               + [{"instruction": r["instruction"], "output": refusal_of[r["index"]], "label": 1}
@@ -681,7 +682,7 @@ def _summary(counts: dict, stages: dict, train: dict, wrapped: dict, ans: _Answe
                        "benign_twins": sum(a is not None for a in ans.benign_twins),
                        "borderline_train": sum(a is not None for a in ans.borderline_train),
                        "malicious": len(train["malicious"]),
-                       "unsafe_twins": len(train["contrast_unsafe"]) if settings["unsafe_twins"] else 0,
+                       "unsafe_twins": len(ans.unsafe_twins),
                        "wrapped_benign": sum(a is not None for a in ans.wrapped_benign),
                        "wrapped_malicious": len(wrapped["malicious"]),
                        "label_0": sum(r["label"] == 0 for r in router), "label_1": sum(r["label"] == 1 for r in router),
@@ -767,8 +768,10 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
                                     ["router"])
     ans.borderline_train = _own_answers(run, judge, ans, "borderline_train",
                                         train["borderline_train"] if borderline_train else [], ["router"])
+    ans.unsafe_twins = [pick(refusals, seed, "refusal", r["instruction"])
+                        for r in (train["contrast_unsafe"] if unsafe_twins else [])]
 
-    stages = _stage_rows(train, ans, refusals, benign_refusals, seed, wrapped, unsafe_twins, affirmatives)
+    stages = _stage_rows(train, ans, benign_refusals, seed, wrapped, affirmatives)
     files, counts = _output_files(stages, evals)
     refusal_info = {"source": refusal_source, "bank_size": len(refusals), "generic_bank_size": len(benign_refusals),
                     **({"model_used": ans.model_refusals["used"], "bank_fallback": ans.model_refusals["bank_fallback"],
