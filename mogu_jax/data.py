@@ -497,9 +497,11 @@ class StageLoader:
     ``shuffle=False`` keeps the data order (no shuffling, no length grouping). ``group_batches``: the number of
     batches per window that is sorted by length before cutting batches (1 disables grouping).
     ``drop_last`` drops the short last batch of each epoch (its examples then miss that epoch).
-    ``balance_labels`` (router stage): every batch gets the labels in the data's proportion (each label's rows
-    shuffled, then interleaved evenly; no length grouping, which would sort short refusals, label 1, into
-    batches of their own and make the shared router biases swing from batch to batch).
+    ``balance_labels`` (router stage): every batch gets the labels in its length bucket's proportion (each
+    label's rows of a bucket shuffled, then interleaved evenly; no length grouping, which would sort short
+    refusals, label 1, into batches of their own and make the shared router biases swing from batch to batch).
+    A batch never mixes buckets, so a few long rows (wrapped prompts) do not pad every batch to their length;
+    each bucket's batches are spread evenly over the epoch. With one bucket: the data's proportion.
     ``label_weights`` (router stage): ``"balanced"`` weighs each example in the loss by ``N / (2 N_label)``, so both
     labels weigh the same in every epoch however many rows each has (None: every example 1).
     """
@@ -544,13 +546,16 @@ class StageLoader:
         self.buckets = resolve_buckets(buckets, data.max_len)
         self.num_examples = data.num_examples
         n = self.num_examples
-        self.steps_per_epoch = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-        if self.steps_per_epoch == 0:
-            raise MoguError(f"{n} examples make no full batch of {self.batch_size} with drop_last; "
-                            "lower the batch size or keep the last batch")
         self._keys = data.sort_keys()
         self._seqs = data.sequences()
         self._lengths = {k: np.asarray([ex.length for ex in v], np.int64) for k, v in self._seqs.items()}
+        self._bucket_rows = self._rows_by_bucket() if self.balance_labels else [np.arange(n)]
+        sizes = [len(rows) for rows in self._bucket_rows]
+        self.steps_per_epoch = sum(m // self.batch_size if self.drop_last else -(-m // self.batch_size)
+                                   for m in sizes)
+        if self.steps_per_epoch == 0:
+            raise MoguError(f"{n} examples make no full batch of {self.batch_size} with drop_last; "
+                            "lower the batch size or keep the last batch")
         self._order_cache: tuple[int, list[np.ndarray]] | None = None
         # ``f(sequences, example_rows, length) -> {name: [rows, length, ...]}``, more per-row inputs of a batch
         # (``sequences``: "tokens", or "affirm" / "refusal" of a pair stage; the trainer's cached lower-layer
@@ -594,18 +599,31 @@ class StageLoader:
     def _epoch_rng(self, epoch: int) -> np.random.Generator:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch)])))
 
+    def _rows_by_bucket(self) -> list[np.ndarray]:
+        """The example indices of each length bucket that holds any (shortest bucket first)."""
+        lengths = self._lengths["tokens"] if "tokens" in self._lengths else self._keys
+        which = np.asarray([bucket_for(int(n), self.buckets) for n in lengths], np.int64)
+        return [np.flatnonzero(which == b) for b in self.buckets if np.any(which == b)]
+
     def _balanced_batches(self, rng) -> list[np.ndarray]:
         labels = np.asarray(self.data.labels)
-        idx, key = [], []
-        for value in np.unique(labels):
-            rows = np.flatnonzero(labels == value)
-            rows = rows[_stable_permutation(rng, len(rows))]
-            idx.append(rows)
-            key.append((np.arange(len(rows)) + 0.5) / len(rows))  # evenly spread over the epoch
-        idx, key = np.concatenate(idx), np.concatenate(key)
-        order = idx[np.lexsort((idx, key))]
         b = self.batch_size
-        return [order[i:i + b] for i in range(0, len(order), b)]
+        batches, keys = [], []
+        for rows in self._bucket_rows:
+            idx, key = [], []
+            for value in np.unique(labels[rows]):
+                part = rows[labels[rows] == value]
+                part = part[_stable_permutation(rng, len(part))]
+                idx.append(part)
+                key.append((np.arange(len(part)) + 0.5) / len(part))  # evenly spread over the bucket's batches
+            idx, key = np.concatenate(idx), np.concatenate(key)
+            order = idx[np.lexsort((idx, key))]
+            cut = [order[i:i + b] for i in range(0, len(order), b)]
+            if self.drop_last:
+                cut = [c for c in cut if len(c) == b]
+            batches += cut
+            keys += [(j + 0.5) / len(cut) for j in range(len(cut))]  # each bucket's batches spread over the epoch
+        return [batches[j] for j in np.lexsort((np.arange(len(batches)), keys))]
 
     def batch_indices(self, epoch: int, step: int) -> np.ndarray:
         """Global example indices of batch ``step`` of ``epoch`` (fewer than batch_size for a short batch)."""
@@ -684,6 +702,7 @@ class StageLoader:
             h = hashlib.sha256(self.data.fingerprint().encode())
             h.update(json.dumps([self.batch_size, self.seed, self.shuffle, self.group_batches, self.drop_last]
                                 + ([True] if self.balance_labels else [])
+                                + (["per_bucket"] if len(self._bucket_rows) > 1 else [])
                                 + (["label_weights"] if self.example_weights is not None else [])).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint

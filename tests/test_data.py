@@ -502,6 +502,49 @@ def test_balanced_labels(router_data, pair_data):
         D.StageLoader(pair_data, 8, balance_labels=True)
 
 
+def test_balanced_labels_per_bucket(tok):
+    """balance_labels with rows in two length buckets: no batch mixes buckets (a few long rows do not pad the
+    others' batches), each full batch holds its bucket's label proportion, every example comes once per epoch,
+    steps_per_epoch counts the batches, and with one bucket the order is the plain interleave of both labels."""
+    rng = np.random.RandomState(5)
+    short = [{"instruction": words(rng, 1, 3), "output": words(rng, 1, 4), "label": i % 3 == 0} for i in range(37)]
+    long = [{"instruction": words(rng, 14, 18), "output": words(rng, 8, 10), "label": i % 2} for i in range(13)]
+    rows = [dict(r, label=int(r["label"])) for r in short + long]
+    data = D.tokenize_stage("router", rows, tok, template="falcon", max_len=64)
+    labels = np.asarray(data.labels)
+    lengths = np.asarray([ex.length for ex in data.examples])
+    buckets = (16, 64)
+    assert lengths[:37].max() <= 16 < lengths[37:].min()
+    loader = D.StageLoader(data, 8, seed=0, buckets=buckets, balance_labels=True)
+    batches = loader.epoch_batches(0)
+    assert loader.steps_per_epoch == len(batches) == -(-37 // 8) + -(-13 // 8)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(50))
+    for idx in batches:
+        long_rows = idx >= 37
+        assert long_rows.all() or not long_rows.any()
+        if len(idx) == 8:
+            part = labels[37:] if long_rows.all() else labels[:37]
+            assert abs(labels[idx].sum() - part.mean() * 8) <= 1.0
+        assert loader.make_batch(idx)["tokens"].shape[1] == (64 if long_rows.all() else 16)
+    # the long bucket's batches are spread over the epoch, not all at its end
+    where = [j for j, idx in enumerate(batches) if idx[0] >= 37]
+    assert where[0] < len(batches) // 2
+    assert loader.fingerprint() != D.StageLoader(data, 8, seed=0, buckets=(64,), balance_labels=True).fingerprint()
+    # one bucket: each label's rows shuffled, then interleaved evenly over the epoch
+    single = D.StageLoader(data, 8, seed=0, buckets=(64,), balance_labels=True)
+    r = np.random.Generator(np.random.PCG64(np.random.SeedSequence([0, 0])))
+    idx, key = [], []
+    for value in (0, 1):
+        part = np.flatnonzero(labels == value)
+        part = part[np.argsort(r.random(len(part)), kind="stable")]
+        idx.append(part)
+        key.append((np.arange(len(part)) + 0.5) / len(part))
+    idx, key = np.concatenate(idx), np.concatenate(key)
+    order = idx[np.lexsort((idx, key))]
+    assert_batches_equal([single.make_batch(b) for b in single.epoch_batches(0)],
+                         [single.make_batch(order[i:i + 8]) for i in range(0, 50, 8)])
+
+
 def test_label_weights_balanced(router_data, pair_data):
     """label_weights="balanced": each example weighs N / (2 N_label), so over an epoch both labels weigh the same;
     padding rows still weigh 0; the batches are otherwise unchanged; bad values and unlabelled data are refused."""
