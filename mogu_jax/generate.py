@@ -674,8 +674,8 @@ def call_buckets(batches: Sequence[Sequence[int]], prompts: Optional[Sequence[Se
 def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[str], template: Optional[str] = None,
                   system: Optional[str] = None, batch_size: int = 8, progress: bool = False, **kw) -> list[dict]:
     """Responses to instructions: format each prompt (:func:`mogu_jax.templates.format_prompt`), encode it,
-    generate in batches of ``batch_size`` (prompts of similar length batched together), decode. The tokens every
-    prompt starts with (e.g. the template's system prompt) are prefilled once per batch
+    generate in batches of ``batch_size`` (prompts of similar length batched together: :func:`generate_ids`),
+    decode. The tokens every prompt starts with (e.g. the template's system prompt) are prefilled once per batch
     (:func:`generate`'s ``shared_prefix``; pass ``shared_prefix=0`` to run them per row).
 
     Returns, in input order, ``{"response": str, "tokens": int, "finished": bool}`` (``tokens`` counts the
@@ -683,20 +683,53 @@ def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[st
     the per-token, per-layer router weights of the routed tokens). Extra keyword arguments go to
     :func:`generate`; ``progress`` shows a bar over batches.
     """
-    from mogu_jax.templates import encode_prompt, format_prompt
-
     if batch_size < 1:
         raise MoguError(f"batch_size must be >= 1, got {batch_size}")
-    instructions = list(instructions)
-    encoded = [encode_prompt(tokenizer, format_prompt(tokenizer, ins, template, system)) for ins in instructions]
-    if "eos_ids" not in kw or kw["eos_ids"] is None:
-        eos = set(resolve_eos(cfg, None))
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            eos.add(int(tokenizer.eos_token_id))
-        kw["eos_ids"] = tuple(sorted(eos))
-    eos_set = set(resolve_eos(cfg, kw["eos_ids"]))
-    seed = int(kw.pop("seed", 0))
+    encoded = encode_instructions(tokenizer, instructions, template, system)
+    kw["eos_ids"] = text_eos(cfg, tokenizer, kw.get("eos_ids"))
+    rows = generate_ids(cfg, params, encoded, batch_size=batch_size, progress=progress, **kw)
+    return [decode_row(tokenizer, row, kw["eos_ids"]) for row in rows]
 
+
+def encode_instructions(tokenizer, instructions: Sequence[str], template: Optional[str] = None,
+                        system: Optional[str] = None) -> list[list[int]]:
+    """The prompt token ids of each instruction (:func:`mogu_jax.templates.format_prompt`, then encoded)."""
+    from mogu_jax.templates import encode_prompt, format_prompt
+
+    return [encode_prompt(tokenizer, format_prompt(tokenizer, ins, template, system)) for ins in instructions]
+
+
+def text_eos(cfg: ModelConfig, tokenizer, eos_ids=None) -> tuple[int, ...]:
+    """The ids that end a row: ``eos_ids`` when given, else the config's and the tokenizer's EOS."""
+    if eos_ids is not None:
+        return resolve_eos(cfg, eos_ids)
+    eos = set(resolve_eos(cfg, None))
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(eos))
+
+
+def decode_row(tokenizer, row: dict, eos_ids: Sequence[int]) -> dict:
+    """One :func:`generate_ids` row as text: ``{"response", "tokens", "finished"}`` (and ``router``)."""
+    ids = row["ids"]
+    text_ids = ids[:-1] if ids and ids[-1] in set(eos_ids) else ids
+    out = {"response": tokenizer.decode(text_ids, skip_special_tokens=True), "tokens": len(ids),
+           "finished": row["finished"]}
+    if "router" in row:
+        out["router"] = row["router"]
+    return out
+
+
+def generate_ids(cfg: ModelConfig, params, encoded: Sequence[Sequence[int]], batch_size: int = 8,
+                 progress: bool = False, **kw) -> list[dict]:
+    """:func:`generate` over many prompts (token ids) in batches of ``batch_size``, prompts of similar length
+    together, every batch of the call in one shape (:func:`call_buckets`; keyword arguments override it and go to
+    :func:`generate`). Returns, in input order, ``{"ids": [...], "finished": bool}`` (EOS included when hit), in
+    routed mode also ``router`` (``{"a": [n_routed, R], "b": ...}``). Sampling rows get seed ``seed + batch``."""
+    if batch_size < 1:
+        raise MoguError(f"batch_size must be >= 1, got {batch_size}")
+    encoded = [list(x) for x in encoded]
+    seed = int(kw.pop("seed", 0))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = even_batches(order, batch_size)
     kw = {**call_buckets(batches, encoded, batch_size), **kw}
@@ -709,9 +742,7 @@ def generate_text(cfg: ModelConfig, params, tokenizer, instructions: Sequence[st
     for bi, idx in enumerate(it):
         out = generate(cfg, params, [encoded[i] for i in idx], seed=seed + bi, **kw)
         for j, (i, toks, fin) in enumerate(zip(idx, out.tokens, out.finished)):
-            text_toks = toks[:-1] if toks and toks[-1] in eos_set else toks
-            results[i] = {"response": tokenizer.decode(text_toks, skip_special_tokens=True), "tokens": len(toks),
-                          "finished": fin}
+            results[i] = {"ids": toks, "finished": fin}
             if out.router is not None:
                 results[i]["router"] = out.router[j]  # {"a": [n_routed, R], "b": ...}
     return results  # type: ignore[return-value]

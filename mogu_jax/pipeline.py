@@ -21,17 +21,24 @@ def run_eval(cfg, params, tok, rows: list[dict], out_dir: str, *, template=None,
     """Generate with the base model and with MoGU (routed decoding, handoff after ``routed_tokens``; None:
     the config's default; then ``cfg.handoff``) side by side, judge, and write the report. Returns the report."""
     from mogu_jax import evaluate as E
-    from mogu_jax.generate import decoding_mode, generate_text
+    from mogu_jax import generate as G
+    from mogu_jax.gated import gated_answers
     from mogu_jax.io_utils import check_output_dir
 
     check_output_dir(out_dir, overwrite)
-    mode, m = decoding_mode(cfg, params, None, routed_tokens, False, max_new_tokens)
+    mode, m = G.decoding_mode(cfg, params, None, routed_tokens, False, max_new_tokens)
     if mode != "routed":
         raise MoguError("evaluation compares base vs MoGU: the checkpoint needs glad, unwilling and router parts")
-    prompts = [r["prompt"] for r in rows]
-    common = dict(template=template, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
-    base = generate_text(cfg, params, tok, prompts, mode="base", **common)
-    mogu = generate_text(cfg, params, tok, prompts, mode="routed", routed_tokens=m, **common)
+    encoded = G.encode_instructions(tok, [r["prompt"] for r in rows], template)
+    eos = G.text_eos(cfg, tok)
+    common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, eos_ids=eos)
+    base_ids = G.generate_ids(cfg, params, encoded, mode="base", **common)
+    if m and cfg.handoff == "router":  # rows handed off to the base model reuse its answers
+        mogu_ids = gated_answers(cfg, params, encoded, base_ids, routed_tokens=m, **common)
+    else:
+        mogu_ids = G.generate_ids(cfg, params, encoded, mode="routed", routed_tokens=m, **common)
+    base = [G.decode_row(tok, r, eos) for r in base_ids]
+    mogu = [G.decode_row(tok, r, eos) for r in mogu_ids]
     responses = {"base": [o["response"] for o in base], "mogu": [o["response"] for o in mogu]}
     n_layers = len(cfg.router_layer_ids)
     layer_a = np.stack([o["router"]["a"].mean(axis=0) if len(o["router"]["a"]) else np.full(n_layers, np.nan)

@@ -358,3 +358,42 @@ def test_router_gated_handoff_keeps_unwilling_rows_routed(tiny):
     assert flops > G.FLOPS_DONE[0] - before  # both models ran past the m tokens for the kept rows
     with pytest.raises(MoguError, match="handoff must be one of"):
         G.generate(cfg.replace(handoff="sometimes"), mogu, prompts, max_new_tokens=4, mode="routed", routed_tokens=2)
+
+
+def test_gated_answers_equal_the_gated_handoff_at_less_compute(tiny):
+    """mogu_jax.gated: the evaluation's MoGU answers under the router-gated handoff, reusing the base model's
+    greedy answers, equal the gated handoff decoding of every row (ids, finished, routed tokens' router weights)
+    with rows of each kind present (kept routed; handed off on the base answer's own first tokens; handed off on
+    other tokens; ended within the routed tokens), for less compute than running both models side by side."""
+    from mogu_jax import mogu as mogu_lib
+    from mogu_jax.gated import gate_keeps, gated_answers
+
+    cfg, params, _ = tiny
+    mogu = mogu_lib.init_mogu(cfg, 0, params)
+    key = jax.random.PRNGKey(2)
+    mogu["unwilling"]["B"] = 0.01 * jax.random.normal(key, mogu["unwilling"]["B"].shape)  # glad stays zero
+    mogu["router"] = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(key, x.shape), mogu["router"])
+    head = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    prompts = [head + p for p in PROMPTS] + [head + [40 + i, 41, 42 + 3 * i] for i in range(12)]
+    m, n, bs = 2, 24, 4
+    common = dict(batch_size=bs, max_new_tokens=n)
+    probe = G.generate_ids(cfg, mogu, prompts, mode="routed", max_new_tokens=m, batch_size=bs, eos_ids=())
+    gate = float(np.median([np.mean(r["router"]["a"]) for r in probe]))
+    cfg = cfg.replace(handoff="router", handoff_threshold=gate)
+    for eos in ((), (int(probe[0]["ids"][1]),)):
+        base = G.generate_ids(cfg, mogu, prompts, mode="base", eos_ids=eos, **common)
+        before = G.FLOPS_DONE[0]
+        want = G.generate_ids(cfg, mogu, prompts, mode="routed", routed_tokens=m, eos_ids=eos, **common)
+        side_by_side = G.FLOPS_DONE[0] - before
+        before = G.FLOPS_DONE[0]
+        got = gated_answers(cfg, mogu, prompts, base, routed_tokens=m, eos_ids=eos, **common)
+        assert G.FLOPS_DONE[0] - before < side_by_side
+        for g, w in zip(got, want):
+            assert g["ids"] == w["ids"] and g["finished"] == w["finished"]
+            np.testing.assert_allclose(g["router"]["a"], w["router"]["a"], atol=1e-5)
+        kinds = {"ended" if len(w["ids"]) <= m and w["finished"] else
+                 "kept" if gate_keeps(w["router"]["a"], gate) else
+                 "reused" if w["ids"][:m] == b["ids"][:m] else "other" for w, b in zip(want, base)}
+        assert kinds == ({"kept", "reused", "other"} if not eos else {"kept", "reused", "other", "ended"}), kinds
+    with pytest.raises(MoguError, match="routed_tokens must be in 1..23"):
+        gated_answers(cfg, mogu, prompts, base, routed_tokens=0, eos_ids=(), **common)
