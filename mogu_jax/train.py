@@ -82,14 +82,16 @@ def check_router_layers(cfg: ModelConfig) -> None:
 
 # ----------------------------------------------------------------------------------------- losses
 def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logits_from: int = 0,
-                  shared_prefix: tuple = (), parts: Optional[tuple] = None, router_from: int = 0) -> Callable:
+                  shared_prefix: tuple = (), parts: Optional[tuple] = None, router_from: int = 0,
+                  router_prompt: bool = False) -> Callable:
     """``f(trainable, frozen, batch) -> (sum_i w_i * loss_i, stats)``: stats are weighted sums (divide by
     ``stats["weight"]``) so they add up over micro-batches and processes. ``logits_from``: the LM head runs
     from this position on only (:meth:`mogu_jax.data.StageData.logits_from`: no example of the stage takes a
     loss before it; the same loss, less work). ``shared_prefix``: tokens every row of every batch starts with
     (:meth:`mogu_jax.data.StageData.shared_prefix`), run once per batch instead of once per row (the same
     loss, less work). ``parts``: the parts ``trainable`` holds (:func:`trained_parts`; default the stage's own).
-    ``router_from``: the router stage's targets cover positions from this one on (``train.router_targets``)."""
+    ``router_from``: the router stage's targets cover positions from this one on (``train.router_targets``);
+    ``router_prompt``: only the prompt's positions and the first response token's (``router_targets: prompt``)."""
     mode = MODE[stage]
     parts = tuple(parts or (stage,))
     cfg = cfg.replace(frozen_layers=lowest_trained_layer(cfg, stage, parts))
@@ -121,9 +123,7 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
         out = forward(cfg, params, batch["tokens"], kv_mask=batch["attn_mask"], mode=mode, logits_from=logits_from,
                       shared_prefix=shared_prefix, hidden=batch.get("hidden"))
         ce = L.token_ce(out.logits, batch["tokens"], batch["loss_mask"], logits_from)
-        targets = batch["attn_mask"]
-        if router_from:
-            targets = targets & (jnp.arange(targets.shape[1]) >= router_from)[None, :]
+        targets = router_target_mask(batch["attn_mask"], batch["loss_mask"], router_from, router_prompt)
         mse_a, mse_b = L.router_mse(out.alphas, out.betas, targets, batch["label"])
         per = ce + router_lambda * (mse_a + mse_b)
         mal = (batch["label"] == 1) & (w > 0)
@@ -145,16 +145,35 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
     return loss
 
 
-ROUTER_TARGETS = ("all", "after_prefix")
+ROUTER_TARGETS = ("all", "after_prefix", "prompt")
+
+
+def router_target_mask(attn_mask: Array, loss_mask: Array, router_from: int = 0, prompt: bool = False) -> Array:
+    """[B, T] bool: the positions whose router weights the router loss pulls to the row's label: the real tokens
+    from ``router_from`` on; with ``prompt``, of the response (``loss_mask``) only its first token."""
+    targets = attn_mask
+    if router_from:
+        targets = targets & (jnp.arange(targets.shape[1]) >= router_from)[None, :]
+    if prompt:
+        first = loss_mask & ~jnp.pad(loss_mask[:, :-1], ((0, 0), (1, 0)))
+        targets = targets & (~loss_mask | first)
+    return targets
 
 
 def router_targets_from(tconf: dict, examples) -> int:
     """The first position the router stage's targets cover (``train.router_targets``): 0 for ``all``, the
-    length of the tokens every example starts with for ``after_prefix``."""
+    length of the tokens every example starts with for ``after_prefix`` and ``prompt`` (which also leaves out
+    the response after its first token: :func:`router_targets_prompt`)."""
     how = tconf.get("router_targets", "all")
     if how not in ROUTER_TARGETS:
         raise MoguError(f"train.router_targets must be one of {', '.join(ROUTER_TARGETS)}, got {how!r}")
-    return len(examples.shared_prefix()) if how == "after_prefix" else 0
+    return len(examples.shared_prefix()) if how in ("after_prefix", "prompt") else 0
+
+
+def router_targets_prompt(tconf: dict) -> bool:
+    """``router_targets: prompt``: the targets cover the prompt after the shared prefix and the first response
+    token only (the positions whose router weights routed decoding and the gated handoff read)."""
+    return tconf.get("router_targets", "all") == "prompt"
 
 
 def lowest_trained_layer(cfg: ModelConfig, stage: str, parts: Optional[tuple] = None) -> int:
@@ -261,12 +280,13 @@ class StepFns:
 
     def __init__(self, cfg: ModelConfig, stage: str, tx: optax.GradientTransformation, mesh, state_sh, frozen_sh,
                  router_lambda: float = 2.0, logits_from: int = 0, shared_prefix: tuple = (),
-                 parts: Optional[tuple] = None, router_from: int = 0):
+                 parts: Optional[tuple] = None, router_from: int = 0, router_prompt: bool = False):
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         from mogu_jax.sharding import activation_sharding, batch_sharding
 
-        self.loss = stage_loss_fn(cfg, stage, router_lambda, logits_from, tuple(shared_prefix), parts, router_from)
+        self.loss = stage_loss_fn(cfg, stage, router_lambda, logits_from, tuple(shared_prefix), parts, router_from,
+                                  router_prompt)
         self.tx = tx
         rep = NamedSharding(mesh, P())
         grad_sh = state_sh["params"]

@@ -89,7 +89,8 @@ DEFAULTS: dict = {
         "cache_frozen_layers": True,
         # router stage: the tokens the routers' targets cover: all (published) or after_prefix (not the tokens every
         # example starts with: the chat template's system prompt, the same for both labels, which no router can
-        # tell apart since it comes before the instruction)
+        # tell apart since it comes before the instruction), or prompt (after_prefix without the response past its
+        # first token: the positions routed decoding reads)
         "router_targets": "all",
         "log_every": 1,
     },

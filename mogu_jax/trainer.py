@@ -214,7 +214,8 @@ class _Run:
         router_from = T.router_targets_from(tconf, examples) if stage == "router" else 0
         self.fns = T.StepFns(cfg, stage, tx, self.mesh, self.state_sh, frozen_sh, float(tconf["router_lambda"]),
                              logits_from=self.logits_from, shared_prefix=self.prefix, parts=parts,
-                             router_from=router_from)
+                             router_from=router_from,
+                             router_prompt=stage == "router" and T.router_targets_prompt(tconf))
         if say and self.prefix:
             print(f"[{stage}] the {len(self.prefix)} tokens every example starts with run once per batch "
                   "(train.share_prefix)")

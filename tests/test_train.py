@@ -317,8 +317,17 @@ def test_router_targets_option_is_checked(world):
                             template="vicuna", system=SYSTEM)
     assert T.router_targets_from({"router_targets": "all"}, data) == 0
     assert T.router_targets_from({"router_targets": "after_prefix"}, data) == len(data.shared_prefix()) > 0
-    with pytest.raises(MoguError, match="train.router_targets must be one of all, after_prefix"):
+    assert T.router_targets_from({"router_targets": "prompt"}, data) == len(data.shared_prefix())
+    assert T.router_targets_prompt({"router_targets": "prompt"}) and not T.router_targets_prompt({})
+    with pytest.raises(MoguError, match="train.router_targets must be one of all, after_prefix, prompt"):
         T.router_targets_from({"router_targets": "instruction"}, data)
+    # prompt: the prompt after the shared prefix and the first response token; padding never
+    attn = np.array([[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]], bool)
+    resp = np.array([[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 1, 1]], bool)
+    got = np.asarray(T.router_target_mask(attn, resp, 2, prompt=True)).astype(int)
+    np.testing.assert_array_equal(got, [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(np.asarray(T.router_target_mask(attn, resp, 2)).astype(int),
+                                  [[0, 0, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1, 1]])
 
 
 def test_router_stage_learns_and_exports(world, tmp_path):
