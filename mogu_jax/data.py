@@ -476,27 +476,6 @@ def resolve_buckets(buckets: Optional[Iterable[int]], max_len: int) -> tuple[int
     return tuple(sorted({int(b) for b in bs if b < max_len} | {int(max_len)}))
 
 
-def cut_to_buckets(data: StageData, buckets: Optional[Iterable[int]], keep: int) -> StageData:
-    """``data`` with each example cut to the smallest length bucket that holds its prompt and ``keep`` response
-    tokens, when the example is longer (``data.cut_to_bucket``): a benign answer that outgrows a bucket by a few
-    tokens then trains in a batch of that bucket instead of the next one, as when that bucket was ``max_len``. The
-    prompt and the first ``keep`` response tokens are never cut; a row that fits its bucket is unchanged."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 1:
-        raise MoguError(f"data.cut_to_bucket must be an integer >= 1 (response tokens kept) or null, got {keep!r}")
-    bs = resolve_buckets(buckets, data.max_len)
-
-    def cut(ex: Example) -> Example:
-        limit = next((b for b in bs if b >= ex.prompt_len + keep), bs[-1])
-        if ex.length <= limit:
-            return ex
-        return dataclasses.replace(ex, tokens=ex.tokens[:limit], loss_mask=ex.loss_mask[:limit])
-
-    parts = {k: [cut(ex) for ex in v] for k, v in data.sequences().items()}
-    if data.is_pairs:
-        return dataclasses.replace(data, affirm=parts["affirm"], refusal=parts["refusal"])
-    return dataclasses.replace(data, examples=parts["tokens"])
-
-
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if b >= length:

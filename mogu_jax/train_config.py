@@ -59,9 +59,6 @@ DEFAULTS: dict = {
         # router stage: null (every example weighs 1) or balanced (each label weighs the same in the loss)
         "label_weights": None,
         "refusal_eos": False,  # append EOS to refusal targets (pairs' refusal, router label-1 output); off = published
-        # null, or N: cut each example to the smallest bucket that holds its prompt and N response tokens
-        # (a response that outgrows a bucket by a few tokens no longer costs a batch of the next bucket)
-        "cut_to_bucket": None,
     },
     "optim": {
         "lr": 5e-5,
@@ -125,7 +122,6 @@ NUMERIC: dict = {
     "model.router_hidden": (int, 1, False, None, False),
     "data.max_len": (int, 1, False, None, False),
     "data.group_batches": (int, 1, False, None, False),
-    "data.cut_to_bucket": (int, 1, False, None, True),
     "optim.lr": (float, 0, False, None, False),
     "optim.b1": (float, 0, False, 1, False),
     "optim.b2": (float, 0, False, 1, False),

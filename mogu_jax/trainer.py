@@ -179,8 +179,6 @@ def _load_data(conf: dict, tok, say: bool):
     rows = D.load_stage_data(stage, *stage_paths(stage, dconf[stage]))
     examples = D.tokenize_stage(stage, rows, tok, template=m["template"], system=m["system"],
                                 max_len=int(dconf["max_len"]), refusal_eos=dconf["refusal_eos"])
-    if dconf["cut_to_bucket"] is not None:
-        examples = D.cut_to_buckets(examples, tuple(dconf["buckets"]), dconf["cut_to_bucket"])
     loader = D.StageLoader(examples, int(tconf["batch_size"]), seed=int(tconf["seed"]),
                            shuffle=bool(dconf["shuffle"]), buckets=tuple(dconf["buckets"]),
                            group_batches=int(dconf["group_batches"]), balance_labels=bool(dconf["balance_labels"]),

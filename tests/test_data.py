@@ -545,37 +545,6 @@ def test_balanced_labels_per_bucket(tok):
                          [single.make_batch(order[i:i + 8]) for i in range(0, 50, 8)])
 
 
-def test_cut_to_buckets_keeps_prompts_and_the_response_opening(router_data, pair_data):
-    """data.cut_to_bucket: an example whose prompt and first N response tokens fit a smaller bucket is cut to it
-    (prompt and those N tokens intact, counted as truncated); one that fits its bucket, or needs the largest,
-    keeps its length; pairs are cut per half; bad values are refused."""
-    buckets = (8, 16, 32, 40)
-    cut = D.cut_to_buckets(router_data, buckets, 3)
-    n_cut = 0
-    for ex, new in zip(router_data.examples, cut.examples):
-        limit = next(b for b in buckets if b >= ex.prompt_len + 3) if ex.prompt_len + 3 <= 40 else 40
-        assert new.length == min(ex.length, limit)
-        np.testing.assert_array_equal(new.tokens, ex.tokens[:new.length])
-        np.testing.assert_array_equal(new.loss_mask, ex.loss_mask[:new.length])
-        assert new.loss_mask.sum() >= min(3, ex.loss_mask.sum()) and new.prompt_len == ex.prompt_len
-        n_cut += new.length < ex.length
-        assert new.truncated == (new.length < new.full_length)
-    assert n_cut > 0 and any(new.length == ex.length > 8 for ex, new in zip(router_data.examples, cut.examples))
-    np.testing.assert_array_equal(cut.labels, router_data.labels)
-    assert cut.fingerprint() != router_data.fingerprint()
-    # the loader then pads each batch to the smaller buckets
-    def padded(data):
-        shapes = D.StageLoader(data, 8, seed=0, buckets=buckets).summary()["epoch0_shapes"]
-        return sum(int(k) * v for k, v in shapes.items())
-    assert padded(cut) < padded(router_data)
-    pairs = D.cut_to_buckets(pair_data, buckets, 3)
-    assert all(a.length <= b.length for a, b in zip(pairs.affirm, pair_data.affirm))
-    assert all(a.length <= b.length for a, b in zip(pairs.refusal, pair_data.refusal))
-    for bad in (0, True, 2.5):
-        with pytest.raises(MoguError, match="data.cut_to_bucket must be an integer >= 1"):
-            D.cut_to_buckets(router_data, buckets, bad)
-
-
 def test_label_weights_balanced(router_data, pair_data):
     """label_weights="balanced": each example weighs N / (2 N_label), so over an epoch both labels weigh the same;
     padding rows still weigh 0; the batches are otherwise unchanged; bad values and unlabelled data are refused."""

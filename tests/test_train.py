@@ -330,19 +330,6 @@ def test_router_targets_option_is_checked(world):
                                   [[0, 0, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1, 1]])
 
 
-def test_cut_to_bucket_reaches_the_stage_data(world, tmp_path):
-    """data.cut_to_bucket is applied to the stage's examples before batching (and null leaves them whole)."""
-    from mogu_jax.trainer import _load_data
-    tok = world["tok"]
-    plain, _ = _load_data(_conf(world, "router", str(tmp_path), "data.buckets=[8,16,32]", "data.max_len=64"), tok, False)
-    cut, loader = _load_data(_conf(world, "router", str(tmp_path), "data.buckets=[8,16,32]", "data.max_len=64",
-                                   "data.cut_to_bucket=2"), tok, False)
-    want = D.cut_to_buckets(plain, (8, 16, 32), 2)
-    assert [ex.length for ex in cut.examples] == [ex.length for ex in want.examples]
-    assert sum(ex.length for ex in cut.examples) < sum(ex.length for ex in plain.examples)
-    assert loader.data is cut
-
-
 def test_router_stage_learns_and_exports(world, tmp_path):
     base_hash = _hash_dir(world["hf"])
     glad = str(tmp_path / "glad")
