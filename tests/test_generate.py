@@ -360,6 +360,23 @@ def test_router_gated_handoff_keeps_unwilling_rows_routed(tiny):
         G.generate(cfg.replace(handoff="sometimes"), mogu, prompts, max_new_tokens=4, mode="routed", routed_tokens=2)
 
 
+def test_base_mode_shares_compilations_with_the_base_checkpoint(tiny):
+    """Base-mode decoding from a MoGU checkpoint (other MoGU settings, glad/unwilling/router parts in the params)
+    reuses the compiled decoding of the same base model: no new compilation, the same tokens."""
+    from mogu_jax import mogu as mogu_lib
+
+    cfg, params, _ = tiny
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    want = G.generate(cfg, params, prompts, max_new_tokens=5, eos_ids=())
+    mogu_cfg = cfg.replace(handoff="router", routed_tokens=2, handoff_threshold=0.3, router_hidden=16)
+    mogu = mogu_lib.init_mogu(mogu_cfg, 0, params)
+    before = G.compile_count()
+    got = G.generate(mogu_cfg, mogu, prompts, max_new_tokens=5, eos_ids=())
+    assert G.compile_count() == before and got.tokens == want.tokens
+    G.generate(mogu_cfg, mogu, prompts, max_new_tokens=5, eos_ids=(), mode="routed")
+    assert G.compile_count() > before  # the routed model is another program
+
+
 def test_gated_answers_equal_the_gated_handoff_at_less_compute(tiny):
     """mogu_jax.gated: the evaluation's MoGU answers under the router-gated handoff, reusing the base model's
     greedy answers, equal the gated handoff decoding of every row (ids, finished, routed tokens' router weights)
