@@ -116,11 +116,11 @@ def test_demo_settings_live_in_configs():
     assert demo_settings() == read_yaml(os.path.join(repo, "configs", "smollm2-135m.yaml"))
     for stage in ("glad", "unwilling", "router"):
         conf = load_config(stage, demo_settings(), values={"model": {"base": "/x"}})
-        assert conf["model"]["dtype"] == "auto" and conf["data"]["max_len"] == 64
-        assert conf["train"]["router_targets"] == "after_prefix"
+        assert conf["model"]["dtype"] == "auto" and conf["data"]["max_len"] == (80 if stage == "router" else 64)
+        assert conf["train"]["router_targets"] == "prompt"  # the prompt and the first response token (dev, E32)
         assert conf["data"]["refusal_eos"] is True  # refusals that end (issue 12, chosen on dev)
     router = load_config("router", demo_settings())
-    assert router["data"]["balance_labels"] is True
+    assert router["data"]["balance_labels"] is True and router["data"]["buckets"] == [64, 80]
     assert router["train"]["router_trains"] == ["router", "glad", "unwilling"]  # MoGU v2 joint training
     # no branch stages: the router stage trains both branches from zero
     assert router["inputs"]["glad"] == "fresh" and router["inputs"]["unwilling"] == "fresh"
@@ -131,6 +131,7 @@ def test_demo_settings_live_in_configs():
     # data for intent (issue 12): the malicious seeds' benign twins, the contrast rows' unsafe twins and the
     # train-only safe-but-alarming rows
     assert all(demo_settings()["demo"]["data"][k] is True for k in ("twins", "unsafe_twins", "borderline_train"))
+    assert demo_settings()["demo"]["data"]["wrap_every"] == 3  # wrapped rows of both labels (dev, E29-E32)
     # typed values win over the file's per-stage sections, as command-line overrides do
     conf = load_config("router", demo_settings(), values={"train": {"epochs": 1}, "data": {"buckets": [32]}})
     assert conf["train"]["epochs"] == 1 and conf["data"]["buckets"] == [32]
