@@ -600,9 +600,9 @@ class StageLoader:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch)])))
 
     def _rows_by_bucket(self) -> list[np.ndarray]:
-        """The example indices of each length bucket that holds any (shortest bucket first)."""
-        lengths = self._lengths["tokens"] if "tokens" in self._lengths else self._keys
-        which = np.asarray([bucket_for(int(n), self.buckets) for n in lengths], np.int64)
+        """The example indices of each length bucket that holds any (shortest bucket first; labelled, unpaired
+        data: ``balance_labels`` refuses pairs)."""
+        which = np.asarray([bucket_for(int(n), self.buckets) for n in self._lengths["tokens"]], np.int64)
         return [np.flatnonzero(which == b) for b in self.buckets if np.any(which == b)]
 
     def _balanced_batches(self, rng) -> list[np.ndarray]:

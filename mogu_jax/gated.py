@@ -39,7 +39,7 @@ def gated_answers(cfg: ModelConfig, params, encoded: Sequence[Sequence[int]], ba
     routed tokens) to the prompts ``encoded`` under the router-gated handoff after ``routed_tokens`` tokens, given
     ``base``, the base model's greedy :func:`~mogu_jax.generate.generate_ids` rows for the same prompts and
     ``max_new_tokens``. Every call shares one batch shape and shared prefix (their compilations too)."""
-    from mogu_jax.generate import call_buckets, even_batches, generate_ids
+    from mogu_jax.generate import call_buckets, generate_ids, length_batches
 
     m = int(routed_tokens)
     if not 0 < m < max_new_tokens:
@@ -47,8 +47,7 @@ def gated_answers(cfg: ModelConfig, params, encoded: Sequence[Sequence[int]], ba
     if len(base) != len(encoded):
         raise MoguError(f"{len(base)} base answers for {len(encoded)} prompts")
     threshold = float(cfg.handoff_threshold if threshold is None else threshold)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    shape = call_buckets(even_batches(order, batch_size), encoded, batch_size)  # the base answers' shape
+    shape = call_buckets(length_batches(encoded, batch_size), encoded, batch_size)  # the base answers' shape
     common = dict(batch_size=batch_size, progress=progress, eos_ids=tuple(eos_ids), **shape)
 
     first = generate_ids(cfg, params, encoded, mode="routed", max_new_tokens=m, **common)

@@ -736,6 +736,11 @@ def decode_row(tokenizer, row: dict, eos_ids: Sequence[int]) -> dict:
     return out
 
 
+def length_batches(encoded: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """The batches :func:`generate_ids` cuts ``encoded`` into: indices sorted by prompt length, even batches."""
+    return even_batches(sorted(range(len(encoded)), key=lambda i: len(encoded[i])), batch_size)
+
+
 def generate_ids(cfg: ModelConfig, params, encoded: Sequence[Sequence[int]], batch_size: int = 8,
                  progress: bool = False, **kw) -> list[dict]:
     """:func:`generate` over many prompts (token ids) in batches of ``batch_size``, prompts of similar length
@@ -746,8 +751,7 @@ def generate_ids(cfg: ModelConfig, params, encoded: Sequence[Sequence[int]], bat
         raise MoguError(f"batch_size must be >= 1, got {batch_size}")
     encoded = [list(x) for x in encoded]
     seed = int(kw.pop("seed", 0))
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    batches = even_batches(order, batch_size)
+    batches = length_batches(encoded, batch_size)
     kw = {**call_buckets(batches, encoded, batch_size), **kw}
     results: list[Optional[dict]] = [None] * len(encoded)
     it = batches
