@@ -35,7 +35,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # the MoGU checkpoint decodes as the demo evaluated it: 2 routed tokens, then the router-gated handoff
     from mogu_jax.checkpoint import load_checkpoint
     cfg, _, _ = load_checkpoint(os.path.join(out, "mogu"))
-    assert (cfg.routed_tokens, cfg.handoff, cfg.handoff_threshold) == (2, "router", 0.2)
+    assert (cfg.routed_tokens, cfg.handoff, cfg.handoff_threshold) == (2, "router", 0.35)
     assert cfg.router_layer_ids == tuple(range(18, 30))
     assert report["settings"]["handoff"] == "router" and report["settings"]["routed_tokens"] == 2
     assert report["router"] is not None
