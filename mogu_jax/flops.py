@@ -101,7 +101,8 @@ def generation_flops(cfg: ModelConfig, mode: str, batch: int, prompt: int, cache
     first ``shared`` positions, the tokens every prompt starts with, once for the whole batch), then ``steps``
     decode steps of one token per row, each attending over the whole ``cache`` (masked). With MoGU's handoff
     (``routed_steps``), the routed model runs the prefill and the first decode steps and the base model runs
-    alongside throughout (it takes over after ``routed_steps`` tokens)."""
+    alongside throughout (it takes over after ``routed_steps`` tokens) over the layers from the lowest router up
+    (below it both are the same layers, run once: :class:`mogu_jax.generate.RoutedHandoff`)."""
     handoff = mode == "routed" and routed_steps is not None
     unrolled = dict(every_layer=False)
     positions = batch * (prompt - shared) + shared
@@ -109,10 +110,12 @@ def generation_flops(cfg: ModelConfig, mode: str, batch: int, prompt: int, cache
     decode_mode = layer_flops(cfg, mode, cache, **unrolled) + head_flops(cfg)
     if not handoff:
         return int(prefill + batch * max(steps - 1, 0) * decode_mode)
+    upper = cfg.num_layers - min(cfg.router_layer_ids)
+    beside = layer_flops(cfg, "base", cache, layers=upper) + head_flops(cfg)  # the base model beside the routed
     base_step = layer_flops(cfg, "base", cache) + head_flops(cfg)
-    prefill += positions * layer_flops(cfg, "base", prompt)
+    prefill += positions * layer_flops(cfg, "base", prompt, layers=upper)
     routed = min(max(routed_steps - 1, 0), max(steps - 1, 0))
-    return int(prefill + batch * (routed * (decode_mode + base_step) + (max(steps - 1, 0) - routed) * base_step))
+    return int(prefill + batch * (routed * (decode_mode + beside) + (max(steps - 1, 0) - routed) * base_step))
 
 
 @dataclasses.dataclass

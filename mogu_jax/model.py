@@ -665,6 +665,27 @@ def forward_unrolled(cfg: ModelConfig, params: dict, tokens: Array, positions: O
     return ModelOutput(logits, tuple(new_cache) if cache is not None else None, *_router_rows(cfg, mode, ab))
 
 
+def trunk_unrolled(cfg: ModelConfig, params: dict, tokens: Array, positions: Array, kv_mask: Array, cache: tuple,
+                   cache_index: Array | int, stop: int) -> tuple[Array, tuple]:
+    """The embedding and the plain base layers ``[0, stop)``, layer by layer over a per-layer ``cache`` of ``stop``
+    entries: (the residual stream entering layer ``stop``, the updated cache). Below the lowest router every MoGU
+    mode is the base model, so the routed and the base model fed the same tokens share this part
+    (:class:`mogu_jax.generate.RoutedHandoff`); :func:`forward_unrolled` with ``hidden`` continues from it."""
+    base, _ = split_params(params)
+    x = embed(cfg, base["embedding"], tokens)
+    cos, sin, bias = positional(cfg, positions, kv_mask)
+    mask = attention_mask(cfg, kv_mask, tokens.shape[1], cache_index)
+    layers = base["layers"]
+    plain = layer_class(cfg)(cfg, "base")
+    new_cache = []
+    for i in range(stop):
+        lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree_util.tree_map(lambda a: a[i], layers)
+        x, (kv, _) = plain.apply({"params": lp}, x, cos, sin, mask, bias, (cache[i]["k"], cache[i]["v"]),
+                                 cache_index, {})
+        new_cache.append({"k": kv[0], "v": kv[1]})
+    return x, tuple(new_cache)
+
+
 def init_params(cfg: ModelConfig, rng: Array | int = 0) -> dict:
     """Random base parameters (unboxed pytree) in the layout the converters produce."""
     if isinstance(rng, int):

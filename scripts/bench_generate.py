@@ -12,6 +12,7 @@ instead (a quick smoke check). The routing-cost and pipeline sections run in fp3
     python scripts/bench_generate.py                 # SmolLM2-135M, batch 1 and 8, 64 new tokens, fp32 and bf16
     python scripts/bench_generate.py --tiny --batches 1 2
     python scripts/bench_generate.py --dtypes float32 --skip-routing --skip-pipeline
+    python scripts/bench_generate.py --routing-only --skip-routing --skip-pipeline --skip-hf   # the trunk section
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def main(argv=None):
     ap.add_argument("--routing-only", action="store_true", help="only the MoGU routing-cost section")
     ap.add_argument("--skip-pipeline", action="store_true",
                     help="skip routed generation vs the original PyTorch pipeline")
+    ap.add_argument("--skip-trunk", action="store_true",
+                    help="skip the handoff with routers in the upper layers: shared trunk vs two whole models")
     args = ap.parse_args(argv)
 
     import jax
@@ -154,6 +157,8 @@ def main(argv=None):
         bench_routing(cfg, params, prompt_ids, args)
     if not args.skip_pipeline:
         bench_routed_pipeline(cfg, params, hf, prompt_ids, args)
+    if not args.skip_trunk:
+        bench_shared_trunk(cfg, params, prompt_ids, args)
     from bench_train import probe_verdict  # scripts/ is on sys.path when a script runs
 
     print(probe_verdict())
@@ -300,6 +305,45 @@ def bench_routed_pipeline(cfg, params, hf, prompt_ids, args, m=5):
         print(f"{b:>5} | {b * n_new / t_o:10.1f} | {b * n_new / t_t:23.1f} | {t_t / t_o:13.2f} | {same}/{b}")
     for att, w in wrappers:
         att.o_proj = w.o_proj
+
+
+def bench_shared_trunk(cfg, params, prompt_ids, args, m=5):
+    """The handoffs with routers in the upper layers only (MoGU v2; SmolLM2's demo puts them in 18-29, here the
+    upper 40%): the router-gated handoff with ``m`` routed tokens, the layers below the lowest router run once for
+    the routed and the base model (ours) vs both models whole (the previous decode model), same run, same tokens."""
+    import jax
+
+    from mogu_jax import generate as G
+    from mogu_jax import mogu as mogu_lib
+
+    lo = cfg.num_layers - max(1, (2 * cfg.num_layers) // 5)
+    ucfg = cfg.replace(router_layers=tuple(range(lo, cfg.num_layers)), handoff="router", handoff_threshold=0.5)
+    full = mogu_lib.init_mogu(ucfg, 0, params)
+    for name, k in (("glad", 1), ("unwilling", 2)):
+        full[name]["B"] = 0.01 * jax.random.normal(jax.random.PRNGKey(k), full[name]["B"].shape)
+    shared = G.RouterGatedHandoff(ucfg)
+    whole = G.RouterGatedHandoff(ucfg)
+    whole.trunk, whole.upper = 0, ucfg
+    n_new = args.new_tokens
+    print(f"\nthe gated handoff with routers in layers {lo}-{cfg.num_layers - 1}: layers 0-{lo - 1} once for both "
+          f"models vs both models whole; {m} routed tokens, {n_new} new tokens, fp32, best of {args.repeats}")
+    print(f"{'batch':>5} | {'shared trunk tok/s':>18} | {'two models tok/s':>16} | speed-up | rows equal")
+    print("-" * 72)
+    for b in args.batches:
+        ids = prompt_ids(b)
+        run = {name: (lambda f=f: G.generate(ucfg, full, ids, max_new_tokens=n_new, eos_ids=(), mode="routed",
+                                              routed_tokens=m, forward=f).tokens)
+               for name, f in (("shared", shared), ("whole", whole))}
+        got = {name: fn() for name, fn in run.items()}  # warm-up (compiles)
+        times = {}
+        for _ in range(args.repeats):
+            for name, fn in run.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name] = min(times.get(name, float("inf")), time.perf_counter() - t0)
+        same = sum(a == w for a, w in zip(got["shared"], got["whole"]))
+        print(f"{b:>5} | {b * n_new / times['shared']:18.1f} | {b * n_new / times['whole']:16.1f} | "
+              f"{times['whole'] / times['shared']:8.2f} | {same}/{b}")
 
 
 def bench_routing(cfg, params, prompt_ids, args):

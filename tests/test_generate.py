@@ -377,6 +377,61 @@ def test_base_mode_shares_compilations_with_the_base_checkpoint(tiny):
     assert G.compile_count() > before  # the routed model is another program
 
 
+def _count_dots(fn, *args) -> int:
+    def walk(jaxpr):
+        n = 0
+        for eqn in jaxpr.eqns:
+            n += eqn.primitive.name == "dot_general"
+            for v in eqn.params.values():
+                for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                    if hasattr(sub, "jaxpr"):
+                        n += walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+        return n
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_handoff_runs_the_layers_below_the_routers_once(tiny):
+    """With routers in a subset of layers (MoGU v2), every layer below the lowest router is the base layer in every
+    mode, and the routed and the base model read the same tokens: the handoff models run those layers once for
+    both. The published handoff's tokens equal its definition computed separately (the routed tokens, then the
+    base model from scratch on prompt + those tokens), the gated handoff's equal the two-model run per row, with a
+    shared prefix too, and a decode step has fewer matmuls than two whole models."""
+    from mogu_jax import mogu as mogu_lib
+
+    cfg, params, _ = tiny
+    cfg = cfg.replace(router_layers=(1,))
+    mogu = mogu_lib.init_mogu(cfg, 0, params)
+    key = jax.random.PRNGKey(3)
+    for name in ("glad", "unwilling"):
+        mogu[name]["B"] = 0.3 * jax.random.normal(key, mogu[name]["B"].shape)
+    mogu["router"] = jax.tree_util.tree_map(lambda x: x + 1.0 * jax.random.normal(key, x.shape), mogu["router"])
+    head = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    prompts = [head + p for p in PROMPTS] + [head + [40, 41, 42], head + [90] * 5]
+    m, n = 3, 10
+    first = G.generate(cfg, mogu, prompts, max_new_tokens=m, eos_ids=(), mode="routed")
+    rest = G.generate(cfg, params, [p + f for p, f in zip(prompts, first.tokens)], max_new_tokens=n - m, eos_ids=())
+    dm = G.RoutedHandoff(cfg)
+    assert dm.trunk == 1 and len(dm.init_cache(1, 8)["trunk"]) == 1 and len(dm.init_cache(1, 8)["base"]) == 1
+    for shared in (0, 10):
+        fixed = G.generate(cfg, mogu, prompts, max_new_tokens=n, eos_ids=(), mode="routed", routed_tokens=m,
+                           shared_prefix=shared)
+        assert fixed.tokens == [f + r for f, r in zip(first.tokens, rest.tokens)], shared
+    # the two-model run (no shared trunk) as the reference for the gated handoff
+    twin = G.RouterGatedHandoff(cfg, threshold=0.5)
+    twin.trunk, twin.upper = 0, cfg
+    shared_trunk = G.RouterGatedHandoff(cfg, threshold=0.5)
+    runs = [G.generate(cfg, mogu, prompts, max_new_tokens=n, eos_ids=(), mode="routed", routed_tokens=m,
+                       forward=f, shared_prefix=10) for f in (twin, shared_trunk)]
+    assert runs[0].tokens == runs[1].tokens
+    for x, y in zip(runs[0].router, runs[1].router):
+        np.testing.assert_allclose(x["a"], y["a"], atol=1e-6)
+    prepared = shared_trunk.prepare(mogu)
+    tokens, pos, mask = jnp.asarray([[5]]), jnp.asarray([[3]]), jnp.ones((1, 8), bool)
+    counts = [_count_dots(lambda c: f(prepared, tokens, pos, mask, c, 3, step=0, aux=2), f.init_cache(1, 8))
+              for f in (twin, shared_trunk)]
+    assert counts[1] < counts[0]
+
+
 def test_gated_answers_equal_the_gated_handoff_at_less_compute(tiny):
     """mogu_jax.gated: the evaluation's MoGU answers under the router-gated handoff, reusing the base model's
     greedy answers, equal the gated handoff decoding of every row (ids, finished, routed tokens' router weights)
