@@ -221,19 +221,47 @@ def read_bandwidth(n_bytes: int, repeats: int = 10) -> float:
     return n_bytes / best / 1e9
 
 
-def bench_routed_pipeline(cfg, params, hf, prompt_ids, args, m=5):
-    """Routed generation (first ``m`` tokens routed, then the base model; ``--new-tokens`` in all), ours vs the
-    original pipeline stated in PyTorch on the same weights: ``m`` uncached full forwards of the routed model
-    (the authors' inf_mogu.py loop), then HF ``generate`` of the base model on prompt + routed tokens."""
+def random_mogu(cfg, params):
+    """MoGU params on ``params``: small random branches (B), the routers at their init."""
     import jax
-    import torch
 
-    from mogu_jax import generate as G
     from mogu_jax import mogu as mogu_lib
 
     full = mogu_lib.init_mogu(cfg, 0, params)
     for name, k in (("glad", 1), ("unwilling", 2)):
         full[name]["B"] = 0.01 * jax.random.normal(jax.random.PRNGKey(k), full[name]["B"].shape)
+    return full
+
+
+def table_head(title: str, header: str, width: int) -> None:
+    print(title)
+    print(header)
+    print("-" * width)
+
+
+def best_times(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Each of ``runs`` (name -> call) once to warm up (its result kept), then ``repeats`` rounds interleaved:
+    (results, best wall time of each)."""
+    results = {name: fn() for name, fn in runs.items()}
+    times = {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name] = min(times.get(name, float("inf")), time.perf_counter() - t0)
+    return results, times
+
+
+def bench_routed_pipeline(cfg, params, hf, prompt_ids, args, m=5):
+    """Routed generation (first ``m`` tokens routed, then the base model; ``--new-tokens`` in all), ours vs the
+    original pipeline stated in PyTorch on the same weights: ``m`` uncached full forwards of the routed model
+    (the authors' inf_mogu.py loop), then HF ``generate`` of the base model on prompt + routed tokens."""
+    import torch
+
+    from mogu_jax import generate as G
+
+    full = random_mogu(cfg, params)
+
     class MoGUProjection(torch.nn.Module):
         """The published MoGU o_proj (the authors' Route_Layer): (a+b) W_o x + s (a dU + b dG)."""
 
@@ -285,10 +313,10 @@ def bench_routed_pipeline(cfg, params, hf, prompt_ids, args, m=5):
     def ours(ids):
         return G.generate(cfg, full, ids, max_new_tokens=n_new, eos_ids=(), mode="routed", routed_tokens=m).tokens
 
-    print(f"\nrouted generation: {m} routed tokens then the base model, {n_new} new tokens, greedy, fp32;"
-          f" best of {args.repeats}")
-    print(f"{'batch':>5} | {'ours tok/s':>10} | {'original pipeline tok/s':>23} | ours/original | rows equal")
-    print("-" * 78)
+    table_head(f"\nrouted generation: {m} routed tokens then the base model, {n_new} new tokens, greedy, fp32;"
+               f" best of {args.repeats}",
+               f"{'batch':>5} | {'ours tok/s':>10} | {'original pipeline tok/s':>23} | ours/original | rows equal",
+               78)
     for b in args.batches:
         ids = prompt_ids(b)
         ours(ids)
@@ -311,36 +339,26 @@ def bench_shared_trunk(cfg, params, prompt_ids, args, m=5):
     """The handoffs with routers in the upper layers only (MoGU v2; SmolLM2's demo puts them in 18-29, here the
     upper 40%): the router-gated handoff with ``m`` routed tokens, the layers below the lowest router run once for
     the routed and the base model (ours) vs both models whole (the previous decode model), same run, same tokens."""
-    import jax
 
     from mogu_jax import generate as G
-    from mogu_jax import mogu as mogu_lib
 
     lo = cfg.num_layers - max(1, (2 * cfg.num_layers) // 5)
     ucfg = cfg.replace(router_layers=tuple(range(lo, cfg.num_layers)), handoff="router", handoff_threshold=0.5)
-    full = mogu_lib.init_mogu(ucfg, 0, params)
-    for name, k in (("glad", 1), ("unwilling", 2)):
-        full[name]["B"] = 0.01 * jax.random.normal(jax.random.PRNGKey(k), full[name]["B"].shape)
+    full = random_mogu(ucfg, params)
     shared = G.RouterGatedHandoff(ucfg)
     whole = G.RouterGatedHandoff(ucfg)
     whole.trunk, whole.upper = 0, ucfg
     n_new = args.new_tokens
-    print(f"\nthe gated handoff with routers in layers {lo}-{cfg.num_layers - 1}: layers 0-{lo - 1} once for both "
-          f"models vs both models whole; {m} routed tokens, {n_new} new tokens, fp32, best of {args.repeats}")
-    print(f"{'batch':>5} | {'shared trunk tok/s':>18} | {'two models tok/s':>16} | speed-up | rows equal")
-    print("-" * 72)
+    table_head(f"\nthe gated handoff with routers in layers {lo}-{cfg.num_layers - 1}: layers 0-{lo - 1} once for "
+               f"both models vs both models whole; {m} routed tokens, {n_new} new tokens, fp32, best of "
+               f"{args.repeats}",
+               f"{'batch':>5} | {'shared trunk tok/s':>18} | {'two models tok/s':>16} | speed-up | rows equal", 72)
     for b in args.batches:
         ids = prompt_ids(b)
         run = {name: (lambda f=f: G.generate(ucfg, full, ids, max_new_tokens=n_new, eos_ids=(), mode="routed",
                                               routed_tokens=m, forward=f).tokens)
                for name, f in (("shared", shared), ("whole", whole))}
-        got = {name: fn() for name, fn in run.items()}  # warm-up (compiles)
-        times = {}
-        for _ in range(args.repeats):
-            for name, fn in run.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name] = min(times.get(name, float("inf")), time.perf_counter() - t0)
+        got, times = best_times(run, args.repeats)
         same = sum(a == w for a, w in zip(got["shared"], got["whole"]))
         print(f"{b:>5} | {b * n_new / times['shared']:18.1f} | {b * n_new / times['whole']:16.1f} | "
               f"{times['whole'] / times['shared']:8.2f} | {same}/{b}")
@@ -358,27 +376,18 @@ def bench_routing(cfg, params, prompt_ids, args):
     import jax.numpy as jnp
 
     from mogu_jax import generate as G
-    from mogu_jax import mogu as mogu_lib
     from mogu_jax.model import forward
 
-    full = mogu_lib.init_mogu(cfg, 0, params)
-    for name in ("glad", "unwilling"):
-        full[name]["B"] = 0.01 * jax.random.normal(jax.random.PRNGKey(1), full[name]["B"].shape)
+    full = random_mogu(cfg, params)
     n_new = args.new_tokens
-    print(f"\nMoGU routing cost (rank {cfg.lora_rank} branches, router hidden {cfg.router_hidden}, "
-          f"routers in all {cfg.num_layers} layers), same run, best of {args.repeats}")
-    print(f"{'what':<28} | {'base':>10} | {'routed':>10} | routed/base time")
-    print("-" * 72)
+    table_head(f"\nMoGU routing cost (rank {cfg.lora_rank} branches, router hidden {cfg.router_hidden}, "
+               f"routers in all {cfg.num_layers} layers), same run, best of {args.repeats}",
+               f"{'what':<28} | {'base':>10} | {'routed':>10} | routed/base time", 72)
     for b in args.batches:
         ids = prompt_ids(b)
-        times = {}
-        for mode in ("base", "routed"):
-            G.generate(cfg, full, ids, max_new_tokens=n_new, eos_ids=(), mode=mode)  # warm-up
-        for _ in range(args.repeats):
-            for mode in ("base", "routed"):
-                t0 = time.perf_counter()
-                G.generate(cfg, full, ids, max_new_tokens=n_new, eos_ids=(), mode=mode)
-                times[mode] = min(times.get(mode, float("inf")), time.perf_counter() - t0)
+        _, times = best_times({mode: (lambda mode=mode: G.generate(cfg, full, ids, max_new_tokens=n_new, eos_ids=(),
+                                                                  mode=mode)) for mode in ("base", "routed")},
+                              args.repeats)
         tb, tr = (b * n_new / times["base"]), (b * n_new / times["routed"])
         print(f"{'decode tok/s, batch ' + str(b):<28} | {tb:10.1f} | {tr:10.1f} | {times['routed'] / times['base']:.3f}")
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, size=(8, 256)), jnp.int32)

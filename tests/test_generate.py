@@ -323,20 +323,26 @@ def test_generate_text_prefills_the_system_prompt_once(tiny, word_tokenizer):
     assert runs[False][0] == runs[True][0] and runs[False][1] < runs[True][1]
 
 
-def test_router_gated_handoff_keeps_unwilling_rows_routed(tiny):
-    """handoff "router": after m routed tokens a row whose mean unwilling weight a over them reaches the gate stays
-    routed (its tokens equal routing every token), every other row continues with the base model (its tokens equal
-    the published fixed handoff); with a shared prefix too; FLOPs between the two; a bad handoff is refused."""
+def _strong_mogu(cfg, params, seed: int):
+    """MoGU params with branches and routers far enough from their init to route differently per row, and prompts
+    that share a 10-token head (a system prompt)."""
     from mogu_jax import mogu as mogu_lib
 
-    cfg, params, _ = tiny
     mogu = mogu_lib.init_mogu(cfg, 0, params)
-    key = jax.random.PRNGKey(2)
+    key = jax.random.PRNGKey(seed)
     for name in ("glad", "unwilling"):
         mogu[name]["B"] = 0.3 * jax.random.normal(key, mogu[name]["B"].shape)
     mogu["router"] = jax.tree_util.tree_map(lambda x: x + 1.0 * jax.random.normal(key, x.shape), mogu["router"])
     head = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
-    prompts = [head + p for p in PROMPTS] + [head + [40, 41, 42], head + [90] * 5]
+    return mogu, [head + p for p in PROMPTS] + [head + [40, 41, 42], head + [90] * 5]
+
+
+def test_router_gated_handoff_keeps_unwilling_rows_routed(tiny):
+    """handoff "router": after m routed tokens a row whose mean unwilling weight a over them reaches the gate stays
+    routed (its tokens equal routing every token), every other row continues with the base model (its tokens equal
+    the published fixed handoff); with a shared prefix too; FLOPs between the two; a bad handoff is refused."""
+    cfg, params, _ = tiny
+    mogu, prompts = _strong_mogu(cfg, params, 2)
     m, n = 3, 12
     routed = G.generate(cfg, mogu, prompts, max_new_tokens=n, eos_ids=(), mode="routed")
     fixed = G.generate(cfg, mogu, prompts, max_new_tokens=n, eos_ids=(), mode="routed", routed_tokens=m)
@@ -396,17 +402,9 @@ def test_handoff_runs_the_layers_below_the_routers_once(tiny):
     both. The published handoff's tokens equal its definition computed separately (the routed tokens, then the
     base model from scratch on prompt + those tokens), the gated handoff's equal the two-model run per row, with a
     shared prefix too, and a decode step has fewer matmuls than two whole models."""
-    from mogu_jax import mogu as mogu_lib
-
     cfg, params, _ = tiny
     cfg = cfg.replace(router_layers=(1,))
-    mogu = mogu_lib.init_mogu(cfg, 0, params)
-    key = jax.random.PRNGKey(3)
-    for name in ("glad", "unwilling"):
-        mogu[name]["B"] = 0.3 * jax.random.normal(key, mogu[name]["B"].shape)
-    mogu["router"] = jax.tree_util.tree_map(lambda x: x + 1.0 * jax.random.normal(key, x.shape), mogu["router"])
-    head = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
-    prompts = [head + p for p in PROMPTS] + [head + [40, 41, 42], head + [90] * 5]
+    mogu, prompts = _strong_mogu(cfg, params, 3)
     m, n = 3, 10
     first = G.generate(cfg, mogu, prompts, max_new_tokens=m, eos_ids=(), mode="routed")
     rest = G.generate(cfg, params, [p + f for p, f in zip(prompts, first.tokens)], max_new_tokens=n - m, eos_ids=())
