@@ -208,15 +208,20 @@ class RoutedHandoff(DecodeModel):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
+        # the shared layers; 0 (routers in every layer, or set so): two whole decode models, self.routed and
+        # self.base, each over its own cache (a planner swaps in scanned ones)
         self.trunk = min(cfg.router_layer_ids)
         self.upper = cfg.replace(frozen_layers=self.trunk)  # forward_unrolled(hidden=...) starts there
         self.routed = UnrolledBase(cfg, "routed")
+        self.base = UnrolledBase(cfg, "base")
 
     def prepare(self, params):
         return self.routed.prepare(params)
 
     def init_cache(self, batch: int, max_len: int):
         k = self.trunk
+        if not k:
+            return {"routed": self.routed.init_cache(batch, max_len), "base": self.base.init_cache(batch, max_len)}
         full = model_lib.init_cache_unrolled(self.cfg, batch, max_len)
         return {"trunk": full[:k], "routed": full[k:],
                 "base": model_lib.init_cache_unrolled(self.cfg, batch, max_len)[k:]}
@@ -230,17 +235,23 @@ class RoutedHandoff(DecodeModel):
     def streams(self, params, tokens, positions, kv_mask, cache, cache_index, modes: Sequence[str]):
         """The trunk once, then the layers above it for each of ``modes`` (``routed`` and/or ``base``, each
         also its cache's key): ``({mode: (logits, extras)}, cache)``."""
-        k = self.trunk
-        hidden, trunk = None, cache["trunk"]
-        if k:
-            hidden, trunk = model_lib.trunk_unrolled(self.cfg, params, tokens, positions, kv_mask, trunk,
-                                                     cache_index, k)
+        k, out = self.trunk, {}
+        base_params = model_lib.split_params(params)[0]
+        if not k:
+            for mode in modes:
+                dm = self.routed if mode == "routed" else self.base
+                logits, c, extras = dm(base_params if mode == "base" else params, tokens, positions, kv_mask,
+                                       cache[mode], cache_index)
+                cache = {**cache, mode: c}
+                out[mode] = (logits, extras)
+            return out, cache
+        hidden, trunk = model_lib.trunk_unrolled(self.cfg, params, tokens, positions, kv_mask, cache["trunk"],
+                                                 cache_index, k)
         cache = {**cache, "trunk": trunk}
-        out = {}
         for mode in modes:
-            p = model_lib.split_params(params)[0] if mode == "base" else params
-            res = model_lib.forward_unrolled(self.upper, p, tokens, positions, kv_mask, tuple(trunk) + cache[mode],
-                                             cache_index, last_only=True, mode=mode, hidden=hidden)
+            res = model_lib.forward_unrolled(self.upper, base_params if mode == "base" else params, tokens,
+                                             positions, kv_mask, tuple(trunk) + cache[mode], cache_index,
+                                             last_only=True, mode=mode, hidden=hidden)
             cache = {**cache, mode: res.cache[k:]}
             out[mode] = (res.logits, _router_extras(self.cfg, res) if mode == "routed" else None)
         return out, cache
@@ -278,7 +289,7 @@ class RouterGatedHandoff(RoutedHandoff):
                 "both_steps": jnp.zeros((), jnp.int32)}
 
     def with_shared_head(self, head, cache):
-        kv = ("trunk", "routed", "base")
+        kv = tuple(k for k in ("trunk", "routed", "base") if k in cache)
         merged = super().with_shared_head({k: head[k] for k in kv}, {k: cache[k] for k in kv})
         return {**cache, **merged}  # the gate's sums start from zero: the shared tokens produce no new token
 

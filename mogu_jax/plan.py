@@ -448,6 +448,7 @@ def _handoff(cfg: ModelConfig):
 
     h = RoutedHandoff(cfg)
     h.routed, h.base = ScanBase(cfg, "routed"), ScanBase(cfg, "base")
+    h.trunk = 0  # both models whole over their stacked caches (the layers below the routers not shared)
     return h
 
 

@@ -347,7 +347,7 @@ def bench_shared_trunk(cfg, params, prompt_ids, args, m=5):
     full = random_mogu(ucfg, params)
     shared = G.RouterGatedHandoff(ucfg)
     whole = G.RouterGatedHandoff(ucfg)
-    whole.trunk, whole.upper = 0, ucfg
+    whole.trunk = 0
     n_new = args.new_tokens
     table_head(f"\nthe gated handoff with routers in layers {lo}-{cfg.num_layers - 1}: layers 0-{lo - 1} once for "
                f"both models vs both models whole; {m} routed tokens, {n_new} new tokens, fp32, best of "

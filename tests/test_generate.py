@@ -416,7 +416,7 @@ def test_handoff_runs_the_layers_below_the_routers_once(tiny):
         assert fixed.tokens == [f + r for f, r in zip(first.tokens, rest.tokens)], shared
     # the two-model run (no shared trunk) as the reference for the gated handoff
     twin = G.RouterGatedHandoff(cfg, threshold=0.5)
-    twin.trunk, twin.upper = 0, cfg
+    twin.trunk = 0
     shared_trunk = G.RouterGatedHandoff(cfg, threshold=0.5)
     runs = [G.generate(cfg, mogu, prompts, max_new_tokens=n, eos_ids=(), mode="routed", routed_tokens=m,
                        forward=f, shared_prefix=10) for f in (twin, shared_trunk)]
