@@ -222,9 +222,9 @@ class RoutedHandoff(DecodeModel):
         k = self.trunk
         if not k:
             return {"routed": self.routed.init_cache(batch, max_len), "base": self.base.init_cache(batch, max_len)}
-        full = model_lib.init_cache_unrolled(self.cfg, batch, max_len)
-        return {"trunk": full[:k], "routed": full[k:],
-                "base": model_lib.init_cache_unrolled(self.cfg, batch, max_len)[k:]}
+        part = functools.partial(model_lib.init_cache_unrolled, self.cfg, batch, max_len)
+        return {"trunk": part(layers=k), "routed": part(layers=self.cfg.num_layers - k),
+                "base": part(layers=self.cfg.num_layers - k)}
 
     def extras_shape(self, batch: int):
         return self.routed.extras_shape(batch)

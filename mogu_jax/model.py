@@ -638,24 +638,13 @@ def forward_unrolled(cfg: ModelConfig, params: dict, tokens: Array, positions: O
     x = embed(cfg, base["embedding"], tokens) if hidden is None else hidden.astype(jnp.float32)
     cos, sin, bias = positional(cfg, positions, kv_mask)
     mask = attention_mask(cfg, kv_mask, t, cache_index)
-    layers = base["layers"]
-    layer, plain = layer_class(cfg)(cfg, mode), layer_class(cfg)(cfg, "base")
-    routed_ids = set(cfg.router_layer_ids)
     new_cache = [cache[i] if cache is not None else None for i in range(start)]
     alphas, betas = [jnp.zeros((b, t), jnp.float32)] * start, [jnp.zeros((b, t), jnp.float32)] * start
-    for i in range(start, cfg.num_layers):
-        lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree_util.tree_map(lambda a: a[i], layers)
-        kv = (cache[i]["k"], cache[i]["v"]) if cache is not None else None
-        if mode != "base" and i not in routed_ids:
-            # a layer without a router is the base layer in every mode (mogu.project's `routed` mask), known
-            # statically here
-            x, (kv, (a, b_)) = plain.apply({"params": lp}, x, cos, sin, mask, bias, kv, cache_index, {})
-        else:
-            m = jax.tree_util.tree_map(lambda a: a[i], mogu)
-            x, (kv, (a, b_)) = layer.apply({"params": lp}, x, cos, sin, mask, bias, kv, cache_index, m)
-        new_cache.append({"k": kv[0], "v": kv[1]} if kv is not None else None)
-        alphas.append(a)
-        betas.append(b_)
+    x, upper, ab = _unrolled_layers(cfg, mode, base["layers"], mogu, x, (cos, sin, mask, bias), cache, cache_index,
+                                    range(start, cfg.num_layers))
+    new_cache += upper
+    alphas += ab[0]
+    betas += ab[1]
     x = _logit_rows(Norm(cfg).apply({"params": base["final_norm"]}, x), last_only, logits_from)
     if cfg.tie_word_embeddings:
         logits = tied_logits(cfg, x, base["embedding"])
@@ -675,15 +664,33 @@ def trunk_unrolled(cfg: ModelConfig, params: dict, tokens: Array, positions: Arr
     x = embed(cfg, base["embedding"], tokens)
     cos, sin, bias = positional(cfg, positions, kv_mask)
     mask = attention_mask(cfg, kv_mask, tokens.shape[1], cache_index)
-    layers = base["layers"]
-    plain = layer_class(cfg)(cfg, "base")
-    new_cache = []
-    for i in range(stop):
-        lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree_util.tree_map(lambda a: a[i], layers)
-        x, (kv, _) = plain.apply({"params": lp}, x, cos, sin, mask, bias, (cache[i]["k"], cache[i]["v"]),
-                                 cache_index, {})
-        new_cache.append({"k": kv[0], "v": kv[1]})
+    x, new_cache, _ = _unrolled_layers(cfg, "base", base["layers"], None, x, (cos, sin, mask, bias), cache,
+                                       cache_index, range(stop))
     return x, tuple(new_cache)
+
+
+def _unrolled_layers(cfg: ModelConfig, mode: str, layers, mogu, x: Array, rope_mask: tuple, cache, cache_index,
+                     ids) -> tuple[Array, list, tuple[list, list]]:
+    """Layers ``ids`` one by one (per-layer params of ``layers``, a tuple or stacked; ``cache`` indexed by layer id):
+    (x after them, their updated caches, (their a rows, their b rows))."""
+    cos, sin, mask, bias = rope_mask
+    layer, plain = layer_class(cfg)(cfg, mode), layer_class(cfg)(cfg, "base")
+    routed_ids = set(cfg.router_layer_ids)
+    new_cache, alphas, betas = [], [], []
+    for i in ids:
+        lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree_util.tree_map(lambda a: a[i], layers)
+        kv = (cache[i]["k"], cache[i]["v"]) if cache is not None else None
+        if mode != "base" and i not in routed_ids:
+            # a layer without a router is the base layer in every mode (mogu.project's `routed` mask), known
+            # statically here
+            x, (kv, (a, b_)) = plain.apply({"params": lp}, x, cos, sin, mask, bias, kv, cache_index, {})
+        else:
+            m = {} if mogu is None else jax.tree_util.tree_map(lambda a: a[i], mogu)
+            x, (kv, (a, b_)) = layer.apply({"params": lp}, x, cos, sin, mask, bias, kv, cache_index, m)
+        new_cache.append({"k": kv[0], "v": kv[1]} if kv is not None else None)
+        alphas.append(a)
+        betas.append(b_)
+    return x, new_cache, (alphas, betas)
 
 
 def init_params(cfg: ModelConfig, rng: Array | int = 0) -> dict:
@@ -711,8 +718,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def init_cache_unrolled(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> tuple:
-    """Per-layer cache for :func:`forward_unrolled`: a tuple of ``{"k", "v"}`` [B, KVH, S, Dh]."""
+def init_cache_unrolled(cfg: ModelConfig, batch: int, max_len: int, dtype=None, layers: Optional[int] = None) -> tuple:
+    """Per-layer cache for :func:`forward_unrolled`: a tuple of ``{"k", "v"}`` [B, KVH, S, Dh], one per layer
+    (``layers`` of them: default all)."""
     dtype = dtype or cfg.compute_dtype
     shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers))
+    n = cfg.num_layers if layers is None else layers
+    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(n))
