@@ -309,6 +309,31 @@ def tokenize_example(tokenizer, instruction: str, response: str, *, template: Op
     return _make_example(prompt, resp, max_len, where)
 
 
+#: The LM head's per-row window (:func:`loss_window_width`) is rounded up to a multiple of this.
+LOSS_WINDOW_MULTIPLE = 8
+
+
+def loss_window_width(examples: Sequence[Example], length: int, logits_from: int) -> int:
+    """The width of the LM head's per-row window for batches padded to ``length``: the longest response among the
+    ``examples`` that fit ``length`` (rounded up to :data:`LOSS_WINDOW_MULTIPLE`), when that is fewer positions
+    than the ``length - logits_from`` the head otherwise runs on; else 0 (no window). Every example of such a batch
+    then has all its loss positions inside its own window (:func:`loss_window`)."""
+    spans = [ex.response_len for ex in examples if ex.length <= length]
+    if not spans:
+        return 0
+    m = LOSS_WINDOW_MULTIPLE
+    width = -(-max(spans) // m) * m
+    return width if width < length - logits_from else 0
+
+
+def loss_window(prompt_lens: np.ndarray, width: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the ``width`` positions from the one that predicts its first response token (``prompt_len - 1``):
+    ``(positions [B, width] int32, valid [B, width] bool)``; positions past ``length - 2`` (the last one that
+    predicts a token) are clipped to it and marked not valid, so no loss position is counted twice."""
+    raw = np.asarray(prompt_lens, np.int64)[:, None] - 1 + np.arange(width)[None]
+    return np.minimum(raw, length - 2).astype(np.int32), raw <= length - 2
+
+
 def logits_start(shortest_prompt: int) -> int:
     """Where the LM head may start for data whose shortest prompt has ``shortest_prompt`` tokens: position t
     predicts token t + 1, so the first response token needs the logits of position ``shortest_prompt - 1``;
@@ -504,12 +529,18 @@ class StageLoader:
     each bucket's batches are spread evenly over the epoch. With one bucket: the data's proportion.
     ``label_weights`` (router stage): ``"balanced"`` weighs each example in the loss by ``N / (2 N_label)``, so both
     labels weigh the same in every epoch however many rows each has (None: every example 1).
+
+    ``loss_windows``: batches whose responses all fit a window narrower than the positions from
+    :meth:`StageData.logits_from` on (:func:`loss_window_width`) also carry ``loss_pos`` [B, W] int32 and
+    ``loss_valid`` [B, W] bool (:func:`loss_window`): the LM head then runs on each row's W positions only
+    (the same loss, less work when prompts differ in length).
     """
 
     def __init__(self, data: StageData, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  num_epochs: Optional[int] = None, buckets: Optional[Iterable[int]] = DEFAULT_BUCKETS,
                  group_batches: int = DEFAULT_GROUP_BATCHES, drop_last: bool = False, process_index: int = 0,
-                 process_count: int = 1, balance_labels: bool = False, label_weights: Optional[str] = None):
+                 process_count: int = 1, balance_labels: bool = False, label_weights: Optional[str] = None,
+                 loss_windows: bool = False):
         def pos_int(name, v, minimum=1):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
                 raise MoguError(f"{name} must be an integer >= {minimum}, got {v!r}")
@@ -549,6 +580,10 @@ class StageLoader:
         self._keys = data.sort_keys()
         self._seqs = data.sequences()
         self._lengths = {k: np.asarray([ex.length for ex in v], np.int64) for k, v in self._seqs.items()}
+        # per sequence kind and bucket, the LM head's per-row window (0: none; loss_window_width)
+        start = data.logits_from()
+        self._windows = {k: {t: loss_window_width(v, t, start) if loss_windows else 0 for t in self.buckets}
+                         for k, v in self._seqs.items()}
         self._bucket_rows = self._rows_by_bucket() if self.balance_labels else [np.arange(n)]
         sizes = [len(rows) for rows in self._bucket_rows]
         self.steps_per_epoch = sum(m // self.batch_size if self.drop_last else -(-m // self.batch_size)
@@ -632,7 +667,8 @@ class StageLoader:
         return self.epoch_batches(epoch)[step]
 
     # ---- batches -------------------------------------------------------------------------------------------
-    def _pad_rows(self, seq: list[Example], lengths: np.ndarray, real: np.ndarray, rows: np.ndarray) -> dict:
+    def _pad_rows(self, seq: list[Example], lengths: np.ndarray, real: np.ndarray, rows: np.ndarray,
+                  windows: dict) -> dict:
         t = bucket_for(int(lengths[real].max()), self.buckets)
         tokens = np.full((len(rows), t), self.data.pad_id, np.int32)
         loss_mask = np.zeros((len(rows), t), bool)
@@ -642,7 +678,11 @@ class StageLoader:
             tokens[r, :ex.length] = ex.tokens
             loss_mask[r, :ex.length] = ex.loss_mask
             attn_mask[r, :ex.length] = True
-        return {"tokens": tokens, "loss_mask": loss_mask, "attn_mask": attn_mask}
+        out = {"tokens": tokens, "loss_mask": loss_mask, "attn_mask": attn_mask}
+        if windows.get(t):  # the LM head runs on each row's response window only
+            out["loss_pos"], out["loss_valid"] = loss_window(np.asarray([seq[i].prompt_len for i in rows]),
+                                                             windows[t], t)
+        return out
 
     def make_batch(self, indices: np.ndarray) -> dict:
         """This process's slice of the global batch made of examples ``indices`` (see the module docstring)."""
@@ -658,10 +698,12 @@ class StageLoader:
         sl = slice(lo, lo + self.local_batch_size)
         rows = full[sl]
         if self.data.is_pairs:
-            batch = {k: self._pad_rows(self._seqs[k], self._lengths[k], indices, rows) for k in ("affirm", "refusal")}
+            batch = {k: self._pad_rows(self._seqs[k], self._lengths[k], indices, rows, self._windows[k])
+                     for k in ("affirm", "refusal")}
             halves = [(k, batch[k]) for k in ("affirm", "refusal")]
         else:
-            batch = self._pad_rows(self._seqs["tokens"], self._lengths["tokens"], indices, rows)
+            batch = self._pad_rows(self._seqs["tokens"], self._lengths["tokens"], indices, rows,
+                                   self._windows["tokens"])
             batch["label"] = np.asarray(self.data.labels, np.int32)[rows]
             halves = [("tokens", batch)]
         if self.extra_inputs is not None:

@@ -70,10 +70,11 @@ def router_fold_flops(cfg: ModelConfig, layers: int) -> int:
 
 
 def train_step_flops(cfg: ModelConfig, stage: str, batch: int, length: int, prefix: int = 0,
-                     logits_from: int = 0, lower_cached: bool = False) -> int:
+                     logits_from: int = 0, lower_cached: bool = False, head_positions: Optional[int] = None) -> int:
     """One micro-batch of ``batch`` examples padded to ``length`` tokens (pair stages run two sequences per
-    example), ``prefix`` shared tokens run once, the LM head from ``logits_from``; ``lower_cached``: the layers
-    below ``cfg.frozen_layers`` are not run (their output comes from a cache computed once)."""
+    example), ``prefix`` shared tokens run once, the LM head from ``logits_from`` (or on ``head_positions``
+    positions per sequence: a per-row loss window); ``lower_cached``: the layers below ``cfg.frozen_layers`` are
+    not run (their output comes from a cache computed once)."""
     mode = MODE[stage]
     seqs = batch * (2 if stage in PAIR_STAGES else 1)
     tokens = seqs * (length - prefix) + (prefix and (2 if stage in PAIR_STAGES else 1) * prefix)
@@ -86,7 +87,7 @@ def train_step_flops(cfg: ModelConfig, stage: str, batch: int, length: int, pref
     else:
         routed_hi = hi
     fwd_hi = tokens * (hi * (projection_flops(cfg) + attention_flops(cfg, length)) + mogu_flops(cfg, mode) * routed_hi)
-    head = seqs * (length - logits_from) * head_flops(cfg)
+    head = seqs * (length - logits_from if head_positions is None else head_positions) * head_flops(cfg)
     bwd = tokens * (hi * (projection_flops(cfg) + 2 * attention_flops(cfg, length))
                     + 2 * mogu_flops(cfg, mode) * routed_hi) + head
     remat = fwd_hi if cfg.remat else 0

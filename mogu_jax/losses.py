@@ -34,6 +34,28 @@ def token_ce(logits: Array, tokens: Array, loss_mask: Array, start: int = 0) -> 
     return nll.sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
 
 
+def window_ce(logits: Array, tokens: Array, loss_mask: Array, loss_pos: Array, loss_valid: Array) -> Array:
+    """:func:`token_ce` with the logits of each row's own positions: logits [B, W, V] at ``loss_pos`` [B, W]
+    (:func:`mogu_jax.data.loss_window`), ``loss_valid`` [B, W] False at clipped positions -> [B]. Position t
+    predicts ``tokens[t + 1]``; the same per-example mean as :func:`token_ce` when every loss position of a row is
+    in its window."""
+    logits = logits.astype(jnp.float32)
+    targets = jnp.take_along_axis(tokens, loss_pos + 1, axis=1)
+    mask = (jnp.take_along_axis(loss_mask, loss_pos + 1, axis=1) & loss_valid).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = (lse - picked) * mask
+    return nll.sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
+
+
+def sequence_ce(logits: Array, half: dict, logits_from: int) -> Array:
+    """The per-example CE of one batch half (``tokens``, ``loss_mask``; ``loss_pos``/``loss_valid`` when the
+    logits are a per-row window, else positions ``logits_from`` onwards)."""
+    if "loss_pos" in half:
+        return window_ce(logits, half["tokens"], half["loss_mask"], half["loss_pos"], half["loss_valid"])
+    return token_ce(logits, half["tokens"], half["loss_mask"], logits_from)
+
+
 def pair_loss(stage: str, ce_affirm: Array, ce_refusal: Array) -> Array:
     if stage == "glad":
         return ce_affirm / ce_refusal

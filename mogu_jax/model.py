@@ -403,12 +403,15 @@ class Decoder(nn.Module):
         return logits, new_cache, ab
 
 
-def _logit_rows(x: Array, last_only: bool, logits_from: int) -> Array:
+def _logit_rows(x: Array, last_only: bool, logits_from) -> Array:
     """The positions the LM head is applied to: the last one, or ``logits_from`` onwards (a static int:
     training skips the prompt positions no example takes a loss at; the head is ~20% of a small model's
-    FLOPs per token)."""
+    FLOPs per token), or per row the positions ``logits_from`` [B, W] (an int array: each row's response
+    window, :func:`mogu_jax.data.loss_window`)."""
     if last_only:
         return x[:, -1:]
+    if not isinstance(logits_from, (int, np.integer)):
+        return jnp.take_along_axis(x, jnp.asarray(logits_from)[..., None], axis=1)
     return x[:, logits_from:] if logits_from else x
 
 
@@ -580,7 +583,7 @@ def _forward_shared(cfg: ModelConfig, params: dict, tokens: Array, positions, kv
     p = len(prefix)
     if not 0 < p < t:
         raise MoguError(f"shared_prefix of {p} tokens needs rows longer than it; the rows have {t} tokens")
-    if logits_from < p:
+    if isinstance(logits_from, (int, np.integer)) and logits_from < p:
         raise MoguError(f"logits_from ({logits_from}) must not fall inside the shared prefix ({p} tokens)")
     positions, kv_mask = _defaults(tokens, positions, kv_mask, t)
     head_tokens = jnp.asarray(prefix, jnp.int32)[None]

@@ -83,15 +83,17 @@ def check_router_layers(cfg: ModelConfig) -> None:
 # ----------------------------------------------------------------------------------------- losses
 def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logits_from: int = 0,
                   shared_prefix: tuple = (), parts: Optional[tuple] = None, router_from: int = 0,
-                  router_prompt: bool = False) -> Callable:
+                  router_prompt: bool = False, router_last: int = 0) -> Callable:
     """``f(trainable, frozen, batch) -> (sum_i w_i * loss_i, stats)``: stats are weighted sums (divide by
     ``stats["weight"]``) so they add up over micro-batches and processes. ``logits_from``: the LM head runs
     from this position on only (:meth:`mogu_jax.data.StageData.logits_from`: no example of the stage takes a
-    loss before it; the same loss, less work). ``shared_prefix``: tokens every row of every batch starts with
+    loss before it; the same loss, less work), or on a batch's ``loss_pos`` (each row's own response window,
+    :class:`mogu_jax.data.StageLoader`'s ``loss_windows``) when it has them. ``shared_prefix``: tokens every row of every batch starts with
     (:meth:`mogu_jax.data.StageData.shared_prefix`), run once per batch instead of once per row (the same
     loss, less work). ``parts``: the parts ``trainable`` holds (:func:`trained_parts`; default the stage's own).
     ``router_from``: the router stage's targets cover positions from this one on (``train.router_targets``);
-    ``router_prompt``: only the prompt's positions and the first response token's (``router_targets: prompt``)."""
+    ``router_prompt``: only the prompt's positions and the first response token's (``router_targets: prompt``);
+    ``router_last``: of the prompt only its last ``router_last`` positions (``prompt_end``)."""
     mode = MODE[stage]
     parts = tuple(parts or (stage,))
     cfg = cfg.replace(frozen_layers=lowest_trained_layer(cfg, stage, parts))
@@ -108,8 +110,9 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
             for half in ("affirm", "refusal"):
                 b = batch[half]
                 logits = forward(cfg, params, b["tokens"], kv_mask=b["attn_mask"], mode=mode,
-                                 logits_from=logits_from, shared_prefix=shared_prefix, hidden=b.get("hidden")).logits
-                ces[half] = jnp.where(real, L.token_ce(logits, b["tokens"], b["loss_mask"], logits_from), 1.0)
+                                 logits_from=b.get("loss_pos", logits_from), shared_prefix=shared_prefix,
+                                 hidden=b.get("hidden")).logits
+                ces[half] = jnp.where(real, L.sequence_ce(logits, b, logits_from), 1.0)
             per = jnp.where(real, L.pair_loss(stage, ces["affirm"], ces["refusal"]), 0.0)
             stats = {"loss": jnp.sum(per * w), "ce_affirm": jnp.sum(ces["affirm"] * w),
                      "ce_refusal": jnp.sum(ces["refusal"] * w), "weight": jnp.sum(w),
@@ -120,10 +123,11 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
     def loss(trainable, frozen, batch):
         params = params_of(trainable, frozen)
         w = batch["weight"].astype(jnp.float32)
-        out = forward(cfg, params, batch["tokens"], kv_mask=batch["attn_mask"], mode=mode, logits_from=logits_from,
+        out = forward(cfg, params, batch["tokens"], kv_mask=batch["attn_mask"], mode=mode,
+                      logits_from=batch.get("loss_pos", logits_from),
                       shared_prefix=shared_prefix, hidden=batch.get("hidden"))
-        ce = L.token_ce(out.logits, batch["tokens"], batch["loss_mask"], logits_from)
-        targets = router_target_mask(batch["attn_mask"], batch["loss_mask"], router_from, router_prompt)
+        ce = L.sequence_ce(out.logits, batch, logits_from)
+        targets = router_target_mask(batch["attn_mask"], batch["loss_mask"], router_from, router_prompt, router_last)
         mse_a, mse_b = L.router_mse(out.alphas, out.betas, targets, batch["label"])
         per = ce + router_lambda * (mse_a + mse_b)
         mal = (batch["label"] == 1) & (w > 0)
@@ -145,18 +149,28 @@ def stage_loss_fn(cfg: ModelConfig, stage: str, router_lambda: float = 2.0, logi
     return loss
 
 
-ROUTER_TARGETS = ("all", "after_prefix", "prompt")
+ROUTER_TARGETS = ("all", "after_prefix", "prompt", "prompt_end")
+#: ``router_targets: prompt_end``: the targets cover this many prompt positions before the first response token
+#: (the chat template's assistant header and the instruction's last words: the positions that have read the whole
+#: instruction) and that token.
+ROUTER_END_TOKENS = 8
 
 
-def router_target_mask(attn_mask: Array, loss_mask: Array, router_from: int = 0, prompt: bool = False) -> Array:
+def router_target_mask(attn_mask: Array, loss_mask: Array, router_from: int = 0, prompt: bool = False,
+                       last: int = 0) -> Array:
     """[B, T] bool: the positions whose router weights the router loss pulls to the row's label: the real tokens
-    from ``router_from`` on; with ``prompt``, of the response (``loss_mask``) only its first token."""
+    from ``router_from`` on; with ``prompt``, of the response (``loss_mask``) only its first token; with ``last``
+    > 0, of the prompt only its last ``last`` positions."""
     targets = attn_mask
+    pos = jnp.arange(targets.shape[1])[None, :]
     if router_from:
-        targets = targets & (jnp.arange(targets.shape[1]) >= router_from)[None, :]
+        targets = targets & (pos >= router_from)
     if prompt:
         first = loss_mask & ~jnp.pad(loss_mask[:, :-1], ((0, 0), (1, 0)))
         targets = targets & (~loss_mask | first)
+    if last:
+        start = jnp.argmax(loss_mask, axis=1)[:, None]  # the first response token
+        targets = targets & (pos >= start - last)
     return targets
 
 
@@ -172,8 +186,14 @@ def router_targets_from(tconf: dict, examples) -> int:
 
 def router_targets_prompt(tconf: dict) -> bool:
     """``router_targets: prompt``: the targets cover the prompt after the shared prefix and the first response
-    token only (the positions whose router weights routed decoding and the gated handoff read)."""
-    return tconf.get("router_targets", "all") == "prompt"
+    token only (the positions whose router weights routed decoding and the gated handoff read); ``prompt_end``:
+    of the prompt only its last :data:`ROUTER_END_TOKENS` positions (:func:`router_targets_last`)."""
+    return tconf.get("router_targets", "all") in ("prompt", "prompt_end")
+
+
+def router_targets_last(tconf: dict) -> int:
+    """How many prompt positions before the first response token the targets cover (0: all of them)."""
+    return ROUTER_END_TOKENS if tconf.get("router_targets", "all") == "prompt_end" else 0
 
 
 def lowest_trained_layer(cfg: ModelConfig, stage: str, parts: Optional[tuple] = None) -> int:
@@ -280,13 +300,14 @@ class StepFns:
 
     def __init__(self, cfg: ModelConfig, stage: str, tx: optax.GradientTransformation, mesh, state_sh, frozen_sh,
                  router_lambda: float = 2.0, logits_from: int = 0, shared_prefix: tuple = (),
-                 parts: Optional[tuple] = None, router_from: int = 0, router_prompt: bool = False):
+                 parts: Optional[tuple] = None, router_from: int = 0, router_prompt: bool = False,
+                 router_last: int = 0):
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         from mogu_jax.sharding import activation_sharding, batch_sharding
 
         self.loss = stage_loss_fn(cfg, stage, router_lambda, logits_from, tuple(shared_prefix), parts, router_from,
-                                  router_prompt)
+                                  router_prompt, router_last)
         self.tx = tx
         rep = NamedSharding(mesh, P())
         grad_sh = state_sh["params"]

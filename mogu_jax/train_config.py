@@ -59,6 +59,9 @@ DEFAULTS: dict = {
         # router stage: null (every example weighs 1) or balanced (each label weighs the same in the loss)
         "label_weights": None,
         "refusal_eos": False,  # append EOS to refusal targets (pairs' refusal, router label-1 output); off = published
+        # the LM head on each row's response window only, where that is narrower than the positions from the
+        # shortest prompt on (the same loss, less work; mogu_jax.data.loss_window_width)
+        "loss_windows": True,
     },
     "optim": {
         "lr": 5e-5,
@@ -90,7 +93,8 @@ DEFAULTS: dict = {
         # router stage: the tokens the routers' targets cover: all (published) or after_prefix (not the tokens every
         # example starts with: the chat template's system prompt, the same for both labels, which no router can
         # tell apart since it comes before the instruction), or prompt (after_prefix without the response past its
-        # first token: the positions routed decoding reads)
+        # first token: the positions routed decoding reads), or prompt_end (of the prompt only its last 8 positions,
+        # which have read the whole instruction, and the first response token)
         "router_targets": "all",
         "log_every": 1,
     },

@@ -182,7 +182,7 @@ def _load_data(conf: dict, tok, say: bool):
     loader = D.StageLoader(examples, int(tconf["batch_size"]), seed=int(tconf["seed"]),
                            shuffle=bool(dconf["shuffle"]), buckets=tuple(dconf["buckets"]),
                            group_batches=int(dconf["group_batches"]), balance_labels=bool(dconf["balance_labels"]),
-                           label_weights=dconf["label_weights"],
+                           label_weights=dconf["label_weights"], loss_windows=bool(dconf["loss_windows"]),
                            process_index=jax.process_index(), process_count=jax.process_count())
     if say:
         print(f"[{stage}] data: {D.format_summary(loader.summary())}")
@@ -215,7 +215,8 @@ class _Run:
         self.fns = T.StepFns(cfg, stage, tx, self.mesh, self.state_sh, frozen_sh, float(tconf["router_lambda"]),
                              logits_from=self.logits_from, shared_prefix=self.prefix, parts=parts,
                              router_from=router_from,
-                             router_prompt=stage == "router" and T.router_targets_prompt(tconf))
+                             router_prompt=stage == "router" and T.router_targets_prompt(tconf),
+                             router_last=T.router_targets_last(tconf) if stage == "router" else 0)
         if say and self.prefix:
             print(f"[{stage}] the {len(self.prefix)} tokens every example starts with run once per batch "
                   "(train.share_prefix)")
@@ -293,10 +294,13 @@ class _Run:
     def step_flops(self, mb: dict) -> int:
         from mogu_jax import flops as F
 
-        tokens = mb["affirm"]["tokens"] if "affirm" in mb else mb["tokens"]
         cfg = self.cfg.replace(frozen_layers=T.lowest_trained_layer(self.cfg, self.stage, self.parts))
-        return F.train_step_flops(cfg, self.stage, tokens.shape[0], tokens.shape[1], len(self.prefix),
-                                  self.logits_from, lower_cached=self.hidden is not None)
+        halves = [mb["affirm"], mb["refusal"]] if "affirm" in mb else [mb]
+        per_half = 2 if "affirm" in mb else 1  # train_step_flops counts both halves of a pair stage
+        return sum(F.train_step_flops(cfg, self.stage, h["tokens"].shape[0], h["tokens"].shape[1], len(self.prefix),
+                                      self.logits_from, lower_cached=self.hidden is not None,
+                                      head_positions=h["loss_pos"].shape[1] if "loss_pos" in h else None)
+                   for h in halves) // per_half
 
     def train(self, start: int, accum: int, progress: bool, stop_after: Optional[int]) -> dict:
         """Updates ``start`` .. total (or ``stop_after``), with progress, JSONL metrics and checkpoints."""

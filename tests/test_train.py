@@ -161,6 +161,54 @@ def test_logits_only_from_the_first_loss_position(world, stage):
     assert abs(run(batch_start + 1)[0] - full) > 1e-4
 
 
+@pytest.mark.parametrize("stage,shared", [("glad", False), ("router", False), ("router", True)])
+def test_loss_windows_give_the_same_loss_and_gradients(world, stage, shared):
+    """``loss_windows``: the LM head on each row's response window only (``loss_pos``, narrower than the positions
+    from the data's first loss position on) gives the same loss and gradients as the head over every position;
+    a window one position short drops loss tokens (the check is not vacuous)."""
+    cfg, tok = world["cfg"], world["tok"]
+    rows = D.load_stage_data(stage, world["router"] if stage == "router" else world["pairs"])
+    extra = dict(template="vicuna", system=SYSTEM) if shared else {}
+    data = D.tokenize_stage(stage, rows, tok, max_len=1024, **extra)
+    prefix, start = (data.shared_prefix(), data.logits_from()) if shared else ((), 0)
+    plain = next(D.StageLoader(data, 8, seed=3))
+    windowed = next(D.StageLoader(data, 8, seed=3, loss_windows=True))
+    halves = [windowed["affirm"], windowed["refusal"]] if stage == "glad" else [windowed]
+    for h in halves:
+        t = h["tokens"].shape[1]
+        assert "loss_pos" in h and h["loss_pos"].shape[1] < t - data.logits_from()
+        assert h["loss_pos"].shape[1] % D.LOSS_WINDOW_MULTIPLE == 0
+    params = random_mogu(cfg, world["base"], seed=1, router_std=0.5)
+    frozen = {k: v for k, v in params.items() if k != stage}
+    fn = T.stage_loss_fn(cfg, stage, 2.0, start, prefix)
+
+    def run(batch):
+        (total, _), g = jax.value_and_grad(fn, has_aux=True)(params[stage], frozen, batch)
+        return float(total), g
+
+    full, g_full = run(plain)
+    part, g_part = run(windowed)
+    assert abs(full - part) <= 1e-5 * max(1.0, abs(full)), (full, part)
+    for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_part)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    for h in halves:  # a window one short of the batch's longest response: that row loses its last token
+        longest = int(np.asarray(h["loss_mask"]).sum(axis=1).max())
+        h["loss_pos"], h["loss_valid"] = D.loss_window(np.asarray([int(np.argmax(m)) for m in h["loss_mask"]]),
+                                                       longest - 1, h["tokens"].shape[1])
+    assert abs(run(windowed)[0] - full) > 1e-4
+
+
+def test_loss_window_positions():
+    """loss_window: from the position before the first response token; clipped at length - 2 and marked so."""
+    pos, valid = D.loss_window(np.asarray([3, 6]), 4, 8)
+    np.testing.assert_array_equal(pos, [[2, 3, 4, 5], [5, 6, 6, 6]])
+    np.testing.assert_array_equal(valid, [[True] * 4, [True, True, False, False]])
+    ex = [D.Example(np.zeros(n, np.int32), np.arange(n) >= p, p, n) for n, p in ((10, 7), (20, 5), (30, 20))]
+    assert D.loss_window_width(ex, 16, 0) == 8  # the 3-token response, rounded up; the longer rows do not fit 16
+    assert D.loss_window_width(ex, 32, 0) == 16  # the 15-token response
+    assert D.loss_window_width(ex, 32, 16) == 0  # not narrower than the 16 positions from logits_from on
+
+
 def test_shared_prefix_of_the_data(world):
     """StageData.shared_prefix: the tokens all sequences (both halves of pairs) start with, never past the first
     loss position; nothing when they share less than MIN_SHARED_PREFIX tokens."""
@@ -319,7 +367,10 @@ def test_router_targets_option_is_checked(world):
     assert T.router_targets_from({"router_targets": "after_prefix"}, data) == len(data.shared_prefix()) > 0
     assert T.router_targets_from({"router_targets": "prompt"}, data) == len(data.shared_prefix())
     assert T.router_targets_prompt({"router_targets": "prompt"}) and not T.router_targets_prompt({})
-    with pytest.raises(MoguError, match="train.router_targets must be one of all, after_prefix, prompt"):
+    assert T.router_targets_prompt({"router_targets": "prompt_end"})
+    assert T.router_targets_last({"router_targets": "prompt_end"}) == T.ROUTER_END_TOKENS
+    assert T.router_targets_last({"router_targets": "prompt"}) == 0
+    with pytest.raises(MoguError, match="train.router_targets must be one of all, after_prefix, prompt, prompt_end"):
         T.router_targets_from({"router_targets": "instruction"}, data)
     # prompt: the prompt after the shared prefix and the first response token; padding never
     attn = np.array([[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]], bool)
@@ -328,6 +379,9 @@ def test_router_targets_option_is_checked(world):
     np.testing.assert_array_equal(got, [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1, 0]])
     np.testing.assert_array_equal(np.asarray(T.router_target_mask(attn, resp, 2)).astype(int),
                                   [[0, 0, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1, 1]])
+    # prompt_end: of the prompt only its last `last` positions, and the first response token
+    got = np.asarray(T.router_target_mask(attn, resp, 2, prompt=True, last=2)).astype(int)
+    np.testing.assert_array_equal(got, [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 0]])
 
 
 def test_router_stage_learns_and_exports(world, tmp_path):
