@@ -159,6 +159,9 @@ def _add_data(sub):
     b.add_argument("--unsafe-twins", action="store_true",
                    help="also give the router the unsafe twins of the contrast train rows (the same alarming word "
                         "meant harmfully), with refusals")
+    b.add_argument("--malicious-train", action="store_true",
+                   help="also give the router the train-only malicious rows of other subjects and shapes, with "
+                        "refusals, and their benign twins (with --wrap-every, some of each in long wrappers)")
     b.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     b.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     b.add_argument("--overwrite", action="store_true")
@@ -369,7 +372,7 @@ def cmd_data(args) -> int:
                                refusal_source=args.refusals, prime_malicious=not args.no_prime,
                                wrap_every=args.wrap_every, twins=args.twins,
                                borderline_train=args.borderline_train, unsafe_twins=args.unsafe_twins,
-                               overwrite=args.overwrite)
+                               malicious_train=args.malicious_train, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -121,6 +121,7 @@ def run_demo(out: str, quick: bool = False, overwrite: bool = False, max_new_tok
                                wrap_every=demo["data"]["wrap_every"], twins=demo["data"]["twins"],
                                borderline_train=demo["data"]["borderline_train"],
                                unsafe_twins=demo["data"]["unsafe_twins"],
+                               malicious_train=demo["data"]["malicious_train"],
                                affirmatives="glad" not in fresh,  # no glad stage: its rows are not needed
                                progress=True)
     ledger.add("data", G.FLOPS_DONE[0] - gen_flops)

@@ -91,8 +91,11 @@ SEED_FILES = {
     "contrast_unsafe": "contrast_unsafe.json",
     "borderline_dev": "borderline_dev.json",
     "borderline_train": "borderline_train.json",
+    "malicious_train": "malicious_train.json",
+    "malicious_train_twins": "malicious_train_twins.json",
     "jailbreak_templates": "jailbreak_templates.json",
     "jailbreak_train_templates": "jailbreak_train_templates.json",
+    "jailbreak_train_long_templates": "jailbreak_train_long_templates.json",
     "refusals": "refusals.json",
     "affirmative_openings": "affirmative_openings.json",
     "splits": "splits.json",
@@ -102,7 +105,7 @@ SPLIT_KINDS = ("benign", "malicious", "contrast", "benign_twins", "contrast_unsa
 #: ``contrast_unsafe.json`` row ``i`` the unsafe twin of contrast row ``i`` (the same alarming word, now meant
 #: harmfully: "How do I kill a Python process ...?" -> "How do I kill my roommate ...?"), so each pair of lists has one
 #: split: a twin and its row are never in different splits.
-TWIN_OF = {"benign_twins": "malicious", "contrast_unsafe": "contrast"}
+TWIN_OF = {"benign_twins": "malicious", "contrast_unsafe": "contrast", "malicious_train_twins": "malicious_train"}
 #: ``borderline_dev.json``: 150 safe prompts that merely sound alarming, written for the dev split only (no train or
 #: test rows): ``dev.jsonl`` holds them as ``borderline`` next to the 17 dev contrast rows, so that over-refusal is
 #: measured on 167 dev prompts, not 17, when settings are chosen.
@@ -111,7 +114,12 @@ DEV_ONLY_KINDS = ("borderline_dev",)
 #: seeds' shape: "Write a step-by-step guide to killing the weeds in a gravel driveway"), written for training only
 #: (no dev or test rows; kept apart from every other seed list and the independent set). With
 #: ``borderline_train`` they go to the router stage with the model's own answers (label 0).
-TRAIN_ONLY_KINDS = ("borderline_train",)
+#: ``malicious_train.json``: 96 more malicious instructions (8 per category) with other subjects and other shapes than
+#: the malicious seeds (short direct questions, "List ...", first-person intent), and ``malicious_train_twins.json``
+#: their benign twins (row ``i`` of the same form, harmless): with ``malicious_train`` the first go to the router
+#: stage with a refusal (label 1), the twins with the model's own answers (label 0); with ``wrap_every`` every n-th
+#: of each also inside a long train-only wrapper (``jailbreak_train_long_templates.json``, 45-90 words).
+TRAIN_ONLY_KINDS = ("borderline_train", "malicious_train", "malicious_train_twins")
 #: The independent test set (package data): written apart from the seed lists, in other words and shapes; never
 #: used for training or for choosing settings (see mogu_jax/seeds/README.md).
 INDEPENDENT_TEST_FILE = "independent_test.jsonl"
@@ -196,13 +204,14 @@ def _check_seeds(s: dict) -> None:
         if len(s[kind]) != len(s[of]) or any(r.get("twin_of") != i for i, r in enumerate(s[kind])):
             raise MoguError(f"seed file {SEED_FILES[kind]}: row i must be the twin of {SEED_FILES[of]} row i "
                             f"(\"twin_of\": i), one per row")
-        if s["splits"][kind] != s["splits"][of]:
+        if kind in SPLIT_KINDS and s["splits"][kind] != s["splits"][of]:
             raise MoguError(f"seed file splits.json: {kind} must have the same split as {of} (twins go together)")
-    for key in ("jailbreak_templates", "jailbreak_train_templates", "refusals", "affirmative_openings"):
+    for key in ("jailbreak_templates", "jailbreak_train_templates", "jailbreak_train_long_templates", "refusals",
+                "affirmative_openings"):
         v = s[key]
         if not isinstance(v, list) or not v or not all(isinstance(t, str) and t.strip() for t in v):
             raise MoguError(f"seed file {SEED_FILES[key]}: expected a non-empty list of strings")
-    for key in ("jailbreak_templates", "jailbreak_train_templates"):
+    for key in ("jailbreak_templates", "jailbreak_train_templates", "jailbreak_train_long_templates"):
         for t in s[key]:
             if t.count("{instruction}") != 1:
                 raise MoguError(f"seed file {SEED_FILES[key]}: template {t[:40]!r}... needs exactly one "
@@ -450,7 +459,7 @@ def wrapped_benign_prompts(part: str) -> list[dict]:
 
 
 def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every=None, twins=False,
-                borderline_train=False, unsafe_twins=False, affirmatives=True):
+                borderline_train=False, unsafe_twins=False, affirmatives=True, malicious_train=False):
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -464,7 +473,7 @@ def _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, templat
         raise MoguError(f"wrap_every must be a positive integer (every n-th train row wrapped) or None, "
                         f"got {wrap_every!r}")
     for name, flag in (("twins", twins), ("borderline_train", borderline_train), ("unsafe_twins", unsafe_twins),
-                       ("affirmatives", affirmatives)):
+                       ("affirmatives", affirmatives), ("malicious_train", malicious_train)):
         if not isinstance(flag, bool):
             raise MoguError(f"{name} must be true or false, got {flag!r}")
     if not is_int(seed):
@@ -522,11 +531,14 @@ class _Answers:
     benign_twins: list = dataclasses.field(default_factory=list)  # answers to the benign twins (``twins``)
     borderline_train: list = dataclasses.field(default_factory=list)  # answers (``borderline_train``)
     unsafe_twins: list = dataclasses.field(default_factory=list)  # bank refusals (``unsafe_twins``)
+    malicious_train: list = dataclasses.field(default_factory=list)  # bank refusals (``malicious_train``)
+    malicious_train_twins: list = dataclasses.field(default_factory=list)  # answers to their twins
+    wrapped_train_twins: list = dataclasses.field(default_factory=list)  # answers to the twins in long wrappers
     model_refusals: dict = dataclasses.field(default_factory=lambda: {"used": 0, "bank_fallback": 0})
     dropped: list = dataclasses.field(default_factory=list)
     trimmed: dict = dataclasses.field(
         default_factory=lambda: {"benign": 0, "contrast": 0, "malicious": 0, "wrapped_benign": 0, "benign_twins": 0,
-                                 "borderline_train": 0})
+                                 "borderline_train": 0, "malicious_train_twins": 0, "wrapped_train_twins": 0})
 
     def keep(self, kind: str, row: dict, text: str, cut: str, affects: list, judge) -> bool:
         """Count a trim of ``text`` to ``cut``; drop (and list) the row when ``cut`` is empty or a refusal."""
@@ -616,13 +628,14 @@ def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed
     ``affirmatives`` were generated)."""
     mal = train["malicious"]
     refusal_of = {r["index"]: ref for r, ref in zip(mal, ans.malicious_refusals)}
+    train_refusal_of = {r["index"]: ref for r, ref in zip(train["malicious_train"], ans.malicious_train)}
     glad = [{"instruction": r["instruction"], "affirmative": a, "refusal": ref}
             for r, a, ref in zip(mal, ans.malicious, ans.malicious_refusals) if a is not None]
     unwilling = [{"instruction": r["instruction"], "affirmative": a,
                   "refusal": pick(benign_refusals, seed, "refusal", r["instruction"])}
                  for r, a in zip(train["benign"], ans.benign) if a is not None]
     router = ([{"instruction": r["instruction"], "output": a, "label": 0}
-               for kind in ("benign", "contrast", "benign_twins", "borderline_train")
+               for kind in ("benign", "contrast", "benign_twins", "borderline_train", "malicious_train_twins")
                for r, a in zip(train[kind], getattr(ans, kind))
                if a is not None]
               + [{"instruction": r["instruction"], "output": ref, "label": 1}
@@ -632,7 +645,13 @@ def _stage_rows(train: dict, ans: _Answers, benign_refusals: Sequence[str], seed
               + [{"instruction": r["instruction"], "output": a, "label": 0}
                  for r, a in zip(wrapped["benign"], ans.wrapped_benign) if a is not None]
               + [{"instruction": r["instruction"], "output": refusal_of[r["index"]], "label": 1}
-                 for r in wrapped["malicious"]])
+                 for r in wrapped["malicious"]]
+              + [{"instruction": r["instruction"], "output": ref, "label": 1}
+                 for r, ref in zip(train["malicious_train"], ans.malicious_train)]
+              + [{"instruction": r["instruction"], "output": a, "label": 0}
+                 for r, a in zip(wrapped["train_twins"], ans.wrapped_train_twins) if a is not None]
+              + [{"instruction": r["instruction"], "output": train_refusal_of[r["index"]], "label": 1}
+                 for r in wrapped["train_malicious"]])
     causes = {"glad": "the base model refused every primed malicious instruction or answered nothing",
               "unwilling": "the base model refused or left empty every benign instruction", "router": "no rows"}
     stages = {"glad": glad, "unwilling": unwilling, "router": router}
@@ -685,11 +704,17 @@ def _summary(counts: dict, stages: dict, train: dict, wrapped: dict, ans: _Answe
                        "unsafe_twins": len(ans.unsafe_twins),
                        "wrapped_benign": sum(a is not None for a in ans.wrapped_benign),
                        "wrapped_malicious": len(wrapped["malicious"]),
+                       "malicious_train": len(ans.malicious_train),
+                       "malicious_train_twins": sum(a is not None for a in ans.malicious_train_twins),
+                       "wrapped_train_twins": sum(a is not None for a in ans.wrapped_train_twins),
+                       "wrapped_train_malicious": len(wrapped["train_malicious"]),
                        "label_0": sum(r["label"] == 0 for r in router), "label_1": sum(r["label"] == 1 for r in router),
                        "dropped": {"benign": ans.drops("benign"), "contrast": ans.drops("contrast"),
                                    "benign_twins": ans.drops("benign_twins"),
                                    "borderline_train": ans.drops("borderline_train"),
-                                   "wrapped_benign": ans.drops("wrapped_benign")}},
+                                   "wrapped_benign": ans.drops("wrapped_benign"),
+                                   "malicious_train_twins": ans.drops("malicious_train_twins"),
+                                   "wrapped_train_twins": ans.drops("wrapped_train_twins")}},
         },
         "eval": {part: {k: sum(h["kind"] == k for h in rows) for k in EVAL_KINDS} for part, rows in evals.items()},
         "dropped": ans.dropped,
@@ -703,7 +728,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
                max_new_tokens: int = 96, batch_size: int = 8, limit: Optional[int] = None, seed: int = 0,
                refusal_source: str = "bank", prime_malicious: bool = True, wrap_every: Optional[int] = None,
                twins: bool = False, borderline_train: bool = False, unsafe_twins: bool = False,
-               affirmatives: bool = True, progress: bool = True, overwrite: bool = False,
+               malicious_train: bool = False, affirmatives: bool = True, progress: bool = True, overwrite: bool = False,
                generate_fn: Optional[Callable] = None, judge=None) -> dict:
     """Build the training files of the three stages and the dev / test prompts into ``out_dir`` (see the module
     docstring). Returns the summary written to ``summary.json`` plus ``out_dir`` and ``seconds``.
@@ -719,6 +744,11 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     with the model's own answers (label 0), so that an alarming word alone does not either. ``unsafe_twins``: the
     contrast train rows' unsafe twins (``contrast_unsafe.json``: the same alarming word meant harmfully) go to the
     router stage with a refusal (label 1), so that the routers learn the intent, not the word or the question form.
+    ``malicious_train``: the train-only malicious rows of other subjects and shapes (``malicious_train.json``) go to
+    the router stage with a refusal (label 1) and their benign twins (``malicious_train_twins.json``) with the
+    model's own answers (label 0); with ``wrap_every`` every ``wrap_every``-th of each also inside one of the long
+    train-only wrappers (``jailbreak_train_long_templates.json``; the twins with the model's answer to the wrapped
+    prompt, the malicious rows with the bare row's refusal).
     ``affirmatives=False``: no glad-stage rows (the malicious rows' primed answers are not generated; for a run
     without a glad stage, such as the demo's).
     ``generate_fn``/``judge`` replace the model and the refusal judge (``cfg``/``params``/``tokenizer`` may then be
@@ -731,7 +761,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     """
     t0 = time.perf_counter()
     _check_args(max_new_tokens, batch_size, limit, seed, refusal_source, template, wrap_every, twins,
-                borderline_train, unsafe_twins, affirmatives)
+                borderline_train, unsafe_twins, affirmatives, malicious_train)
     out_dir = os.fspath(out_dir)
     check_output_dir(out_dir, overwrite)  # fail before any generation
     if generate_fn is None:
@@ -763,6 +793,9 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     # the train-only wrappers: the jailbreak kinds of dev and test keep wrappers the routers never saw
     wrapped = {kind: wrapped_rows(train[kind], seeds["jailbreak_train_templates"], wrap_every)
                for kind in ("benign", "malicious")}
+    extra = {kind: train[kind] if malicious_train else [] for kind in ("malicious_train", "malicious_train_twins")}
+    wrapped.update({name: wrapped_rows(extra[kind], seeds["jailbreak_train_long_templates"], wrap_every)
+                    for name, kind in (("train_malicious", "malicious_train"), ("train_twins", "malicious_train_twins"))})
     ans.wrapped_benign = _own_answers(run, judge, ans, "wrapped_benign", wrapped["benign"], ["router"])
     ans.benign_twins = _own_answers(run, judge, ans, "benign_twins", train["benign_twins"] if twins else [],
                                     ["router"])
@@ -770,6 +803,10 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
                                         train["borderline_train"] if borderline_train else [], ["router"])
     ans.unsafe_twins = [pick(refusals, seed, "refusal", r["instruction"])
                         for r in (train["contrast_unsafe"] if unsafe_twins else [])]
+    ans.malicious_train_twins = _own_answers(run, judge, ans, "malicious_train_twins", extra["malicious_train_twins"],
+                                             ["router"])
+    ans.wrapped_train_twins = _own_answers(run, judge, ans, "wrapped_train_twins", wrapped["train_twins"], ["router"])
+    ans.malicious_train = [pick(refusals, seed, "refusal", r["instruction"]) for r in extra["malicious_train"]]
 
     stages = _stage_rows(train, ans, benign_refusals, seed, wrapped, affirmatives)
     files, counts = _output_files(stages, evals)
@@ -779,7 +816,7 @@ def build_data(cfg, params, tokenizer, out_dir: str | os.PathLike, *, template: 
     settings = {"template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit,
                 "seed": seed, "refusal_source": refusal_source, "prime_malicious": bool(prime_malicious),
                 "wrap_every": wrap_every, "twins": bool(twins), "borderline_train": bool(borderline_train),
-                "unsafe_twins": unsafe_twins, "affirmatives": affirmatives,
+                "unsafe_twins": unsafe_twins, "malicious_train": malicious_train, "affirmatives": affirmatives,
                 "decoding": "greedy", "judge": repr(judge), "model": _model_info(cfg),
                 "split": seeds["splits"].get("method")}
     summary = _summary(counts, stages, train, wrapped, ans, evals, refusal_info, settings)

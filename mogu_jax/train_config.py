@@ -106,10 +106,10 @@ DEFAULTS: dict = {
     # `mogu-jax demo` only (configs/smollm2-135m.yaml): the generation around the three stages; training
     # ignores it
     "demo": {
-        # the base model's answers for the stage files; wrap_every, twins, borderline_train, unsafe_twins:
-        # synth.build_data's (null / false: none)
+        # the base model's answers for the stage files; wrap_every, twins, borderline_train, unsafe_twins,
+        # malicious_train: synth.build_data's (null / false: none)
         "data": {"max_new_tokens": 40, "batch_size": 32, "wrap_every": None, "twins": False,
-                 "borderline_train": False, "unsafe_twins": False},
+                 "borderline_train": False, "unsafe_twins": False, "malicious_train": False},
         # base vs MoGU on the evaluation split; the MoGU checkpoint's routed decoding: routed_tokens (-1: every
         # token), handoff (fixed | router, see mogu_jax.generate.RouterGatedHandoff) and its threshold
         "eval": {"max_new_tokens": 40, "batch_size": 32, "routed_tokens": -1, "handoff": "fixed",

@@ -24,6 +24,11 @@ CATEGORIES = {
 }
 REFUSAL_KEYWORDS = ("I'm sorry", "I can't", "I cannot", "I won't", "I am unable")
 SPLIT_KINDS = ("benign", "malicious", "contrast", "benign_twins", "contrast_unsafe")
+#: seed lists without a split, used for training only / for the dev split only
+TRAIN_ONLY_KINDS = ("borderline_train", "malicious_train", "malicious_train_twins")
+DEV_ONLY_KINDS = ("borderline_dev",)
+#: row ``i`` of a twin list (``twin_of`` = ``i``) pairs with row ``i`` of the list it twins
+TWIN_OF = {"benign_twins": "malicious", "contrast_unsafe": "contrast", "malicious_train_twins": "malicious_train"}
 
 
 def load(name):
@@ -45,22 +50,46 @@ def seeds():
         "contrast_unsafe": load("contrast_unsafe.json"),
         "borderline_dev": load("borderline_dev.json"),
         "borderline_train": load("borderline_train.json"),
+        "malicious_train": load("malicious_train.json"),
+        "malicious_train_twins": load("malicious_train_twins.json"),
         "templates": load("jailbreak_templates.json"),
         "train_templates": load("jailbreak_train_templates.json"),
+        "long_train_templates": load("jailbreak_train_long_templates.json"),
         "refusals": load("refusals.json"),
         "openings": load("affirmative_openings.json"),
         "splits": load("splits.json"),
     }
 
 
+TEMPLATE_KINDS = ("templates", "train_templates", "long_train_templates")
+
+
+def indexed_strings(seeds):
+    """Every text in the seed files, as ``(file key, row index, text)``."""
+    out = []
+    for kind in SPLIT_KINDS + DEV_ONLY_KINDS + TRAIN_ONLY_KINDS:
+        out += [(kind, i, row["instruction"]) for i, row in enumerate(seeds[kind])]
+    for kind in TEMPLATE_KINDS + ("refusals", "openings"):
+        out += [(kind, i, s) for i, s in enumerate(seeds[kind])]
+    return out
+
+
 def all_strings(seeds):
     """Every text in the seed files, tagged by file."""
-    out = []
-    for kind in SPLIT_KINDS + ("borderline_dev", "borderline_train"):
-        out += [(kind, row["instruction"]) for row in seeds[kind]]
-    for kind in ("templates", "train_templates", "refusals", "openings"):
-        out += [(kind, s) for s in seeds[kind]]
-    return out
+    return [(kind, s) for kind, _, s in indexed_strings(seeds)]
+
+
+def paired_row(seeds, kind, i):
+    """``(file key, index)`` of the row that row ``i`` of ``kind`` is paired with (the row it twins, or its twin),
+    or None for a list without twins."""
+    if kind in TWIN_OF:
+        return TWIN_OF[kind], seeds[kind][i]["twin_of"]
+    for twins, of in TWIN_OF.items():
+        if of == kind:
+            mine = [j for j, r in enumerate(seeds[twins]) if r["twin_of"] == i]
+            assert len(mine) == 1, (kind, i, mine)
+            return twins, mine[0]
+    return None
 
 
 def test_files_are_package_data():
@@ -73,8 +102,11 @@ def test_files_are_package_data():
         "contrast_unsafe.json",
         "borderline_dev.json",
         "borderline_train.json",
+        "malicious_train.json",
+        "malicious_train_twins.json",
         "jailbreak_templates.json",
         "jailbreak_train_templates.json",
+        "jailbreak_train_long_templates.json",
         "refusals.json",
         "affirmative_openings.json",
         "splits.json",
@@ -91,7 +123,10 @@ def test_counts(seeds):
     assert len(seeds["contrast_unsafe"]) == len(seeds["contrast"])
     assert len(seeds["borderline_dev"]) == 150
     assert len(seeds["borderline_train"]) == 150
+    assert len(seeds["malicious_train"]) == 96
+    assert len(seeds["malicious_train_twins"]) == len(seeds["malicious_train"])
     assert 8 <= len(seeds["templates"]) <= 12
+    assert len(seeds["long_train_templates"]) == 8
     assert len(seeds["refusals"]) >= 40
     assert len(seeds["openings"]) >= 20
 
@@ -115,7 +150,11 @@ def test_row_shapes(seeds):
     for i, (row, safe) in enumerate(zip(seeds["contrast_unsafe"], seeds["contrast"])):
         assert set(row) == {"instruction", "trigger", "twin_of"} and row["twin_of"] == i
         assert row["trigger"] == safe["trigger"] and row["trigger"].lower() in row["instruction"].lower(), row
-    for kind in ("templates", "refusals", "openings"):
+    for row in seeds["malicious_train"]:
+        assert set(row) == {"instruction", "category"}
+    for i, row in enumerate(seeds["malicious_train_twins"]):
+        assert set(row) == {"instruction", "twin_of"} and row["twin_of"] == i
+    for kind in TEMPLATE_KINDS + ("refusals", "openings"):
         assert all(isinstance(s, str) for s in seeds[kind])
 
 
@@ -167,7 +206,7 @@ def test_templates_have_one_slot(seeds):
     assert len(seeds["train_templates"]) >= 10
     # the train-only wrappers are not the dev / test ones reworded
     assert max(jaccard(tokens(a), tokens(b)) for a in seeds["train_templates"] for b in seeds["templates"]) < 0.5
-    for t in seeds["templates"] + seeds["train_templates"]:
+    for t in seeds["templates"] + seeds["train_templates"] + seeds["long_train_templates"]:
         assert t.count("{instruction}") == 1, t
         # no other format fields
         assert re.sub(r"\{instruction\}", "", t).count("{") == 0, t
@@ -251,9 +290,9 @@ def test_malicious_dev_and_test_balanced_over_categories(seeds):
 
 def test_no_near_duplicates_across_splits(seeds):
     """No two seed instructions in different splits (over all kinds; the dev-only borderline rows are dev, the
-    train-only ones train) share >= 80% of their word set."""
+    train-only rows (borderline_train, malicious_train and its twins) train) share >= 80% of their word set."""
     rows = [("dev", "borderline_dev", r["instruction"]) for r in seeds["borderline_dev"]]
-    rows += [("train", "borderline_train", r["instruction"]) for r in seeds["borderline_train"]]
+    rows += [("train", kind, r["instruction"]) for kind in TRAIN_ONLY_KINDS for r in seeds[kind]]
     for kind in SPLIT_KINDS:
         for part in SPLIT_PARTS:
             rows += [(part, kind, seeds[kind][i]["instruction"]) for i in seeds["splits"][kind][part]]
@@ -321,7 +360,7 @@ def test_independent_set_is_kept_out_of_every_seed_file(independent, seeds):
     for the prompt and for the request inside a wrapper; the seed-built files (stage data, dev, test) only hold seed
     text, so they are kept clean too."""
     seed_texts = [s for _, s in all_strings(seeds)]
-    seed_texts += [t.replace("{instruction}", "") for t in seeds["templates"] + seeds["train_templates"]]
+    seed_texts += [t.replace("{instruction}", "") for kind in TEMPLATE_KINDS for t in seeds[kind]]
     seed_toks = [tokens(s) for s in seed_texts]
     seed_norms = {norm(s) for s in seed_texts}
     close = []
@@ -334,7 +373,7 @@ def test_independent_set_is_kept_out_of_every_seed_file(independent, seeds):
     for r in independent:
         if "request" in r:
             w = tokens(r["prompt"].replace(r["request"], ""))
-            close += [(r["id"], t[:40]) for t in seeds["templates"] + seeds["train_templates"]
+            close += [(r["id"], t[:40]) for kind in TEMPLATE_KINDS for t in seeds[kind]
                       if jaccard(w, tokens(t)) >= 0.5]
     assert not close, close[:5]
 
@@ -350,15 +389,81 @@ def test_independent_set_loads_for_evaluation(independent):
     assert S.load_independent_test() == independent
 
 
-@pytest.mark.parametrize("kind", ["borderline_train", "contrast_unsafe"])
+@pytest.mark.parametrize("kind", ["borderline_train", "contrast_unsafe", "malicious_train", "malicious_train_twins"])
 def test_new_rows_are_new_text(seeds, independent, kind):
-    """The train-only borderline rows and the contrast rows' unsafe twins share under half their word set with every
-    other seed instruction (an unsafe twin's own contrast row aside: it keeps that row's alarming word), with the
-    dev-only borderline rows and with every prompt of the independent set (and with each other)."""
+    """The train-only borderline rows, the contrast rows' unsafe twins, the train-only malicious rows and their benign
+    twins share under half their word set with every other seed instruction, template, refusal and opening (a row's
+    own pair aside: an unsafe twin keeps its contrast row's alarming word, a benign twin its malicious_train row's
+    opening), with the dev-only borderline rows and with every prompt of the independent set (and with each
+    other)."""
     new = [tokens(r["instruction"]) for r in seeds[kind]]
-    others = [tokens(s) for k, s in all_strings(seeds) if k != kind]
-    others += [tokens(r["prompt"]) for r in independent]
-    own = [tokens(seeds["contrast"][r["twin_of"]]["instruction"]) if "twin_of" in r else None for r in seeds[kind]]
-    worst = max(jaccard(a, b) for a, mine in zip(new, own) for b in others if b != mine)
-    assert worst < 0.5, worst
+    others = [(k, j, tokens(s)) for k, j, s in indexed_strings(seeds) if k != kind]
+    others += [("independent", j, tokens(r["prompt"])) for j, r in enumerate(independent)]
+    close = []
+    for i, a in enumerate(new):
+        mine = paired_row(seeds, kind, i)
+        worst = max(((jaccard(a, b), k, j) for k, j, b in others if (k, j) != mine), key=lambda x: x[0])
+        if worst[0] >= 0.5:
+            close.append((i, worst))
+    assert not close, close[:5]
     assert max(jaccard(new[i], new[j]) for i in range(len(new)) for j in range(i + 1, len(new))) < 0.5
+
+
+# ------------------------------------------------------------------------------ train-only malicious rows, wrappers
+CATEGORY_ORDER = ("weapons_explosives", "cybercrime", "fraud", "drugs", "violence", "hate_harassment", "privacy",
+                  "self_harm", "theft", "terrorism_extremism", "child_safety", "misinformation")
+QUESTION_WORDS = {"How", "What", "Where", "Which", "When"}
+IMPERATIVES = {"List", "Describe", "Give", "Show", "Help", "Suggest", "Write", "Create", "Tell", "Explain"}
+
+
+def test_malicious_train_categories_and_shapes(seeds):
+    """8 rows per category, grouped in malicious.json's order; every row 5-25 words; about a third each of short
+    direct questions, plain imperatives (not the malicious seeds' "Write a tutorial / guide") and first-person
+    statements of intent."""
+    order = []
+    for row in seeds["malicious"]:
+        if row["category"] not in order:
+            order.append(row["category"])
+    assert tuple(order) == CATEGORY_ORDER and set(order) == CATEGORIES
+    rows = seeds["malicious_train"]
+    assert [r["category"] for r in rows] == [c for c in CATEGORY_ORDER for _ in range(8)]
+    for r in rows:
+        assert 5 <= len(r["instruction"].split()) <= 25, r
+        assert not r["instruction"].startswith(("Write a tutorial", "Write a guide")), r
+    first = [r["instruction"].split()[0] for r in rows]
+    questions = sum(w in QUESTION_WORDS for w in first)
+    imperatives = sum(w in IMPERATIVES for w in first)
+    statements = len(rows) - questions - imperatives
+    assert min(questions, imperatives, statements) >= 24, (questions, imperatives, statements)
+    assert all(r["instruction"].endswith("?") for r in rows if r["instruction"].split()[0] in QUESTION_WORDS)
+
+
+ALARMING = {"kill", "killing", "murder", "attack", "steal", "stolen", "weapon", "weapons", "gun", "knife", "drug",
+            "drugs", "hack", "poison", "bomb", "explosive", "shoot", "stab", "hurt", "injure", "fake", "scam"}
+
+
+def test_malicious_train_twins_point_to_their_rows(seeds):
+    """Twin ``i`` keeps malicious_train row ``i``'s opening word and about its length, but not its content words,
+    and has no alarming word."""
+    for i, (t, m) in enumerate(zip(seeds["malicious_train_twins"], seeds["malicious_train"])):
+        assert t["twin_of"] == i
+        tw, mw = t["instruction"].split(), m["instruction"].split()
+        assert tw[0] == mw[0], (t, m)
+        assert 5 <= len(tw) <= 25 and abs(len(tw) - len(mw)) <= 8, (t, m)
+        assert jaccard(tokens(t["instruction"]), tokens(m["instruction"])) < 0.6, (t, m)
+        assert not tokens(t["instruction"]) & ALARMING, t
+
+
+def test_long_train_templates(seeds, independent):
+    """8 long train-only wrappers (45-90 words), one slot each, in other words than the evaluation templates, the
+    short train wrappers, the independent set's wrappers and each other (word-set Jaccard < 0.5); the slot is not
+    always at the end."""
+    long = seeds["long_train_templates"]
+    wrappers = {r["wrapper"]: r["prompt"].replace(r["request"], "") for r in independent if "wrapper" in r}
+    refs = seeds["templates"] + seeds["train_templates"] + list(wrappers.values())
+    for t in long:
+        assert t.count("{instruction}") == 1, t
+        assert 45 <= len(t.split()) <= 90, (len(t.split()), t)
+        assert max(jaccard(tokens(t), tokens(r)) for r in refs) < 0.5, t
+    assert max(jaccard(tokens(a), tokens(b)) for i, a in enumerate(long) for b in long[i + 1:]) < 0.5
+    assert sum(not t.rstrip().endswith("{instruction}") for t in long) >= 4

@@ -152,7 +152,8 @@ def test_full_build_counts_labels_and_layouts(tmp_path):
     assert summary["stages"]["unwilling"]["dropped"] == {"refused": 1}
     assert summary["stages"]["router"]["dropped"] == {"benign": {"refused": 1}, "contrast": {"refused": 1},
                                                       "benign_twins": {}, "borderline_train": {},
-                                                      "wrapped_benign": {}}
+                                                      "wrapped_benign": {}, "malicious_train_twins": {},
+                                                      "wrapped_train_twins": {}}
     assert sorted(d["instruction"] for d in summary["dropped"]) == sorted(refuse)
     assert all(d["reason"] == "refused" for d in summary["dropped"])
     assert json.load(open(out / "summary.json")) == {k: v for k, v in summary.items()
@@ -493,6 +494,56 @@ def test_borderline_train_adds_the_train_only_rows_to_the_router_only(tmp_path):
     assert not every & {r["instruction"] for r in read_jsonl(plain / "router.jsonl")}
     assert not every & {r["prompt"] for part in ("dev", "test") for r in read_jsonl(out / f"{part}.jsonl")}
     layouts_agree(out)
+
+
+def test_malicious_train_adds_the_train_only_rows_and_their_twins(tmp_path):
+    """``malicious_train``: the train-only malicious rows reach the router with bank refusals (label 1, none
+    generated) and their benign twins with the model's own answers (label 0); with ``wrap_every`` every n-th of each
+    also inside a long train-only wrapper (the twin's answer generated for the wrapped prompt, the malicious row with
+    the bare row's refusal); glad, unwilling and the evaluation files are unchanged; no row of either file is in a
+    dev or test file."""
+    plain, plain_summary, _ = build(tmp_path, "plain", limit=12, wrap_every=3)
+    out, summary, stub = build(tmp_path, "extra", limit=12, wrap_every=3, malicious_train=True)
+    for name in ("glad.jsonl", "unwilling.jsonl", "dev.jsonl", "test.jsonl"):
+        assert read_jsonl(out / name) == read_jsonl(plain / name)
+    seeds = S.load_seeds()
+    mal = S.spread([dict(r, index=i) for i, r in enumerate(seeds["malicious_train"])], 12)
+    twins = S.spread([dict(r, index=i) for i, r in enumerate(seeds["malicious_train_twins"])], 12)
+    assert [t["twin_of"] for t in twins] == [m["index"] for m in mal]  # limit keeps the pairs together
+    long_templates = seeds["jailbreak_train_long_templates"]
+    before, after = read_jsonl(plain / "router.jsonl"), read_jsonl(out / "router.jsonl")
+    assert [r for r in after if r in before] == before
+    added = [r for r in after if r not in before]
+    by_text = {r["instruction"]: r for r in added}
+    for t in twins:
+        assert by_text[t["instruction"]]["label"] == 0
+    refusal_of = {}
+    for m in mal:
+        row = by_text[m["instruction"]]
+        assert row["label"] == 1 and row["output"] in seeds["refusals"]
+        refusal_of[m["instruction"]] = row["output"]
+    wrapped_twins = [long_templates[j % len(long_templates)].format(instruction=t["instruction"])
+                     for j, t in enumerate(twins[::3])]
+    wrapped_mal = [(long_templates[j % len(long_templates)].format(instruction=m["instruction"]), m["instruction"])
+                   for j, m in enumerate(mal[::3])]
+    for w in wrapped_twins:
+        assert by_text[w]["label"] == 0
+    for w, bare in wrapped_mal:
+        assert by_text[w]["label"] == 1 and by_text[w]["output"] == refusal_of[bare]
+    assert len(added) == len(mal) + len(twins) + len(wrapped_twins) + len(wrapped_mal)
+    generated = {i for c in stub.calls for i in c["instructions"]}
+    assert {t["instruction"] for t in twins} | set(wrapped_twins) <= generated
+    assert not ({m["instruction"] for m in mal} | {w for w, _ in wrapped_mal}) & generated
+    r = summary["stages"]["router"]
+    assert (r["malicious_train"], r["malicious_train_twins"]) == (len(mal), len(twins))
+    assert (r["wrapped_train_twins"], r["wrapped_train_malicious"]) == (len(wrapped_twins), len(wrapped_mal))
+    assert summary["settings"]["malicious_train"] is True and plain_summary["stages"]["router"]["malicious_train"] == 0
+    every = {r["instruction"] for k in ("malicious_train", "malicious_train_twins") for r in seeds[k]}
+    assert not every & {r["instruction"] for r in before}
+    assert not every & {r["prompt"] for part in ("dev", "test") for r in read_jsonl(out / f"{part}.jsonl")}
+    layouts_agree(out)
+    with pytest.raises(MoguError, match="malicious_train must be true or false"):
+        build(tmp_path, "bad", malicious_train="yes")
 
 
 @pytest.mark.parametrize("bad", [1, "yes", None])
