@@ -212,12 +212,14 @@ class FrozenLayersCache:
     (:func:`mogu_jax.model.lower_hidden`): with MoGU v2 routers in the upper layers and the branches frozen,
     the layers below run the same forward on the same tokens every epoch. Batches then carry ``hidden`` and
     the train step skips those layers (the same loss and gradients). Host memory: examples x tokens x hidden
-    size x 4 bytes."""
+    size x 4 bytes. ``shared_prefix``: every sequence starts with the same first ``shared_prefix`` tokens (the
+    stage's :meth:`mogu_jax.data.StageData.shared_prefix`), which run once per batch."""
 
-    def __init__(self, cfg: ModelConfig, frozen: dict, sequences: list, pad_id: int, batch_size: int = 32):
+    def __init__(self, cfg: ModelConfig, frozen: dict, sequences: list, pad_id: int, batch_size: int = 32,
+                 shared_prefix: int = 0):
         from mogu_jax.model import lower_hidden
 
-        fn = jax.jit(lambda base, tokens, mask: lower_hidden(cfg, base, tokens, mask))
+        fn = jax.jit(lambda base, tokens, mask: lower_hidden(cfg, base, tokens, mask, shared_prefix=shared_prefix))
         base = jax.device_put(frozen["base"])
         self.rows: list[np.ndarray] = [None] * len(sequences)  # type: ignore[list-item]
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -235,6 +237,7 @@ class FrozenLayersCache:
                 self.rows[i] = h[r, :len(sequences[i])]
         self.examples = len(sequences)
         self.tokens = sum(len(x) for x in sequences)
+        self.batches = -(-len(sequences) // batch_size)
 
     @property
     def nbytes(self) -> int:

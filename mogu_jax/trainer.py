@@ -239,8 +239,10 @@ class _Run:
         caches = {}
         for name, seqs in examples.sequences().items():
             tokens = [ex.tokens for ex in seqs]
-            caches[name] = T.FrozenLayersCache(cfg, frozen, tokens, examples.pad_id)
-            self.flops += caches[name].tokens * F.layer_flops(cfg, "base", max(len(s) for s in tokens), k)
+            caches[name] = T.FrozenLayersCache(cfg, frozen, tokens, examples.pad_id, shared_prefix=len(self.prefix))
+            p = len(self.prefix)  # the shared tokens run once per batch of the cache
+            runs = caches[name].tokens - (len(tokens) - caches[name].batches) * p
+            self.flops += runs * F.layer_flops(cfg, "base", max(len(s) for s in tokens), k)
         self.loader.extra_inputs = lambda name, rows, length: {"hidden": caches[name].batch(rows, length)}
         if say:
             mib = sum(c.nbytes for c in caches.values()) / 2**20

@@ -155,6 +155,25 @@ def test_a_branch_lives_in_the_router_layers_and_its_stage_stops_there(tiny4, mo
     assert f2 < 0.8 * f0, (f2, f0)
 
 
+def test_lower_hidden_runs_the_shared_prefix_once(tiny4):
+    """The cached lower layers' output (train.cache_frozen_layers) with the rows' shared first tokens run once per
+    batch: the same values as every row run whole (padded rows too), fewer matmul FLOPs."""
+    from mogu_jax.model import lower_hidden
+    cfg, p = tiny4
+    c = cfg.replace(frozen_layers=2)
+    tokens = jnp.asarray(random_tokens(4, 16, seed=6))
+    tokens = tokens.at[:, :6].set(tokens[0, :6])
+    mask = jnp.asarray(np.arange(16)[None, :] < np.array([16, 12, 9, 14])[:, None])
+    plain = lower_hidden(c, p, tokens, mask)
+    shared = lower_hidden(c, p, tokens, mask, shared_prefix=6)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(shared)[real], np.asarray(plain)[real], atol=1e-5)
+
+    def flops(n):
+        return matmul_flops(jax.make_jaxpr(lambda t: lower_hidden(c, p, t, mask, shared_prefix=n))(tokens).jaxpr)
+    assert flops(6) < 0.8 * flops(0)
+
+
 @pytest.mark.parametrize("stage,remat,frozen,prefix", [
     ("glad", False, 0, 0), ("glad", True, 0, 4), ("router", False, 0, 0), ("router", True, 2, 0),
     ("router", False, 2, 4)])
