@@ -25,13 +25,16 @@ def token_ce(logits: Array, tokens: Array, loss_mask: Array, start: int = 0) -> 
     """Per-example mean CE over ``loss_mask`` positions. logits [B,T-start,V] (fp32; positions ``start``
     onwards, see ``logits_from`` of :func:`mogu_jax.model.forward`), tokens/loss_mask [B,T] -> [B]. With
     ``start`` > 0 no loss may fall at or before position ``start`` (``StageData.logits_from`` ensures it)."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = tokens[:, start + 1:]
-    mask = loss_mask[:, start + 1:].astype(jnp.float32)
+    return _mean_nll(logits[:, :-1], tokens[:, start + 1:], loss_mask[:, start + 1:])
+
+
+def _mean_nll(logits: Array, targets: Array, mask: Array) -> Array:
+    """Per row, the mean over ``mask`` of ``-log softmax(logits)[target]``: logits [B, N, V], targets/mask [B, N]."""
+    logits = logits.astype(jnp.float32)
+    mask = mask.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = (lse - picked) * mask
-    return nll.sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
+    return ((lse - picked) * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
 
 
 def window_ce(logits: Array, tokens: Array, loss_mask: Array, loss_pos: Array, loss_valid: Array) -> Array:
@@ -39,13 +42,8 @@ def window_ce(logits: Array, tokens: Array, loss_mask: Array, loss_pos: Array, l
     (:func:`mogu_jax.data.loss_window`), ``loss_valid`` [B, W] False at clipped positions -> [B]. Position t
     predicts ``tokens[t + 1]``; the same per-example mean as :func:`token_ce` when every loss position of a row is
     in its window."""
-    logits = logits.astype(jnp.float32)
     targets = jnp.take_along_axis(tokens, loss_pos + 1, axis=1)
-    mask = (jnp.take_along_axis(loss_mask, loss_pos + 1, axis=1) & loss_valid).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = (lse - picked) * mask
-    return nll.sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
+    return _mean_nll(logits, targets, jnp.take_along_axis(loss_mask, loss_pos + 1, axis=1) & loss_valid)
 
 
 def sequence_ce(logits: Array, half: dict, logits_from: int) -> Array:

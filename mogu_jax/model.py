@@ -511,28 +511,14 @@ def lower_hidden(cfg: ModelConfig, params: dict, tokens: Array, kv_mask: Optiona
     """The residual stream entering layer ``cfg.frozen_layers`` (fp32 [B, T, D]): the embedding and the plain
     base layers below it. Training computes it once per example when nothing below is trained
     (``train.cache_frozen_layers``) and hands it to :func:`forward` as ``hidden``. ``shared_prefix`` (static):
-    every row starts with the same first ``shared_prefix`` tokens, which then run once (:func:`_lower_shared`)."""
+    every row starts with the same first ``shared_prefix`` tokens; they run once (one row) into a cache and the
+    rows continue from it, broadcast (causal attention: the prefix never sees the rows): the same values for
+    ~shared_prefix/T less work."""
+    cfg = cfg.replace(remat=False)
     k = cfg.frozen_layers
     base, _ = split_params(params)
-    positions, kv_mask = _defaults(tokens, None, kv_mask, tokens.shape[1])
-    if 0 < shared_prefix < tokens.shape[1]:
-        return _lower_shared(cfg.replace(remat=False), params, tokens, positions, kv_mask, shared_prefix)
-    x = embed(cfg, base["embedding"], tokens)
-    cos, sin, bias = positional(cfg, positions, kv_mask)
-    mask = attention_mask(cfg, kv_mask, tokens.shape[1], 0)
-    plain = cfg.replace(remat=False)
-    lower = jax.tree_util.tree_map(lambda a: a[:k], base["layers"])
-    x, _ = layer_stack(plain, k)(plain, "base").apply({"params": lower}, x, cos, sin, mask, bias, None, 0, {})
-    return x
-
-
-def _lower_shared(cfg: ModelConfig, params: dict, tokens: Array, positions: Array, kv_mask: Array, p: int) -> Array:
-    """:func:`lower_hidden` of rows that all start with the same ``p`` tokens: those run once (one row) into a
-    per-layer cache, and the rows continue from it, broadcast (causal attention: the prefix never sees the rows);
-    the same values as running every row whole, for ~p/T less work."""
     b, t = tokens.shape
-    k = cfg.frozen_layers
-    base, _ = split_params(params)
+    positions, kv_mask = _defaults(tokens, None, kv_mask, t)
     stack = layer_stack(cfg, k)(cfg, "base")
     lower = jax.tree_util.tree_map(lambda a: a[:k], base["layers"])
 
@@ -541,13 +527,16 @@ def _lower_shared(cfg: ModelConfig, params: dict, tokens: Array, positions: Arra
         cos, sin, bias = positional(cfg, pos, mask)
         x, (kv, _) = stack.apply({"params": lower}, x, cos, sin, attention_mask(cfg, mask, tok.shape[1], index), bias,
                                  kv, index, {})
-        return x, kv
+        return x.astype(jnp.float32), kv
 
+    p = shared_prefix
+    if not 0 < p < t:
+        return run(tokens, positions, kv_mask, None, 0)[0]
     cache = init_cache(cfg, 1, t)
     head, kv = run(tokens[:1, :p], positions[:1, :p], jnp.ones((1, t), bool), (cache["k"][:k], cache["v"][:k]), 0)
     kv = jax.tree_util.tree_map(lambda c: jnp.broadcast_to(c, c.shape[:1] + (b,) + c.shape[2:]), kv)
     rest, _ = run(tokens[:, p:], positions[:, p:], kv_mask, kv, p)
-    return jnp.concatenate([jnp.broadcast_to(head, (b,) + head.shape[1:]), rest], axis=1).astype(jnp.float32)
+    return jnp.concatenate([jnp.broadcast_to(head, (b,) + head.shape[1:]), rest], axis=1)
 
 
 def _forward_frozen_below(cfg: ModelConfig, params: dict, tokens: Array, positions, kv_mask, cache, cache_index,

@@ -237,10 +237,10 @@ class _Run:
             return None
         cfg = self.cfg.replace(frozen_layers=k)
         caches = {}
+        p = len(self.prefix)  # the shared tokens run once per batch of the cache
         for name, seqs in examples.sequences().items():
             tokens = [ex.tokens for ex in seqs]
-            caches[name] = T.FrozenLayersCache(cfg, frozen, tokens, examples.pad_id, shared_prefix=len(self.prefix))
-            p = len(self.prefix)  # the shared tokens run once per batch of the cache
+            caches[name] = T.FrozenLayersCache(cfg, frozen, tokens, examples.pad_id, shared_prefix=p)
             runs = caches[name].tokens - (len(tokens) - caches[name].batches) * p
             self.flops += runs * F.layer_flops(cfg, "base", max(len(s) for s in tokens), k)
         self.loader.extra_inputs = lambda name, rows, length: {"hidden": caches[name].batch(rows, length)}
