@@ -8,7 +8,8 @@ has already generated. So instead of running the routed and the base model side 
 1. the first ``m`` routed tokens of every row, with their router weights (the gate);
 2. rows the gate keeps routed: routed decoding to the end, in batches of their own;
 3. rows it hands off whose routed tokens are the base answer's first ``m``: the base answer;
-4. rows it hands off with other tokens: the base model continues the prompt plus those tokens.
+4. rows it hands off with other tokens: the base model continues the prompt plus those tokens (given to it as
+   forced tokens, so in the base answers' prompt buckets and compilations).
 
 The answers are the handoff decoding's (to the rounding of other batch shapes), for about half its compute: the
 base model no longer runs beside the routed one, and the routed one stops at the gate for the rows it hands off.
@@ -67,9 +68,9 @@ def gated_answers(cfg: ModelConfig, params, encoded: Sequence[Sequence[int]], ba
                             **common)
         for i, r in zip(keep, rows):
             out[i] = {**r, "router": first[i]["router"]}
-    if other:
-        rows = generate_ids(cfg, params, [list(encoded[i]) + first[i]["ids"] for i in other], mode="base",
-                            max_new_tokens=max_new_tokens - m, **common)
+    if other:  # the routed tokens forced: the base answers' prompt buckets, hence their compilations
+        rows = generate_ids(cfg, params, [encoded[i] for i in other], mode="base", max_new_tokens=max_new_tokens,
+                            forced=[first[i]["ids"] for i in other], **common)
         for i, r in zip(other, rows):
-            out[i] = {"ids": first[i]["ids"] + r["ids"], "finished": r["finished"], "router": first[i]["router"]}
+            out[i] = {**r, "router": first[i]["router"]}
     return out  # type: ignore[return-value]

@@ -8,8 +8,8 @@ Two compiled functions per (model config, forward function):
   every row has emitted an EOS or ``max_new_tokens`` tokens exist. No host round-trip per token; the cache
   (donated) is updated in place.
 
-Shapes are bucketed (batch, prompt length and ``max_new_tokens`` round up to powers of two with a
-minimum), and ``temperature``, ``top_p``, ``seed``, ``max_new_tokens``, the EOS ids and the pad id are
+Shapes are bucketed (batch and ``max_new_tokens`` round up to powers of two with a minimum, prompt length to
+2^k or 3 x 2^(k-1): :func:`prompt_bucket`), and ``temperature``, ``top_p``, ``seed``, ``max_new_tokens``, the EOS ids and the pad id are
 traced values, so calls that fit the same buckets reuse the compiled code. :func:`generate_text` pads a
 call's batches to one even batch shape (:func:`even_batches`, :func:`call_buckets`), so they compile once
 per prompt-length bucket they meet (prompts are batched by length). :data:`COMPILE_COUNTS`
@@ -51,11 +51,14 @@ from mogu_jax.errors import MoguError
 Array = Any
 Forward = Callable[..., tuple]
 
-# Bucket minima: a prompt bucket of at least 64 tokens (each bucket is a compilation, ~7 s for SmolLM2 on 2 CPU
-# cores, ~20 s with the router-gated handoff: more than the prefill of short prompts padded to 64 costs), at least
+# Bucket minima: a prompt bucket of at least 32 tokens, in steps of 2^k and 3 x 2^(k-1) (32, 48, 64, 96, 128, ...:
+# at most a third of a bucket is padding, against half with powers of two; each bucket is a compilation, ~3-7 s
+# for SmolLM2 on 2 CPU cores, and the prefill of the padding costs more than that over a job's batches: the demo's
+# ~44-token prompts (24 of them a shared system prompt) padded to 64 took 6.7 s per batch of 32 x 40 new tokens
+# against 5.4 s at 48, fp32), at least
 # 64 new tokens (the decode loop stops at max_new_tokens, a traced value; only the cache is sized by the bucket, so
 # the demo's 24-token stage answers and 40-token evaluation share one compiled loop), batch a power of two.
-MIN_PROMPT_BUCKET = 64
+MIN_PROMPT_BUCKET = 32
 MIN_NEW_BUCKET = 64
 MIN_BATCH_BUCKET = 1
 MIN_EOS_BUCKET = 4
@@ -81,6 +84,14 @@ def bucket(n: int, minimum: int) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(int(n), int(minimum), 1)
     return 1 << (n - 1).bit_length()
+
+
+def prompt_bucket(n: int, minimum: int = 0) -> int:
+    """The prompt-length bucket of a batch whose longest prompt has ``n`` tokens: the smallest 2^k or 3 x 2^(k-1)
+    that is >= max(n, ``minimum``, :data:`MIN_PROMPT_BUCKET`)."""
+    n = max(int(n), int(minimum), MIN_PROMPT_BUCKET)
+    p = bucket(n, 1)
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
 
 
 @dataclasses.dataclass
@@ -399,10 +410,12 @@ class _Compiled:
         self._last = (leaves, prepared)
         return prepared
 
-    def _prefill(self, params, tokens, mask, cache, seed, temperature, top_p, eos_ids, pad_id, live, aux, *, n_new,
-                 shared=0):
+    def _prefill(self, params, tokens, mask, cache, seed, temperature, top_p, eos_ids, pad_id, live, aux, forced,
+                 n_forced, *, n_new, shared=0):
         """tokens/mask [B, P] (left-padded), cache with P + n_new slots -> (first token [B], done [B],
         its logits [B, V], cache). ``live`` [B] is False for the rows that only pad the batch bucket.
+        ``forced`` [B, n_new], ``n_forced`` [B]: row r's first ``n_forced[r]`` tokens are ``forced[r]``'s, not
+        the model's choice (the model reads them all the same).
         ``shared``: the first ``shared`` columns are the same tokens in every row (a chat template's system
         prompt; the rows' own tokens are left-padded after them): they run once, as one row, and the rows
         continue from their broadcast cache (causal attention: the prefix never sees the rows)."""
@@ -420,12 +433,13 @@ class _Compiled:
         last = logits[:, -1].astype(jnp.float32)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
         tok = sample_logits(last, key, temperature, top_p)
+        tok = jnp.where(n_forced > 0, forced[:, 0], tok)
         tok = jnp.where(live, tok, pad_id)
         done = _is_eos(tok, eos_ids) | ~live
         return tok, done, last, extras, cache
 
     def _decode(self, params, cache, mask, tok0, done0, last0, extras0, max_new, seed, temperature, top_p, eos_ids,
-                pad_id, aux, *, n_new: int, with_logits: bool = False, progress: bool = False):
+                pad_id, aux, forced, n_forced, *, n_new: int, with_logits: bool = False, progress: bool = False):
         """The decode loop. mask [B, P] is the prompt mask, ``n_new`` the (static) number of new-token slots.
         Returns (tokens [B, n_new], steps, logits [B, n_new, V] or None, cache); the cache is returned so its
         donated buffer is updated in place (and so a caller may continue from it)."""
@@ -462,6 +476,7 @@ class _Compiled:
                     lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], i, axis=1), ex_buf, extras)
             last = logits[:, -1].astype(jnp.float32)
             tok = sample_logits(last, jax.random.fold_in(base_key, i), temperature, top_p)
+            tok = jnp.where(i < n_forced, jax.lax.dynamic_index_in_dim(forced, i, axis=1, keepdims=False), tok)
             tok = jnp.where(done, pad_id, tok)
             out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
             if logit_buf is not None:
@@ -543,7 +558,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
              progress: bool = False, forward: Optional[Forward] = None,
              return_logits: bool = False, mode: str = "base",
              routed_tokens: Optional[int] = None, min_batch: int = MIN_BATCH_BUCKET,
-             shared_prefix: int = 0) -> GenerationOutput:
+             shared_prefix: int = 0, forced: Optional[Sequence[Sequence[int]]] = None) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids), as one batch.
 
     Greedy when ``temperature == 0``, else temperature + top-p sampling from ``seed``. Each row stops at
@@ -562,6 +577,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     ``shared_prefix``: every prompt starts with the same first ``shared_prefix`` tokens (and has more after
     them; :func:`common_prefix`): they are prefilled once for the batch instead of once per row (the same
     tokens; the logits equal to rounding).
+    ``forced``: per prompt, the first new tokens, given instead of decoded (at most ``max_new_tokens``; the model
+    reads them as its own and continues after them): the continuation of prompt + forced tokens without another
+    prompt bucket, so in the same compilations as the prompts alone.
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -576,7 +594,12 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
         raise MoguError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens == 0:
         return GenerationOutput(tokens=[[] for _ in prompts], steps=0, finished=[False] * len(prompts))
-    for p in prompts:
+    forced = [[] for _ in prompts] if forced is None else [list(map(int, f)) for f in forced]
+    if len(forced) != len(prompts):
+        raise MoguError(f"{len(forced)} rows of forced tokens for {len(prompts)} prompts")
+    if any(len(f) > max_new_tokens for f in forced):
+        raise MoguError(f"more forced tokens than max_new_tokens={max_new_tokens}")
+    for p in prompts + forced:
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
             raise MoguError(f"token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
@@ -589,17 +612,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
                         "(and each needs one token after the shared ones)")
     n_rows = len(prompts)
     b = max(n_rows, min_batch) if min_batch > MIN_BATCH_BUCKET else bucket(n_rows, MIN_BATCH_BUCKET)
-    p = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)  # the shared tokens fill the first s slots
+    p = prompt_bucket(max(len(x) for x in prompts))  # the shared tokens fill the first s slots
     n = bucket(max_new_tokens, MIN_NEW_BUCKET)
     e = bucket(len(eos), MIN_EOS_BUCKET)
 
-    tokens = np.full((b, p), pad if 0 <= pad < cfg.vocab_size else 0, np.int32)
-    mask = np.zeros((b, p), bool)
-    tokens[:, :s] = prompts[0][:s]  # the shared tokens first, each row's own tokens left-padded after them
-    mask[:, :s] = True
-    for r, x in enumerate(prompts):
-        tokens[r, p - len(x) + s:] = x[s:]
-        mask[r, p - len(x) + s:] = True
+    tokens, mask, forced_a, n_forced = _pack(prompts, forced, (b, p, n), s, pad if 0 <= pad < cfg.vocab_size else 0)
     live = np.arange(b) < n_rows
     eos_arr = np.full((e,), -1, np.int32)
     eos_arr[: len(eos)] = eos
@@ -628,7 +645,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
     aux = np.asarray(n_routed, np.int32)
     tok0, done0, last0, extras0, cache = comp.prefill(run_params, tokens, mask, cache, seed_a, temp_a, top_p_a,
-                                                      eos_arr, pad_a, live, aux, n_new=n, shared=s)
+                                                      eos_arr, pad_a, live, aux, forced_a, n_forced, n_new=n,
+                                                      shared=s)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -639,7 +657,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     try:
         out, steps, logits, ex_buf, cache = comp.decode(run_params, cache, mask, tok0, done0, last0, extras0,
                                                         np.asarray(max_new_tokens, np.int32), seed_a, temp_a,
-                                                        top_p_a, eos_arr, pad_a, aux, n_new=n,
+                                                        top_p_a, eos_arr, pad_a, aux, forced_a, n_forced, n_new=n,
                                                         with_logits=return_logits, progress=progress)
         out = np.asarray(out)
         steps = int(steps)
@@ -673,6 +691,24 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
         ex = jax.tree_util.tree_map(np.asarray, ex_buf)
         router_rows = [{k: v[r, : min(len(rows[r]), n_routed)] for k, v in ex.items()} for r in range(n_rows)]
     return GenerationOutput(tokens=rows, steps=steps, finished=finished, logits=logit_rows, router=router_rows)
+
+
+def _pack(prompts, forced, shape, shared: int, pad: int):
+    """The batch arrays of :func:`generate`: ``tokens``/``mask`` [b, p] (the ``shared`` tokens first, each row's
+    own tokens left-padded after them), ``forced`` [b, n] and ``n_forced`` [b]."""
+    b, p, n = shape
+    tokens = np.full((b, p), pad, np.int32)
+    mask = np.zeros((b, p), bool)
+    tokens[:, :shared] = prompts[0][:shared]
+    mask[:, :shared] = True
+    forced_a = np.zeros((b, n), np.int32)
+    n_forced = np.zeros((b,), np.int32)
+    for r, (x, f) in enumerate(zip(prompts, forced)):
+        tokens[r, p - len(x) + shared:] = x[shared:]
+        mask[r, p - len(x) + shared:] = True
+        forced_a[r, :len(f)] = f
+        n_forced[r] = len(f)
+    return tokens, mask, forced_a, n_forced
 
 
 # ------------------------------------------------------------------------------------ from text
@@ -778,7 +814,8 @@ def generate_ids(cfg: ModelConfig, params, encoded: Sequence[Sequence[int]], bat
     """:func:`generate` over many prompts (token ids) in batches of ``batch_size``, prompts of similar length
     together, every batch of the call in one shape (:func:`call_buckets`; keyword arguments override it and go to
     :func:`generate`). Returns, in input order, ``{"ids": [...], "finished": bool}`` (EOS included when hit), in
-    routed mode also ``router`` (``{"a": [n_routed, R], "b": ...}``). Sampling rows get seed ``seed + batch``."""
+    routed mode also ``router`` (``{"a": [n_routed, R], "b": ...}``). Sampling rows get seed ``seed + batch``.
+    ``forced`` (a keyword argument) is per prompt, as ``encoded``."""
     if batch_size < 1:
         raise MoguError(f"batch_size must be >= 1, got {batch_size}")
     encoded = [list(x) for x in encoded]
@@ -791,7 +828,10 @@ def generate_ids(cfg: ModelConfig, params, encoded: Sequence[Sequence[int]], bat
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc="generating", unit="batch")
+    forced = kw.pop("forced", None)
     for bi, idx in enumerate(it):
+        if forced is not None:
+            kw["forced"] = [forced[i] for i in idx]
         out = generate(cfg, params, [encoded[i] for i in idx], seed=seed + bi, **kw)
         for j, (i, toks, fin) in enumerate(zip(idx, out.tokens, out.finished)):
             results[i] = {"ids": toks, "finished": fin}

@@ -135,7 +135,30 @@ def test_no_recompilation_within_buckets(tiny):
     G.generate(cfg, params, [[4] * 65], max_new_tokens=9)  # a longer prompt bucket compiles both again
     assert G.compile_count() == before + 2
     assert G.bucket(3, 16) == 16 and G.bucket(17, 16) == 32 and G.bucket(3, 1) == 4
-    assert G.MIN_PROMPT_BUCKET == 64  # prompts up to 64 tokens share one compilation
+    # prompt buckets: 2^k and 3 x 2^(k-1) from 32 on (at most a third of a bucket padding)
+    assert [G.prompt_bucket(x) for x in (1, 32, 33, 48, 49, 64, 65, 96, 97, 129, 300)] == \
+        [32, 32, 48, 48, 64, 64, 96, 96, 128, 192, 384]
+
+
+def test_forced_tokens_continue_as_the_prompt_plus_them_in_the_same_compilations(tiny):
+    """``forced``: the given first tokens, then the model's greedy continuation of prompt + those tokens (per row,
+    other counts, none for some rows), in the compilations of the prompts alone; an EOS among them ends the row."""
+    cfg, params, _ = tiny
+    forced = [[9, 10], [], [3], [100, 101, 102]]
+    n = 10
+    G.generate(cfg, params, PROMPTS, max_new_tokens=n, eos_ids=())
+    before = G.compile_count()
+    got = G.generate(cfg, params, PROMPTS, max_new_tokens=n, eos_ids=(), forced=forced)
+    assert G.compile_count() == before
+    for p, f, row in zip(PROMPTS, forced, got.tokens):
+        rest = G.generate(cfg, params, [p + f], max_new_tokens=n - len(f), eos_ids=()).tokens[0]
+        assert row == f + rest
+    ended = G.generate(cfg, params, PROMPTS[:1], max_new_tokens=n, eos_ids=(10,), forced=forced[:1])
+    assert ended.tokens == [[9, 10]] and ended.finished == [True]
+    with pytest.raises(MoguError, match="more forced tokens than max_new_tokens=1"):
+        G.generate(cfg, params, PROMPTS[:1], max_new_tokens=1, forced=forced[:1])
+    with pytest.raises(MoguError, match="1 rows of forced tokens for 4 prompts"):
+        G.generate(cfg, params, PROMPTS, max_new_tokens=n, forced=forced[:1])
 
 
 def test_sampling(tiny):
