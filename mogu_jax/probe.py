@@ -157,7 +157,7 @@ def fit_probes(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, y_eval:
     """One logistic regression per layer (all layers at once), on features standardised with the fit rows'
     mean and std: ``steps`` full-batch Adam steps on the mean log-loss + ``l2/2 |w|^2`` from zero weights
     (deterministic). ``x_*``: ``[N, L, D]``. Returns per-layer ``accuracy`` / ``loss`` on the eval rows and
-    ``fit_accuracy``, each ``[L]`` numpy."""
+    ``fit_accuracy``, each ``[L]`` numpy, and ``eval_logits`` ``[L, N]`` (> 0: malicious)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -197,7 +197,7 @@ def fit_probes(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, y_eval:
         return jnp.mean((logits(p, z) > 0) == (y[None] > 0.5), axis=1)
 
     return {"accuracy": np.asarray(accuracy(ze, ye)), "loss": np.asarray(layer_losses(p, ze, ye)),
-            "fit_accuracy": np.asarray(accuracy(zf, yf))}
+            "fit_accuracy": np.asarray(accuracy(zf, yf)), "eval_logits": np.asarray(logits(p, ze))}
 
 
 def rank_layers(accuracy: Sequence[float], loss: Sequence[float]) -> list[int]:

@@ -68,6 +68,8 @@ def test_probe_finds_the_planted_layer():
     assert all(0.0 <= a <= 1.0 for a in s["accuracy"])
     ranking = P.rank_layers(s["accuracy"], s["loss"])
     assert ranking[0] == 3 and s["accuracy"][3] >= 0.95
+    assert s["eval_logits"].shape == (layers, len(held))  # the accuracy is theirs, thresholded at 0
+    np.testing.assert_allclose((s["eval_logits"] > 0).astype(float).__eq__(y[held][None]).mean(1), s["accuracy"])
     assert max(s["accuracy"][i] for i in range(layers) if i != 3) < 0.8
     assert P.top_layers(ranking, 2) == sorted(ranking[:2])
     # averaged over splits: one split is the plain probe; several still find the layer
