@@ -9,10 +9,10 @@ Two compiled functions per (model config, forward function):
   (donated) is updated in place.
 
 Shapes are bucketed (batch and ``max_new_tokens`` round up to powers of two with a minimum, prompt length to
-2^k or 3 x 2^(k-1): :func:`prompt_bucket`), and ``temperature``, ``top_p``, ``seed``, ``max_new_tokens``, the EOS ids and the pad id are
-traced values, so calls that fit the same buckets reuse the compiled code. :func:`generate_text` pads a
-call's batches to one even batch shape (:func:`even_batches`, :func:`call_buckets`), so they compile once
-per prompt-length bucket they meet (prompts are batched by length). :data:`COMPILE_COUNTS`
+2^k or 3 x 2^(k-1): :func:`prompt_bucket`), and ``temperature``, ``top_p``, ``seed``, ``max_new_tokens``, the EOS
+ids and the pad id are traced values, so calls that fit the same buckets reuse the compiled code.
+:func:`generate_text` pads a call's batches to one even batch shape (:func:`even_batches`, :func:`call_buckets`),
+so they compile once per prompt-length bucket they meet (prompts are batched by length). :data:`COMPILE_COUNTS`
 counts traces (incremented in the Python bodies of the traced functions) for tests.
 
 The model call is pluggable: ``forward(params, tokens, positions, kv_mask, cache, cache_index) ->
@@ -86,10 +86,10 @@ def bucket(n: int, minimum: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def prompt_bucket(n: int, minimum: int = 0) -> int:
+def prompt_bucket(n: int) -> int:
     """The prompt-length bucket of a batch whose longest prompt has ``n`` tokens: the smallest 2^k or 3 x 2^(k-1)
-    that is >= max(n, ``minimum``, :data:`MIN_PROMPT_BUCKET`)."""
-    n = max(int(n), int(minimum), MIN_PROMPT_BUCKET)
+    that is >= max(n, :data:`MIN_PROMPT_BUCKET`)."""
+    n = max(int(n), MIN_PROMPT_BUCKET)
     p = bucket(n, 1)
     return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
 
@@ -841,8 +841,8 @@ def generate_ids(cfg: ModelConfig, params, encoded: Sequence[Sequence[int]], bat
 
 
 def decoding_mode(cfg, params, mode, routed_tokens, base_only, max_new_tokens):
-    """(mode, routed_tokens) for generation (the CLI's and the evaluation's): explicit --mode wins; else routed decoding with handoff when the
-    params hold every MoGU part, else the base model."""
+    """(mode, routed_tokens) for generation (the CLI's and the evaluation's): explicit --mode wins; else routed
+    decoding with handoff when the params hold every MoGU part, else the base model."""
     from mogu_jax.model import split_params
     parts = split_params(params)[1]
     has_mogu = all(k in parts for k in ("glad", "unwilling", "router"))
