@@ -237,7 +237,8 @@ class FrozenLayersCache:
                 self.rows[i] = h[r, :len(sequences[i])]
         self.examples = len(sequences)
         self.tokens = sum(len(x) for x in sequences)
-        self.batches = -(-len(sequences) // batch_size)
+        # the tokens the layers ran: the shared ones once per batch, not once per example
+        self.tokens_run = self.tokens - (self.examples - -(-self.examples // batch_size)) * shared_prefix
 
     @property
     def nbytes(self) -> int:

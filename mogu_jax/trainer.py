@@ -241,8 +241,7 @@ class _Run:
         for name, seqs in examples.sequences().items():
             tokens = [ex.tokens for ex in seqs]
             caches[name] = T.FrozenLayersCache(cfg, frozen, tokens, examples.pad_id, shared_prefix=p)
-            runs = caches[name].tokens - (len(tokens) - caches[name].batches) * p
-            self.flops += runs * F.layer_flops(cfg, "base", max(len(s) for s in tokens), k)
+            self.flops += caches[name].tokens_run * F.layer_flops(cfg, "base", max(len(s) for s in tokens), k)
         self.loader.extra_inputs = lambda name, rows, length: {"hidden": caches[name].batch(rows, length)}
         if say:
             mib = sum(c.nbytes for c in caches.values()) / 2**20
