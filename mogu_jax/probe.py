@@ -122,11 +122,18 @@ def last_token_states(cfg, params, tokenizer, prompts: Sequence[str], *, templat
                       progress: bool = False) -> np.ndarray:
     """``[N, L, D]`` float32: every layer's hidden state at the last token of each templated prompt (prompts
     longer than ``max_len`` tokens keep their last ``max_len``)."""
-    from mogu_jax.model import split_params
     from mogu_jax.templates import encode_prompt, format_prompt
 
-    base, _ = split_params(params)
     ids = [encode_prompt(tokenizer, format_prompt(tokenizer, p, template, system))[-max_len:] for p in prompts]
+    return last_token_states_ids(cfg, params, ids, batch_size=batch_size, progress=progress)
+
+
+def last_token_states_ids(cfg, params, ids: Sequence[Sequence[int]], *, batch_size: int = 16,
+                          progress: bool = False) -> np.ndarray:
+    """``[N, L, D]`` float32: every layer's hidden state at the last of each row's token ids."""
+    from mogu_jax.model import split_params
+
+    base, _ = split_params(params)
     fn = _states_fn(cfg)
     pad = 0
     out = []

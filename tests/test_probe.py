@@ -146,3 +146,58 @@ def test_probe_bad_input(tiny, tmp_path, capsys):
         load_config("router", None, [f"model.router_layers=top-2:{tmp_path / 'nope'}"])
     cli_fails(capsys, ["train", "router", "model.router_layers=top-x:y"], "model.router_layers")
     cli_fails(capsys, ["train", "router", "model.router_layers=[1,1]"], "distinct")
+
+
+def _probe_ceiling():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "probe_ceiling.py")
+    spec = importlib.util.spec_from_file_location("probe_ceiling", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_probe_ceiling_script_reads_other_features_and_fit_rows(tiny, tmp_path, capsys):
+    """scripts/probe_ceiling.py: its features are the probe's hidden states (framed prompts; after the base
+    model's greedy answer tokens, the state at the last answer token of prompt + answer); extra fit rows are
+    counted; bad input is one error line and exit 2."""
+    from argparse import Namespace
+
+    from mogu_jax import api
+    from mogu_jax.generate import generate_ids
+    from mogu_jax.templates import encode_prompt, format_prompt
+
+    pc = _probe_ceiling()
+    cfg, params, tok = api.load(tiny["hf"], dtype="float32", param_dtype="float32")
+    prompts = ["w5 w6 w7", "w8 " * 9, "w9"]
+    plain = Namespace(frame="{prompt}", answer_tokens=0, batch_size=4)
+    np.testing.assert_allclose(pc.features(cfg, params, tok, prompts, plain),
+                               P.last_token_states(cfg, params, tok, prompts, batch_size=4), atol=1e-5)
+    framed = pc.features(cfg, params, tok, prompts, Namespace(**{**vars(plain), "frame": "w3 {prompt} w4"}))
+    np.testing.assert_allclose(framed, P.last_token_states(cfg, params, tok, [f"w3 {p} w4" for p in prompts]),
+                               atol=1e-5)
+    after = pc.features(cfg, params, tok, prompts, Namespace(**{**vars(plain), "answer_tokens": 3}))
+    ids = [encode_prompt(tok, format_prompt(tok, p)) for p in prompts]
+    answers = generate_ids(cfg, params, ids, mode="base", max_new_tokens=3, batch_size=4, eos_ids=(-1,))
+    assert all(len(a["ids"]) == 3 for a in answers)
+    for n, (x, a) in enumerate(zip(ids, answers)):  # each row alone, unpadded: the state at its last token
+        alone = P.last_token_states_ids(cfg, params, [x + a["ids"]], batch_size=1)[0]
+        np.testing.assert_allclose(after[n], alone, atol=1e-4)
+        assert not np.allclose(after[n], P.last_token_states_ids(cfg, params, [x], batch_size=1)[0], atol=1e-3)
+
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps({"prompt": ("w50 w51 " if i % 2 else "w60 w61 ") + f"w{i + 20}",
+                                         "kind": "harmful" if i % 2 else "benign"}) + "\n" for i in range(12)))
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps([{"instruction": "w50 w51 w99"}, {"prompt": "w50 w51 w98"}]))
+    argv = ["--model", tiny["hf"], "--data", tiny["router"], "--eval", str(evals), "--from-layer", "0",
+            "--mean-layers", "0-1", "--fit-fraction", "0.5", "--fit-draws", "2", "--extra-fit", f"{extra}=1",
+            "--show-misses", "mean"]
+    assert pc.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fit rows: 42 (22 malicious), 0.5 of them in each of 2 draws" in out
+    assert "layer 0 " in out and "layer 1 " in out and "mean 0-1" in out and "must-refuse prompts under" in out
+    for bad, needle in [(f"{tmp_path / 'missing.json'}=1", "missing.json"), (f"{extra}=2", "FILE=LABEL")]:
+        assert pc.main(argv[:-4] + ["--extra-fit", bad]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+        assert len(err) == 1 and needle in err[0], err
