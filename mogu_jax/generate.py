@@ -584,25 +584,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
         return GenerationOutput(tokens=[], steps=0, finished=[])
-    if any(len(p) == 0 for p in prompts):
-        raise MoguError("every prompt needs at least one token (an empty prompt has nothing to continue)")
-    if max_new_tokens < 0:
-        raise MoguError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise MoguError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise MoguError(f"top_p must be in (0, 1], got {top_p}")
+    forced = _check_inputs(cfg, prompts, forced, max_new_tokens, temperature, top_p)
     if max_new_tokens == 0:
         return GenerationOutput(tokens=[[] for _ in prompts], steps=0, finished=[False] * len(prompts))
-    forced = [[] for _ in prompts] if forced is None else [list(map(int, f)) for f in forced]
-    if len(forced) != len(prompts):
-        raise MoguError(f"{len(forced)} rows of forced tokens for {len(prompts)} prompts")
-    if any(len(f) > max_new_tokens for f in forced):
-        raise MoguError(f"more forced tokens than max_new_tokens={max_new_tokens}")
-    for p in prompts + forced:
-        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise MoguError(f"token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
 
     eos = resolve_eos(cfg, eos_ids)
     pad = resolve_pad(cfg, pad_id, eos)
@@ -673,23 +657,50 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
     from mogu_jax.flops import generation_flops
     FLOPS_DONE[0] += generation_flops(cfg, mode, b, p, p + n, steps, routed_steps, s)
-    eos_set = set(eos)
+    return _output(out[:n_rows, :steps], steps, set(eos), logits if return_logits else None,
+                   ex_buf if mode == "routed" else None, n_routed)
+
+
+def _check_inputs(cfg: ModelConfig, prompts: list, forced, max_new_tokens: int, temperature: float,
+                  top_p: float) -> list[list[int]]:
+    """:func:`generate`'s argument checks (one clear error each); returns ``forced`` as lists of ints per row."""
+    if any(len(p) == 0 for p in prompts):
+        raise MoguError("every prompt needs at least one token (an empty prompt has nothing to continue)")
+    if max_new_tokens < 0:
+        raise MoguError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise MoguError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise MoguError(f"top_p must be in (0, 1], got {top_p}")
+    forced = [[] for _ in prompts] if forced is None else [list(map(int, f)) for f in forced]
+    if len(forced) != len(prompts):
+        raise MoguError(f"{len(forced)} rows of forced tokens for {len(prompts)} prompts")
+    if any(len(f) > max_new_tokens for f in forced):
+        raise MoguError(f"more forced tokens than max_new_tokens={max_new_tokens}")
+    for p in prompts + forced:
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise MoguError(f"token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
+    return forced
+
+
+def _output(out: np.ndarray, steps: int, eos_set: set, logits, ex_buf, n_routed: int) -> GenerationOutput:
+    """The live rows' tokens (``out`` ``[rows, steps]``), each cut after its first EOS, with the logits they were
+    chosen from (``logits`` given) and the router weights of the routed tokens (``ex_buf`` given)."""
     rows, finished = [], []
-    for r in range(n_rows):
-        row = out[r, :steps].tolist()
+    for r in range(out.shape[0]):
+        row = out[r].tolist()
         hit = next((i for i, t in enumerate(row) if t in eos_set), None)
-        if hit is not None:
-            row = row[: hit + 1]
-        rows.append(row)
+        rows.append(row if hit is None else row[: hit + 1])
         finished.append(hit is not None)
     logit_rows = None
-    if return_logits:
+    if logits is not None:
         logits = np.asarray(logits)
-        logit_rows = [logits[r, : len(rows[r])] for r in range(n_rows)]
+        logit_rows = [logits[r, : len(rows[r])] for r in range(len(rows))]
     router_rows = None
-    if ex_buf is not None and mode == "routed":
+    if ex_buf is not None:
         ex = jax.tree_util.tree_map(np.asarray, ex_buf)
-        router_rows = [{k: v[r, : min(len(rows[r]), n_routed)] for k, v in ex.items()} for r in range(n_rows)]
+        router_rows = [{k: v[r, : min(len(rows[r]), n_routed)] for k, v in ex.items()} for r in range(len(rows))]
     return GenerationOutput(tokens=rows, steps=steps, finished=finished, logits=logit_rows, router=router_rows)
 
 
