@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if "{prompt}" not in args.frame:
         ap.error("--frame must contain {prompt}")
-    if not 0.0 < args.fit_fraction <= 1.0 or args.answer_tokens < 0:
-        ap.error("--fit-fraction must be in (0, 1] and --answer-tokens >= 0")
+    if not 0.0 < args.fit_fraction <= 1.0 or args.fit_draws < 1 or args.answer_tokens < 0:
+        ap.error("--fit-fraction must be in (0, 1], --fit-draws >= 1 and --answer-tokens >= 0")
     from mogu_jax.errors import MoguError
 
     try:
