@@ -122,9 +122,9 @@ def last_token_states(cfg, params, tokenizer, prompts: Sequence[str], *, templat
                       progress: bool = False) -> np.ndarray:
     """``[N, L, D]`` float32: every layer's hidden state at the last token of each templated prompt (prompts
     longer than ``max_len`` tokens keep their last ``max_len``)."""
-    from mogu_jax.templates import encode_prompt, format_prompt
+    from mogu_jax.generate import encode_instructions
 
-    ids = [encode_prompt(tokenizer, format_prompt(tokenizer, p, template, system))[-max_len:] for p in prompts]
+    ids = [x[-max_len:] for x in encode_instructions(tokenizer, prompts, template, system)]
     return last_token_states_ids(cfg, params, ids, batch_size=batch_size, progress=progress)
 
 

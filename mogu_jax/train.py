@@ -238,7 +238,8 @@ class FrozenLayersCache:
         self.examples = len(sequences)
         self.tokens = sum(len(x) for x in sequences)
         # the tokens the layers ran: the shared ones once per batch, not once per example
-        self.tokens_run = self.tokens - (self.examples - -(-self.examples // batch_size)) * shared_prefix
+        batches = math.ceil(self.examples / batch_size)
+        self.tokens_run = self.tokens - (self.examples - batches) * shared_prefix
 
     @property
     def nbytes(self) -> int:

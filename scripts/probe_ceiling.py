@@ -73,13 +73,12 @@ def extra_rows(spec: str) -> list[dict]:
 def features(cfg, params, tok, prompts: list, args) -> np.ndarray:
     """``[N, L, D]``: each layer's state at the last prompt token, or after ``--answer-tokens`` answer tokens."""
     from mogu_jax import probe as P
-    from mogu_jax.generate import generate_ids
-    from mogu_jax.templates import encode_prompt, format_prompt
+    from mogu_jax.generate import encode_instructions, generate_ids, text_eos
 
-    ids = [encode_prompt(tok, format_prompt(tok, args.frame.replace("{prompt}", p))) for p in prompts]
+    ids = encode_instructions(tok, [args.frame.replace("{prompt}", p) for p in prompts])
     if args.answer_tokens:
         answers = generate_ids(cfg, params, ids, mode="base", max_new_tokens=args.answer_tokens,
-                               batch_size=args.batch_size, eos_ids=(tok.eos_token_id,))
+                               batch_size=args.batch_size, eos_ids=text_eos(cfg, tok))
         ids = [x + a["ids"] for x, a in zip(ids, answers)]
     return P.last_token_states_ids(cfg, params, ids, batch_size=args.batch_size)
 
